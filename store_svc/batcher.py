@@ -1,0 +1,123 @@
+"""The batcher: takes envelopes off the queue and commits them in batches.
+
+A batch closes when it holds ``batch_size`` records or when the first record in it
+has waited ``flush_interval`` (linger), whichever comes first. One transaction per
+batch; the sink groups rows per table. While one batch is being written, intake
+keeps filling the queue, so under load the next batch is ready when the commit
+returns. A failed commit is retried with capped exponential back-off and jitter;
+the batch is kept, never dropped. Acks and replies go out only after the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import defaultdict
+
+from .errors import SchemaError, SinkError
+from .queue import Envelope, RecordQueue
+from .records import Row
+from .sinks.base import Sink
+from .stats import Stats
+
+__all__ = ["Batcher"]
+
+log = logging.getLogger(__name__)
+
+
+class Batcher:
+    """Commits queued envelopes to a sink.
+
+    Args:
+        queue: where envelopes come from.
+        sink: where rows go.
+        stats: counters to update.
+        batch_size: records per transaction (a soft bound: whole envelopes only).
+        flush_interval: seconds the first record of a batch may wait for more.
+        retry_initial: first back-off after a failed commit, in seconds.
+        retry_max: cap of the back-off, in seconds.
+    """
+
+    def __init__(
+        self,
+        queue: RecordQueue,
+        sink: Sink,
+        stats: Stats,
+        *,
+        batch_size: int,
+        flush_interval: float,
+        retry_initial: float = 0.1,
+        retry_max: float = 5.0,
+    ) -> None:
+        self._queue = queue
+        self._sink = sink
+        self._stats = stats
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self.in_flight = 0
+        self.sink_ok = True
+
+    async def run(self) -> None:
+        """Commit batches until the queue is closed and empty."""
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            first = await queue.get()
+            if first is None:
+                return
+            batch = [first]
+            size = len(first.rows)
+            deadline = first.received + self.flush_interval
+            while size < self.batch_size:
+                env = queue.get_nowait()
+                if env is None:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0 or queue.closed:
+                        break
+                    env = await queue.get(timeout=remaining)
+                    if env is None:
+                        break
+                batch.append(env)
+                size += len(env.rows)
+            await self._commit(batch, size)
+
+    async def _commit(self, batch: list[Envelope], size: int) -> None:
+        grouped: defaultdict[str, list[Row]] = defaultdict(list)
+        for env in batch:
+            grouped[env.kind].extend(env.rows)
+        self.in_flight = size
+        delay = self._retry_initial
+        while True:
+            try:
+                await self._sink.write(grouped)
+                break
+            except SinkError as exc:
+                self._stats.sink_errors += 1
+                self._stats.last_sink_error = str(exc)
+                if self.sink_ok:
+                    log.error("commit of %d records failed, will retry: %s", size, exc)
+                self.sink_ok = False
+                if isinstance(exc, SchemaError):
+                    log.critical("the database schema cannot be used: %s", exc)
+                # Full jitter keeps several instances from retrying in lockstep.
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, self._retry_max)
+        if not self.sink_ok:
+            log.warning("commits succeed again; %d records committed", size)
+        self.sink_ok = True
+        stats = self._stats
+        stats.last_sink_error = None
+        stats.batches += 1
+        stats.last_commit_monotonic = asyncio.get_running_loop().time()
+        for kind, rows in grouped.items():
+            stats.committed[kind] += len(rows)
+        self.in_flight = 0
+        for env in batch:
+            if env.ack is not None:
+                try:
+                    await env.ack()
+                except Exception as exc:  # an ack that fails must not stop the batcher
+                    log.warning("acknowledging a committed %s message failed: %s", env.kind, exc)

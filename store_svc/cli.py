@@ -1,0 +1,123 @@
+"""The ``store-svc`` command line.
+
+Only this module (and ``__main__``) touches the event loop policy and signals:
+SIGTERM and SIGINT just set an Event that starts the clean shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import pydantic
+import uvloop
+
+from . import __version__
+from .errors import StoreError
+from .settings import Settings, load_settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("store_svc")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _run(settings: Settings) -> int:
+    from .service import StoreService
+
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    async with StoreService(settings):
+        await stop.wait()
+        log.info("signal received, shutting down")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    settings = load_settings()
+    _setup_logging(settings.log_level)
+    return _run(settings)
+
+
+def _cmd_demo(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    from .demo import run_demo
+
+    settings = load_settings(**({"database_url": args.database_url} if args.database_url else {}))
+    _setup_logging("WARNING")
+    return run_demo(settings, seconds=args.seconds, rate=args.rate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``store-svc``.
+
+    Returns:
+        The parser, with one sub-command per action.
+    """
+    parser = argparse.ArgumentParser(
+        prog="store-svc",
+        description="NATS-native market-data store. Settings come from STORE_* environment "
+        "variables (see docs/settings.md).",
+    )
+    parser.add_argument("--version", action="version", version=f"store-svc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the service until SIGTERM/SIGINT")
+    run.set_defaults(func=_cmd_run)
+
+    demo = sub.add_parser(
+        "demo",
+        help="start a private nats-server, the service on SQLite and a synthetic feed; "
+        "show progress and what was stored",
+    )
+    demo.add_argument("--seconds", type=float, default=10.0, help="how long the feed runs")
+    demo.add_argument("--rate", type=int, default=20_000, help="records per second to publish")
+    demo.add_argument(
+        "--database-url", default=None, help="where to store (default: STORE_DATABASE_URL)"
+    )
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``store-svc`` console script.
+
+    Args:
+        argv: arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The process exit code.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        coro = args.func(args)
+    except pydantic.ValidationError as exc:
+        print(f"store-svc: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        return int(uvloop.run(coro))
+    except StoreError as exc:
+        log.error("%s", exc)
+        print(f"store-svc: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

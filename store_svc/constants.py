@@ -1,0 +1,51 @@
+"""Constants shared across the service, each with the reason it has its value."""
+
+from __future__ import annotations
+
+#: Name under which the service shows up on the bus (health replies, NATS micro).
+SERVICE_NAME = "market-data-store"
+
+#: The record kinds the store accepts; the write subject's fourth token names one.
+KINDS: tuple[str, ...] = ("bars", "trades", "quotes", "options")
+
+#: Header that switches a write payload from JSON to MessagePack.
+CONTENT_TYPE_HEADER = "Content-Type"
+MSGPACK_CONTENT_TYPES = frozenset({"application/msgpack", "application/x-msgpack"})
+JSON_CONTENT_TYPES = frozenset({"application/json", "text/json"})
+
+#: Option snapshots carry no time of their own; this header supplies one.
+TS_HEADER = "Md-Ts"
+
+#: Headers of DLQ messages: why a record was rejected and where it came from.
+REASON_HEADER = "Store-Reject-Reason"
+DETAIL_HEADER = "Store-Reject-Detail"
+SUBJECT_HEADER = "Store-Original-Subject"
+INDEX_HEADER = "Store-Record-Index"
+
+#: ADR-32 service error headers, used on replies to request-reply writes.
+SERVICE_ERROR_HEADER = "Nats-Service-Error"
+SERVICE_ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+
+#: Header values travel on one line; longer details are cut so a hostile
+#: payload cannot make the DLQ message larger than the record it carries.
+MAX_HEADER_VALUE_CHARS = 512
+
+#: How many per-record errors a write reply lists; the counts stay exact.
+MAX_REPLY_ERRORS = 100
+
+#: Epoch numbers above this magnitude are milliseconds, the rule Core's pydantic
+#: models apply (2e10 seconds is the year 2603, so no real time is ambiguous).
+EPOCH_MS_THRESHOLD = 2e10
+
+#: SQLite and PostgreSQL BIGINT bounds; Core types sizes as unbounded ints.
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+#: Decimal bounds: 38 significant digits and exponents within +-30 cover every
+#: price, size and greek a market produces while keeping rows small and the
+#: PostgreSQL NUMERIC column and SQLite text comparable.
+MAX_DECIMAL_DIGITS = 38
+MAX_DECIMAL_ADJUSTED_EXPONENT = 30
+
+#: Symbols are identifiers, not documents.
+MAX_SYMBOL_CHARS = 64

@@ -1,0 +1,80 @@
+"""The exceptions the service raises, all below one base.
+
+::
+
+    StoreError
+    ├── ConfigError            settings that cannot work together
+    ├── RejectedInput          a payload or record that cannot be stored (has .reason)
+    ├── SinkError              the database refused or failed a write
+    │   └── SchemaError        the database holds a schema this version cannot use
+    └── ShutdownTimeout        the grace period ran out before everything was flushed
+
+Callers at the request-reply edge map these to service error codes; nothing else
+turns an exception into text for a remote peer.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "RejectedInput",
+    "SchemaError",
+    "ShutdownTimeout",
+    "SinkError",
+    "StoreError",
+]
+
+
+class StoreError(Exception):
+    """Base of every error raised by ``store_svc``."""
+
+
+class ConfigError(StoreError):
+    """Settings that cannot work together, found at start-up."""
+
+
+class RejectedInput(StoreError):
+    """Input that cannot be stored.
+
+    Attributes:
+        reason: a stable, machine-readable code (``malformed_payload``, ``wrong_type`` ...).
+        detail: a human-readable explanation, safe to send to the publisher.
+        index: position of the record inside an array payload, if known.
+    """
+
+    def __init__(self, reason: str, detail: str, index: int | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.index = index
+
+
+class SinkError(StoreError):
+    """A write to the database failed.
+
+    Attributes:
+        retryable: whether trying the same batch again may succeed.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class SchemaError(SinkError):
+    """The database holds a schema this version of the service cannot use."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+class ShutdownTimeout(StoreError):
+    """The shutdown grace period ran out before everything was committed.
+
+    Attributes:
+        pending: records still queued or in flight when time ran out.
+    """
+
+    def __init__(self, pending: int) -> None:
+        super().__init__(f"shutdown grace period ran out with {pending} records not committed")
+        self.pending = pending

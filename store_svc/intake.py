@@ -1,0 +1,228 @@
+"""Intake: the write subscription, from a NATS message to a queued envelope.
+
+Every write message is decoded and validated (``decode.py``); rejected records go to
+the DLQ subject of their kind with the reason in headers; the valid ones are queued
+together as one envelope. A write that carries a reply subject is answered after its
+records are committed, or at once with a ``400`` service error when nothing in it
+could be used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from .constants import (
+    DETAIL_HEADER,
+    INDEX_HEADER,
+    KINDS,
+    MAX_HEADER_VALUE_CHARS,
+    MAX_REPLY_ERRORS,
+    REASON_HEADER,
+    SERVICE_ERROR_CODE_HEADER,
+    SERVICE_ERROR_HEADER,
+    SUBJECT_HEADER,
+)
+from .decode import Decoded, PayloadDecoder, Reject
+from .errors import RejectedInput
+from .queue import Envelope, QueueClosed, RecordQueue
+from .settings import Settings
+from .stats import Stats
+
+__all__ = ["CoreIntake", "header_value", "write_reply"]
+
+log = logging.getLogger(__name__)
+
+_encode = msgspec.json.encode
+
+
+def header_value(text: str) -> str:
+    """Make ``text`` safe as a NATS header value: one line, bounded length.
+
+    Args:
+        text: any text, possibly from a hostile payload.
+
+    Returns:
+        The text with control characters replaced and cut to a bounded length.
+    """
+    clean = "".join(c if c.isprintable() else " " for c in text)
+    return clean[:MAX_HEADER_VALUE_CHARS]
+
+
+def write_reply(accepted: int, rejects: list[Reject]) -> bytes:
+    """The JSON body of a reply to a request-reply write.
+
+    Args:
+        accepted: records committed.
+        rejects: records rejected.
+
+    Returns:
+        ``{"accepted": n, "rejected": m, "errors": [...]}`` as bytes; at most
+        ``MAX_REPLY_ERRORS`` errors are listed, the counts are exact.
+    """
+    errors = [
+        {"index": r.index, "reason": r.reason, "detail": r.detail}
+        for r in rejects[:MAX_REPLY_ERRORS]
+    ]
+    return _encode({"accepted": accepted, "rejected": len(rejects), "errors": errors})
+
+
+class CoreIntake:
+    """Subscribes to the write subjects with plain (core) NATS.
+
+    Args:
+        nc: a connected NATS client.
+        settings: service settings.
+        decoder: the payload decoder.
+        queue: where valid records go.
+        stats: counters to update.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        settings: Settings,
+        decoder: PayloadDecoder,
+        queue: RecordQueue,
+        stats: Stats,
+    ) -> None:
+        self._nc = nc
+        self._settings = settings
+        self._decoder = decoder
+        self._queue = queue
+        self._stats = stats
+        self._sub: Subscription | None = None
+        self._write_prefix = settings.subject("store", "write") + "."
+        self._dlq_prefix = settings.subject("store", "dlq") + "."
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def subject(self) -> str:
+        """The wildcard subject the intake listens on."""
+        return self._write_prefix + ">"
+
+    @property
+    def subscription(self) -> Subscription | None:
+        """The live subscription, if started."""
+        return self._sub
+
+    async def start(self) -> None:
+        """Subscribe in the queue group."""
+        self._sub = await self._nc.subscribe(
+            self.subject,
+            queue=self._settings.queue_group,
+            cb=self._on_msg,
+            pending_msgs_limit=self._settings.nats_pending_msgs_limit,
+            pending_bytes_limit=self._settings.nats_pending_bytes_limit,
+        )
+        log.info("listening on %s (queue group %s)", self.subject, self._settings.queue_group)
+
+    async def stop(self, timeout: float) -> None:
+        """Stop intake: no new messages; those already delivered are still handled.
+
+        Args:
+            timeout: seconds to wait for the delivered messages to be handled.
+        """
+        sub, self._sub = self._sub, None
+        if sub is None:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await sub.drain()
+        except TimeoutError:
+            log.warning("intake drain timed out; unsubscribing")
+            await sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._stats.messages += 1
+        received = self._loop.time()
+        subject = msg.subject
+        tail = subject[len(self._write_prefix) :]
+        kind, _, symbol = tail.partition(".")
+        try:
+            decoded = self._decoder.decode(
+                kind, symbol or None, msg.data, msg.headers, datetime.now(UTC)
+            )
+        except RejectedInput as rej:
+            await self._reject_message(msg, kind, rej)
+            return
+        except Exception:  # a decoder bug must cost one message, not the service
+            log.exception("unexpected error decoding a message on %s", subject)
+            await self._reject_message(
+                msg, kind, RejectedInput("internal_error", "the message could not be processed")
+            )
+            return
+        self._stats.received[kind] += len(decoded.rows) + len(decoded.rejects)
+        for rej in decoded.rejects:
+            await self._to_dlq(kind, subject, rej, msg.headers)
+        if not decoded.rows:
+            await self._refuse(msg, decoded.rejects)
+            return
+        ack = self._reply_after_commit(msg, decoded) if msg.reply else None
+        self._stats.accepted[kind] += len(decoded.rows)
+        try:
+            await self._queue.put(Envelope(kind, decoded.rows, received, ack))
+        except QueueClosed:
+            # Only reachable when shutdown cut a drain short; say so, never silently.
+            self._stats.accepted[kind] -= len(decoded.rows)
+            log.error("dropped %d %s records: intake closed during shutdown", len(decoded.rows),
+                      kind)
+            if msg.reply:
+                await self._error_reply(msg.reply, 503, "shutting_down", "the service is stopping")
+
+    def _reply_after_commit(self, msg: Msg, decoded: Decoded) -> Any:
+        reply = msg.reply
+        body = write_reply(len(decoded.rows), decoded.rejects)
+
+        async def send() -> None:
+            await self._nc.publish(reply, body)
+
+        return send
+
+    async def _reject_message(self, msg: Msg, kind: str, rej: RejectedInput) -> None:
+        self._stats.received[kind if kind in KINDS else "unknown"] += 1
+        reject = Reject(rej.reason, rej.detail, msg.data)
+        await self._to_dlq(kind, msg.subject, reject, msg.headers)
+        await self._refuse(msg, [reject])
+
+    async def _refuse(self, msg: Msg, rejects: list[Reject]) -> None:
+        if not msg.reply:
+            return
+        first = rejects[0]
+        await self._error_reply(
+            msg.reply, 400, first.reason, first.detail, write_reply(0, rejects)
+        )
+
+    async def _error_reply(
+        self, reply: str, code: int, reason: str, detail: str, body: bytes = b""
+    ) -> None:
+        headers = {
+            SERVICE_ERROR_HEADER: header_value(f"{reason}: {detail}"),
+            SERVICE_ERROR_CODE_HEADER: str(code),
+        }
+        await self._nc.publish(reply, body, headers=headers)
+
+    async def _to_dlq(
+        self, kind: str, subject: str, rej: Reject, headers: dict[str, str] | None
+    ) -> None:
+        self._stats.rejected[rej.reason] += 1
+        dlq_kind = kind if kind in KINDS else "unknown"
+        out = {
+            REASON_HEADER: rej.reason,
+            DETAIL_HEADER: header_value(rej.detail),
+            SUBJECT_HEADER: header_value(subject),
+        }
+        if rej.index is not None:
+            out[INDEX_HEADER] = str(rej.index)
+        ctype = (headers or {}).get("Content-Type")
+        if ctype:
+            out["Content-Type"] = header_value(ctype)
+        log.debug("rejected a %s record on %s: %s", kind, subject, rej.reason)
+        await self._nc.publish(self._dlq_prefix + dlq_kind, rej.raw, headers=out)

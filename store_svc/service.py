@@ -1,0 +1,207 @@
+"""The service: wires intake, queue, batcher and sink, and owns the lifecycle.
+
+Start-up order: open the sink (schema) → connect NATS → start the batcher → start
+intake. Shutdown runs the other way in a fixed order, each step bounded by what is
+left of ``STORE_SHUTDOWN_GRACE_S``: stop intake (messages already delivered are still
+handled) → close the queue → the batcher flushes, commits and replies → drain the
+NATS connection → close the sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from types import TracebackType
+from typing import Any, Self
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.errors import SlowConsumerError
+
+from .batcher import Batcher
+from .decode import PayloadDecoder
+from .errors import ConfigError, ShutdownTimeout
+from .intake import CoreIntake
+from .queue import RecordQueue
+from .settings import Settings
+from .sinks import Sink, make_sink
+from .stats import Stats
+
+__all__ = ["Status", "StoreService"]
+
+log = logging.getLogger(__name__)
+
+
+class Status(enum.Enum):
+    """Where the service is in its life."""
+
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class StoreService:
+    """The ``store-svc`` service.
+
+    Use as an async context manager, or call :meth:`start` and :meth:`stop`.
+
+    Args:
+        settings: the service settings.
+        sink: a sink to use instead of the one ``settings.database_url`` names.
+    """
+
+    def __init__(self, settings: Settings, sink: Sink | None = None) -> None:
+        if settings.ingest_mode != "core":
+            raise ConfigError(
+                "STORE_INGEST_MODE=jetstream is not available in this version; use 'core'"
+            )
+        self.settings = settings
+        self.sink = sink if sink is not None else make_sink(settings)
+        self.stats = Stats()
+        self.queue = RecordQueue(settings.queue_capacity)
+        self.batcher = Batcher(
+            self.queue,
+            self.sink,
+            self.stats,
+            batch_size=settings.batch_size,
+            flush_interval=settings.flush_interval_ms / 1000,
+            retry_initial=settings.sink_retry_initial_s,
+            retry_max=settings.sink_retry_max_s,
+        )
+        self.decoder = PayloadDecoder(settings.max_payload_bytes, settings.max_future_skew_s)
+        self.status = Status.CREATED
+        self.nc: NATS | None = None
+        self._intake: CoreIntake | None = None
+        self._batcher_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Open the sink, connect to NATS and start taking writes.
+
+        Raises:
+            SinkError: the database cannot be opened.
+            nats.errors.NoServersError: NATS cannot be reached.
+        """
+        self.status = Status.STARTING
+        await self.sink.open()
+        try:
+            self.nc = await nats.connect(
+                self.settings.nats_url,
+                name=f"store-svc {self.settings.queue_group}",
+                error_cb=self._on_nats_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=5,
+            )
+            self._batcher_task = asyncio.create_task(self.batcher.run(), name="batcher")
+            self._intake = CoreIntake(self.nc, self.settings, self.decoder, self.queue, self.stats)
+            await self._intake.start()
+        except BaseException:
+            await self._abort()
+            raise
+        self.status = Status.RUNNING
+        log.info(
+            "store-svc running: nats=%s sink=%s queue=%d batch=%d",
+            self.nc.connected_url.netloc if self.nc.connected_url else "?",
+            self.sink.name,
+            self.settings.queue_capacity,
+            self.settings.batch_size,
+        )
+
+    async def stop(self) -> None:
+        """Shut down cleanly within the grace period; idempotent.
+
+        Raises:
+            ShutdownTimeout: records were still uncommitted when time ran out (they
+                are counted in the exception and the log).
+        """
+        if self.status is Status.DRAINING:
+            await self._stopped.wait()
+            return
+        if self.status in (Status.STOPPED, Status.CREATED):
+            self.status = Status.STOPPED
+            return
+        self.status = Status.DRAINING
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_grace_s
+        pending = 0
+        try:
+            if self._intake is not None:
+                log.info("stopping intake")
+                await self._intake.stop(max(0.0, deadline - loop.time()) / 2)
+            self.queue.close()
+            if self._batcher_task is not None:
+                log.info("flushing %d queued records", self.queue.depth)
+                done, _ = await asyncio.wait(
+                    {self._batcher_task}, timeout=max(0.0, deadline - loop.time())
+                )
+                if not done:
+                    pending = self.queue.depth + self.batcher.in_flight
+                    self._batcher_task.cancel()
+                    await asyncio.gather(self._batcher_task, return_exceptions=True)
+                    log.error("grace period over: %d records were not committed", pending)
+            if self.nc is not None and not self.nc.is_closed:
+                try:
+                    async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                        await self.nc.drain()
+                except TimeoutError:
+                    await self.nc.close()
+        finally:
+            await self.sink.close()
+            self.status = Status.STOPPED
+            self._stopped.set()
+            log.info(
+                "store-svc stopped: %d records committed, %d rejected, %d messages dropped",
+                self.stats.committed_total,
+                self.stats.rejected_total,
+                self.stats.dropped_messages,
+            )
+        if pending:
+            raise ShutdownTimeout(pending)
+
+    async def _abort(self) -> None:
+        self.queue.close()
+        if self._batcher_task is not None:
+            self._batcher_task.cancel()
+            await asyncio.gather(self._batcher_task, return_exceptions=True)
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.close()
+        await self.sink.close()
+        self.status = Status.STOPPED
+        self._stopped.set()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _on_nats_error(self, exc: Exception) -> None:
+        if isinstance(exc, SlowConsumerError):
+            self.stats.dropped_messages += 1
+            if self.stats.dropped_messages == 1 or self.stats.dropped_messages % 1000 == 0:
+                log.error(
+                    "NATS client dropped write messages as a slow consumer (%d so far); "
+                    "raise STORE_NATS_PENDING_MSGS_LIMIT or add instances",
+                    self.stats.dropped_messages,
+                )
+            return
+        log.warning("NATS error: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        url: Any = self.nc.connected_url if self.nc else None
+        log.info("reconnected to NATS at %s", url.netloc if url else "?")

@@ -1,0 +1,178 @@
+"""The one settings object, read from the environment once at start-up.
+
+Every setting is an environment variable with the prefix ``STORE_``; the admin token
+is also accepted as plain ``ADMIN_TOKEN``. Nothing else in the package reads the
+environment: components receive the :class:`Settings` instance they need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "load_settings"]
+
+_NATS_TOKEN = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
+
+
+class Settings(BaseSettings):
+    """Runtime configuration of ``store-svc``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STORE_",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    """NATS server URL(s), comma-separated for a cluster."""
+
+    database_url: str = "sqlite:///./var/store.db"
+    """Where records are stored: ``sqlite:///relative/path``, ``sqlite:////absolute/path``
+    or ``postgresql://user:pass@host:port/db``."""
+
+    ingest_mode: Literal["core", "jetstream"] = "core"
+    """``core``: plain NATS subscriptions (at-most-once, request-reply writes acked
+    after commit). ``jetstream``: durable pull consumer, ack after commit."""
+
+    subject_prefix: str = "mdp"
+    """First token(s) of every subject the service uses."""
+
+    queue_group: str = "store"
+    """Queue group of the write subscription; instances in one group share the load."""
+
+    queue_capacity: int = Field(default=100_000, gt=0)
+    """Records the in-memory queue holds before intake waits."""
+
+    batch_size: int = Field(default=1000, gt=0)
+    """Records per database transaction (a flush happens at this size or after the
+    flush interval, whichever comes first)."""
+
+    flush_interval_ms: int = Field(default=10, ge=1, le=60_000)
+    """Longest time a record waits in a partly filled batch before it is flushed."""
+
+    soft_watermark: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """Queue fill fraction at which feedback goes ``soft``."""
+
+    hard_watermark: float = Field(default=0.8, gt=0.0, le=1.0)
+    """Queue fill fraction at which feedback goes ``hard``."""
+
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of the Prometheus metrics endpoint; unset means no endpoint."""
+
+    admin_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("STORE_ADMIN_TOKEN", "ADMIN_TOKEN")
+    )
+    """Bearer token for the control subjects; unset disables control."""
+
+    max_payload_bytes: int = Field(default=1024 * 1024, gt=0)
+    """Write messages larger than this are rejected as ``oversize_payload``."""
+
+    max_future_skew_s: float = Field(default=86_400.0, ge=0.0)
+    """Record times further in the future than this are rejected as absurd
+    (``timestamp_out_of_range``); option expiries are exempt."""
+
+    shutdown_grace_s: float = Field(default=30.0, gt=0.0)
+    """Upper bound on a clean shutdown: flush, commit, reply and drain."""
+
+    nats_pending_msgs_limit: int = Field(default=512 * 1024, gt=0)
+    """Messages the NATS client buffers for the write subscription before it drops
+    them as a slow consumer (each drop is counted and logged)."""
+
+    nats_pending_bytes_limit: int = Field(default=256 * 1024 * 1024, gt=0)
+    """Bytes the NATS client buffers for the write subscription (see above)."""
+
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
+    """SQLite ``synchronous`` pragma. ``NORMAL`` with WAL survives a process crash;
+    ``FULL`` also survives power loss at some cost in commit latency."""
+
+    sink_retry_initial_s: float = Field(default=0.1, gt=0.0)
+    """First back-off after a failed commit (doubles, with jitter)."""
+
+    sink_retry_max_s: float = Field(default=5.0, gt=0.0)
+    """Cap of the commit back-off."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Level of the service's log on stderr."""
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        tokens = value.split(".")
+        if not value or any(not t or any(c not in _NATS_TOKEN for c in t) for t in tokens):
+            raise ValueError(
+                "subject_prefix must be dot-separated tokens of letters, digits, '-' or '_'"
+            )
+        return value
+
+    @field_validator("queue_group")
+    @classmethod
+    def _check_group(cls, value: str) -> str:
+        if not value or any(c not in _NATS_TOKEN + "." for c in value):
+            raise ValueError("queue_group must be letters, digits, '.', '-' or '_'")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError("database_url must start with sqlite:/// or postgresql://")
+        if scheme == "sqlite" and not value.startswith("sqlite:///"):
+            raise ValueError("a SQLite database_url is sqlite:///relative or sqlite:////absolute")
+        return value
+
+    @model_validator(mode="after")
+    def _check_invariants(self) -> Settings:
+        if self.batch_size > self.queue_capacity:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must not exceed "
+                f"queue_capacity ({self.queue_capacity})"
+            )
+        if not self.soft_watermark < self.hard_watermark:
+            raise ValueError(
+                f"soft_watermark ({self.soft_watermark}) must be below "
+                f"hard_watermark ({self.hard_watermark})"
+            )
+        if self.sink_retry_initial_s > self.sink_retry_max_s:
+            raise ValueError("sink_retry_initial_s must not exceed sink_retry_max_s")
+        return self
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file named by ``database_url``, or None for another database."""
+        if not self.database_url.startswith("sqlite:///"):
+            return None
+        return Path(self.database_url.removeprefix("sqlite:///"))
+
+    def subject(self, *tokens: str) -> str:
+        """Join ``tokens`` below the subject prefix.
+
+        Args:
+            tokens: subject tokens after the prefix, e.g. ``("store", "health")``.
+
+        Returns:
+            The full subject, e.g. ``mdp.store.health``.
+        """
+        return ".".join((self.subject_prefix, *tokens))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment, with explicit overrides on top.
+
+    Args:
+        overrides: field values that win over the environment (used by tests and
+            the demo command).
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        pydantic.ValidationError: a value is invalid or the invariants do not hold.
+    """
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,31 @@
+"""Sinks: where committed rows live. One module per backend behind :class:`Sink`."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from ..settings import Settings
+from .base import Batch, Sink
+from .sqlite import SqliteSink
+
+__all__ = ["Batch", "Sink", "SqliteSink", "make_sink"]
+
+
+def make_sink(settings: Settings) -> Sink:
+    """Build the sink that ``STORE_DATABASE_URL`` names (not yet opened).
+
+    Args:
+        settings: the service settings.
+
+    Returns:
+        An unopened sink.
+
+    Raises:
+        ConfigError: the URL names a backend this version does not have.
+    """
+    path = settings.sqlite_path
+    if path is not None:
+        return SqliteSink(path, synchronous=settings.sqlite_synchronous)
+    raise ConfigError(
+        "PostgreSQL is not available in this version of store-svc; "
+        "use STORE_DATABASE_URL=sqlite:///path"
+    )

@@ -1,0 +1,47 @@
+"""Counters the service keeps about itself (read by health, stats, metrics, the demo)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["Stats"]
+
+
+@dataclass
+class Stats:
+    """Plain counters, updated on the event loop only.
+
+    Attributes:
+        messages: write messages received.
+        received: records received per kind (valid or not).
+        accepted: records that passed validation and were queued, per kind.
+        committed: records committed to the sink, per kind.
+        rejected: records rejected, per reason.
+        dropped_messages: messages the NATS client dropped as a slow consumer.
+        batches: transactions committed.
+        sink_errors: failed commit attempts.
+        last_sink_error: text of the most recent failed commit, cleared on success.
+        last_commit_monotonic: loop time of the last successful commit.
+    """
+
+    messages: int = 0
+    received: Counter[str] = field(default_factory=Counter)
+    accepted: Counter[str] = field(default_factory=Counter)
+    committed: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    dropped_messages: int = 0
+    batches: int = 0
+    sink_errors: int = 0
+    last_sink_error: str | None = None
+    last_commit_monotonic: float | None = None
+
+    @property
+    def committed_total(self) -> int:
+        """Records committed, all kinds."""
+        return sum(self.committed.values())
+
+    @property
+    def rejected_total(self) -> int:
+        """Records rejected, all reasons."""
+        return sum(self.rejected.values())
