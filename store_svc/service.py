@@ -200,7 +200,8 @@ class StoreService:
         log.warning("NATS error: %s", exc)
 
     async def _on_disconnected(self) -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if self.status is Status.RUNNING:
+            log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
         url: Any = self.nc.connected_url if self.nc else None
