@@ -12,7 +12,15 @@ The path of a record through the package::
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .errors import ConfigError, RejectedInput, SchemaError, ShutdownTimeout, SinkError, StoreError
+from .errors import (
+    ConfigError,
+    NatsUnavailable,
+    RejectedInput,
+    SchemaError,
+    ShutdownTimeout,
+    SinkError,
+    StoreError,
+)
 from .settings import Settings, load_settings
 
 try:
@@ -22,6 +30,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "ConfigError",
+    "NatsUnavailable",
     "RejectedInput",
     "SchemaError",
     "Settings",

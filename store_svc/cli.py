@@ -114,7 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(uvloop.run(coro))
     except StoreError as exc:
-        log.error("%s", exc)
         print(f"store-svc: {exc}", file=sys.stderr)
         return 1
 

@@ -92,10 +92,12 @@ def _reason_from_pydantic(exc: pydantic.ValidationError) -> tuple[str, str]:
         reason = _PYDANTIC_REASONS[kind]
     elif kind.startswith(("datetime", "date", "time")):
         reason = "invalid_timestamp"
-    elif kind.startswith("decimal") or kind.endswith("_parsing"):
-        reason = "invalid_number" if kind != "string_parsing" else "wrong_type"
+    elif kind.endswith("_type"):
+        reason = "wrong_type"
+    elif kind.startswith(("decimal", "int", "float")):
+        reason = "invalid_number"
     else:
-        reason = "wrong_type" if kind.endswith("_type") else "invalid_value"
+        reason = "invalid_value"
     return reason, f"{where}: {err['msg']}"
 
 
@@ -138,9 +140,7 @@ class PayloadDecoder:
         """
         spec = KINDS.get(kind)
         if spec is None:
-            raise RejectedInput(
-                "unknown_kind", f"kind {kind!r} is not one of {', '.join(KINDS)}"
-            )
+            raise RejectedInput("unknown_kind", f"kind {kind!r} is not one of {', '.join(KINDS)}")
         if not payload or payload.isspace():
             raise RejectedInput("empty_payload", "the message has no body")
         if len(payload) > self._max_payload:
@@ -249,7 +249,3 @@ def _parse_md_ts(value: str, latest: datetime) -> datetime:
         raise RejectedInput(
             "bad_header", f"{TS_HEADER} must be RFC 3339 or epoch seconds, got {text[:40]!r}"
         ) from None
-
-
-
-

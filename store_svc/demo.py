@@ -45,15 +45,40 @@ def synthetic_records(kind: str, n: int, rng: random.Random, start_ns: int) -> l
         px = Decimal(rng.randint(10_000, 50_000)) / 100
         ts = datetime.fromtimestamp((start_ns // 1000 + i) / 1e6, UTC).isoformat()
         if kind == "trades":
-            out.append({"symbol": sym, "ts": ts, "price": str(px), "size": rng.randint(1, 500),
-                        "exchange": rng.choice(("XNAS", "XNYS", "ARCX")), "conditions": ["@"]})
+            out.append(
+                {
+                    "symbol": sym,
+                    "ts": ts,
+                    "price": str(px),
+                    "size": rng.randint(1, 500),
+                    "exchange": rng.choice(("XNAS", "XNYS", "ARCX")),
+                    "conditions": ["@"],
+                }
+            )
         elif kind == "quotes":
-            out.append({"symbol": sym, "timestamp": ts, "bid": str(px), "ask": str(px + 1),
-                        "bid_size": rng.randint(1, 9) * 100, "ask_size": rng.randint(1, 9) * 100})
+            out.append(
+                {
+                    "symbol": sym,
+                    "timestamp": ts,
+                    "bid": str(px),
+                    "ask": str(px + 1),
+                    "bid_size": rng.randint(1, 9) * 100,
+                    "ask_size": rng.randint(1, 9) * 100,
+                }
+            )
         else:
-            out.append({"symbol": sym, "ts": ts, "resolution": "1s", "open": str(px),
-                        "high": str(px + 2), "low": str(px - 2), "close": str(px + 1),
-                        "volume": str(rng.randint(100, 10_000))})
+            out.append(
+                {
+                    "symbol": sym,
+                    "ts": ts,
+                    "resolution": "1s",
+                    "open": str(px),
+                    "high": str(px + 2),
+                    "low": str(px - 2),
+                    "close": str(px + 1),
+                    "volume": str(rng.randint(100, 10_000)),
+                }
+            )
     return out
 
 

@@ -4,6 +4,7 @@
 
     StoreError
     ├── ConfigError            settings that cannot work together
+    ├── NatsUnavailable        the NATS server cannot be reached at start-up
     ├── RejectedInput          a payload or record that cannot be stored (has .reason)
     ├── SinkError              the database refused or failed a write
     │   └── SchemaError        the database holds a schema this version cannot use
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "NatsUnavailable",
     "RejectedInput",
     "SchemaError",
     "ShutdownTimeout",
@@ -31,6 +33,10 @@ class StoreError(Exception):
 
 class ConfigError(StoreError):
     """Settings that cannot work together, found at start-up."""
+
+
+class NatsUnavailable(StoreError):
+    """The NATS server could not be reached at start-up."""
 
 
 class RejectedInput(StoreError):

@@ -135,7 +135,7 @@ class CoreIntake:
             return
         try:
             async with asyncio.timeout(timeout):
-                await sub.drain()
+                await sub.drain()  # type: ignore[no-untyped-call]
         except TimeoutError:
             log.warning("intake drain timed out; unsubscribing")
             await sub.unsubscribe()
@@ -160,8 +160,8 @@ class CoreIntake:
             )
             return
         self._stats.received[kind] += len(decoded.rows) + len(decoded.rejects)
-        for rej in decoded.rejects:
-            await self._to_dlq(kind, subject, rej, msg.headers)
+        for reject in decoded.rejects:
+            await self._to_dlq(kind, subject, reject, msg.headers)
         if not decoded.rows:
             await self._refuse(msg, decoded.rejects)
             return
@@ -172,8 +172,9 @@ class CoreIntake:
         except QueueClosed:
             # Only reachable when shutdown cut a drain short; say so, never silently.
             self._stats.accepted[kind] -= len(decoded.rows)
-            log.error("dropped %d %s records: intake closed during shutdown", len(decoded.rows),
-                      kind)
+            log.error(
+                "dropped %d %s records: intake closed during shutdown", len(decoded.rows), kind
+            )
             if msg.reply:
                 await self._error_reply(msg.reply, 503, "shutting_down", "the service is stopping")
 
@@ -196,9 +197,7 @@ class CoreIntake:
         if not msg.reply:
             return
         first = rejects[0]
-        await self._error_reply(
-            msg.reply, 400, first.reason, first.detail, write_reply(0, rejects)
-        )
+        await self._error_reply(msg.reply, 400, first.reason, first.detail, write_reply(0, rejects))
 
     async def _error_reply(
         self, reply: str, code: int, reason: str, detail: str, body: bytes = b""

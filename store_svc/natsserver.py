@@ -65,6 +65,7 @@ class NatsServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log: list[bytes] = []
         self._lines: queue.Queue[bytes | None] = queue.Queue()
+        self._pump_thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -89,7 +90,8 @@ class NatsServer:
         args += list(self.extra_args)
         self._lines = queue.Queue()
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, args=(self.proc,), daemon=True)
+        self._pump_thread.start()
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -108,9 +110,10 @@ class NatsServer:
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stderr is not None
-        for line in proc.stderr:
-            self.log.append(line)
-            self._lines.put(line)
+        with proc.stderr:
+            for line in proc.stderr:
+                self.log.append(line)
+                self._lines.put(line)
         self._lines.put(None)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -120,7 +123,10 @@ class NatsServer:
             timeout: seconds to wait before killing.
         """
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
+            return
+        if proc.poll() is not None:
+            self._join_pump()
             return
         proc.terminate()
         try:
@@ -128,6 +134,12 @@ class NatsServer:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        self._join_pump()
+
+    def _join_pump(self) -> None:
+        thread, self._pump_thread = self._pump_thread, None
+        if thread is not None:
+            thread.join(5.0)
 
     def kill(self) -> None:
         """Kill the server at once (SIGKILL), as a crash would."""
@@ -135,6 +147,7 @@ class NatsServer:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+        self._join_pump()
 
     def __enter__(self) -> Self:
         return self.start()

@@ -21,7 +21,7 @@ from nats.errors import SlowConsumerError
 
 from .batcher import Batcher
 from .decode import PayloadDecoder
-from .errors import ConfigError, ShutdownTimeout
+from .errors import ConfigError, NatsUnavailable, ShutdownTimeout
 from .intake import CoreIntake
 from .queue import RecordQueue
 from .settings import Settings
@@ -83,21 +83,13 @@ class StoreService:
 
         Raises:
             SinkError: the database cannot be opened.
-            nats.errors.NoServersError: NATS cannot be reached.
+            NatsUnavailable: NATS cannot be reached within ``STORE_NATS_CONNECT_TIMEOUT_S``.
         """
         self.status = Status.STARTING
         await self.sink.open()
         try:
-            self.nc = await nats.connect(
-                self.settings.nats_url,
-                name=f"store-svc {self.settings.queue_group}",
-                error_cb=self._on_nats_error,
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_reconnected,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                connect_timeout=5,
-            )
+            self.nc = NATS()
+            await self._connect(self.nc)
             self._batcher_task = asyncio.create_task(self.batcher.run(), name="batcher")
             self._intake = CoreIntake(self.nc, self.settings, self.decoder, self.queue, self.stats)
             await self._intake.start()
@@ -112,6 +104,25 @@ class StoreService:
             self.settings.queue_capacity,
             self.settings.batch_size,
         )
+
+    async def _connect(self, nc: NATS) -> None:
+        url = self.settings.nats_url
+        limit = self.settings.nats_connect_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                await nc.connect(
+                    url,
+                    name=f"store-svc {self.settings.queue_group}",
+                    error_cb=self._on_nats_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    # Once connected, never give up: a NATS restart must not end the service.
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py takes floats
+                    connect_timeout=min(5.0, limit),  # type: ignore[arg-type]
+                )
+        except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
+            raise NatsUnavailable(f"cannot reach NATS at {url} within {limit:g}s") from exc
 
     async def stop(self) -> None:
         """Shut down cleanly within the grace period; idempotent.
@@ -156,10 +167,12 @@ class StoreService:
             self.status = Status.STOPPED
             self._stopped.set()
             log.info(
-                "store-svc stopped: %d records committed, %d rejected, %d messages dropped",
+                "store-svc stopped: %d records committed, %d rejected, "
+                "%d messages dropped (%d received)",
                 self.stats.committed_total,
                 self.stats.rejected_total,
                 self.stats.dropped_messages,
+                self.stats.messages,
             )
         if pending:
             raise ShutdownTimeout(pending)

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     """NATS server URL(s), comma-separated for a cluster."""
 
+    nats_connect_timeout_s: float = Field(default=10.0, gt=0.0)
+    """How long start-up waits for NATS before giving up (exit code 1). After the
+    first connection the service reconnects for ever."""
+
     database_url: str = "sqlite:///./var/store.db"
     """Where records are stored: ``sqlite:///relative/path``, ``sqlite:////absolute/path``
     or ``postgresql://user:pass@host:port/db``."""

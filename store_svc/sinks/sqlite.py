@@ -89,7 +89,8 @@ def _time_text(value: datetime) -> str:
 
 
 def _key_decimal_text(value: Decimal) -> str:
-    return format(value.normalize(), "f")
+    # One text per value, as NUMERIC compares in PostgreSQL: 1.5 == 1.50, -0 == 0.
+    return format(value.normalize(), "f") if value else "0"
 
 
 def _opt_str(value: Decimal | None) -> str | None:
@@ -264,8 +265,7 @@ class SqliteSink(Sink):
         def read() -> list[Row]:
             assert self._conn is not None
             cur = self._conn.execute(
-                f"SELECT {', '.join(spec.columns)} FROM {spec.table} "
-                f"ORDER BY {', '.join(spec.key)}"
+                f"SELECT {', '.join(spec.columns)} FROM {spec.table} ORDER BY {', '.join(spec.key)}"
             )
             return [_from_sqlite(spec, r) for r in cur.fetchall()]
 
@@ -276,9 +276,7 @@ class SqliteSink(Sink):
 
         def count() -> dict[str, int]:
             assert self._conn is not None
-            return {
-                k: self._conn.execute(f"SELECT count(*) FROM {k}").fetchone()[0] for k in KINDS
-            }
+            return {k: self._conn.execute(f"SELECT count(*) FROM {k}").fetchone()[0] for k in KINDS}
 
         return await self._call(count)
 

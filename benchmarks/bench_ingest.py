@@ -1,0 +1,1243 @@
+"""Ingest benchmark of ``store-svc``: throughput against two ceilings, and latency.
+
+Everything runs in one invocation, on one private ``nats-server``, so the ratios
+compare like with like on the same (possibly busy) machine. Two scenarios, both of
+Core trades into a SQLite file in a fresh temporary directory:
+
+* ``single``: one record per message;
+* ``batch500``: 500 records per message.
+
+For each scenario, with the same pre-generated payloads (every record has its own
+``ts``, so no two records collide on the idempotency key):
+
+1. **Ceiling A, bare subscriber**: a nats-py subscriber in its own process that only
+   counts messages, fed by the same publisher setup as the service.
+2. **Ceiling B, raw executemany**: the same rows, decoded with
+   :class:`~store_svc.decode.PayloadDecoder` and converted with
+   :func:`~store_svc.sinks.sqlite.to_sqlite_rows` outside the timed section, inserted
+   with plain ``sqlite3`` ``executemany(upsert_sql(spec))`` into the sink's schema
+   (WAL, ``synchronous=NORMAL``), one commit per ``batch_size`` rows. The time of the
+   conversion is measured too and reported as "convert+executemany".
+3. **The service**: the real ``store-svc run`` console script as a subprocess with
+   default settings except ``STORE_NATS_URL`` and ``STORE_DATABASE_URL``. Throughput
+   is stored rows over the time from the first publish to the reply of the last
+   message (a write with a reply subject is answered after its rows are committed,
+   and the batcher commits in FIFO order, so that reply means everything is in).
+   The row count of the SQLite file is then checked against what was published.
+4. **Latency**: a paced load at half the service's measured maximum, each message a
+   request; latency is reply arrival minus send time, an upper bound of
+   publish-to-commit.
+
+Flow control: core NATS has no back-pressure, so a publisher sending flat out can
+overrun a subscriber (slow-consumer drops). Each publisher therefore sends every
+``chunk``-th message as a request and keeps at most ``window`` such requests
+unanswered; the same scheme feeds the bare subscriber (which answers requests on
+receipt) and the service (which answers after commit). The window is far larger
+than a batch, so it never starves either consumer; it only bounds what is buffered.
+
+Publishers, the bare subscriber and the paced latency publisher are this same
+script in internal roles (``--publisher``, ``--paced``, ``--bare-subscriber``, each
+taking a JSON spec), started as subprocesses and released together on stdin.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_ingest.py --quick   # CI smoke run, < 1 minute
+    .venv/bin/python benchmarks/bench_ingest.py           # full run, a few minutes
+
+Results: a table on stdout and JSON in ``benchmarks/results/ingest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import msgspec
+import nats
+import uvloop
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from store_svc.decode import PayloadDecoder
+from store_svc.demo import synthetic_records
+from store_svc.natsserver import NatsServer, find_nats_server
+from store_svc.records import KINDS, Row
+from store_svc.settings import Settings
+from store_svc.sinks.sqlite import SqliteSink, to_sqlite_rows, upsert_sql
+
+KIND = "trades"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUTPUT = RESULTS_DIR / "ingest.json"
+
+#: Targets: service ÷ bare subscriber (single-record), service ÷ raw executemany
+#: (500-record), and p99 publish→commit latency at half the maximum rate.
+TARGET_SINGLE_VS_BARE = 0.75
+TARGET_BATCH_VS_RAW = 0.8
+TARGET_P99_MS = 25.0
+
+_STOPPED_LINE = re.compile(
+    r"store-svc stopped: (\d+) records committed, (\d+) rejected, (\d+) messages dropped"
+    r"(?: \((\d+) received\))?"
+)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One workload shape.
+
+    Attributes:
+        name: short name used in the table and the JSON.
+        per_msg: records per message.
+        messages: messages published in each throughput run.
+        chunk: every ``chunk``-th message is a request (flow control).
+        window: unanswered requests a publisher allows before it waits.
+        latency_seconds: how long the paced latency load runs.
+    """
+
+    name: str
+    per_msg: int
+    messages: int
+    chunk: int
+    window: int
+    latency_seconds: float
+
+    @property
+    def records(self) -> int:
+        """Records published in each throughput run."""
+        return self.messages * self.per_msg
+
+
+QUICK = (
+    Scenario("single", 1, 20_000, chunk=2_000, window=10, latency_seconds=2.0),
+    Scenario("batch500", 500, 200, chunk=4, window=25, latency_seconds=2.0),
+)
+FULL = (
+    Scenario("single", 1, 400_000, chunk=5_000, window=10, latency_seconds=5.0),
+    Scenario("batch500", 500, 4_000, chunk=10, window=10, latency_seconds=5.0),
+)
+
+
+# ------------------------------------------------------------------ role specs (IPC)
+
+
+class PublisherSpec(msgspec.Struct, frozen=True):
+    """What a throughput publisher process sends (``--publisher``)."""
+
+    url: str
+    subject: str
+    payloads: str
+    start: int
+    stop: int
+    chunk: int
+    window: int
+    timeout: float
+
+
+class PacedSpec(msgspec.Struct, frozen=True):
+    """What the paced latency publisher sends (``--paced``)."""
+
+    url: str
+    subject: str
+    payloads: str
+    rate: float
+    timeout: float
+
+
+class SubscriberSpec(msgspec.Struct, frozen=True):
+    """Where the bare subscriber listens (``--bare-subscriber``)."""
+
+    url: str
+    subject: str
+    queue: str
+
+
+class PublishResult(msgspec.Struct):
+    """What a throughput publisher reports (times are ``time.monotonic``, which is
+    system-wide on Linux and so comparable across processes)."""
+
+    messages: int
+    requests: int
+    replies: int
+    accepted: int
+    rejected: int
+    error_replies: int
+    first_publish: float
+    last_publish: float
+    last_reply: float
+    timed_out: bool
+
+
+class PacedResult(msgspec.Struct):
+    """What the paced latency publisher reports."""
+
+    messages: int
+    replies: int
+    error_replies: int
+    achieved_rate: float
+    latencies_ms: list[float]
+    timed_out: bool
+
+
+class SubscriberResult(msgspec.Struct):
+    """What the bare subscriber reports."""
+
+    messages: int
+    slow_consumer_errors: int
+
+
+_READY = "READY"
+_GO = "GO"
+_T = TypeVar("_T")
+
+
+# ------------------------------------------------------------------------ payloads
+
+
+class TsAllocator:
+    """Hands out disjoint microsecond ranges, so every record in the run is unique.
+
+    Starts two days in the past: well inside the service's accepted time window.
+    """
+
+    def __init__(self) -> None:
+        self._next_us = time.time_ns() // 1000 - 2 * 86_400 * 1_000_000
+
+    def take(self, n: int) -> int:
+        """Reserve ``n`` consecutive microseconds.
+
+        Args:
+            n: how many records will use the range.
+
+        Returns:
+            The first epoch microsecond of the range.
+        """
+        first = self._next_us
+        self._next_us += n
+        return first
+
+
+def make_payloads(per_msg: int, n_msgs: int, first_us: int, seed: int) -> list[bytes]:
+    """Build JSON trade messages with :func:`store_svc.demo.synthetic_records`.
+
+    Args:
+        per_msg: records per message (one record is sent as a bare object).
+        n_msgs: how many messages.
+        first_us: epoch microsecond of the first record; each next record is 1 µs later.
+        seed: random seed.
+
+    Returns:
+        The encoded message bodies.
+    """
+    rng = random.Random(seed)
+    encode = msgspec.json.Encoder().encode
+    out: list[bytes] = []
+    for i in range(n_msgs):
+        recs = synthetic_records(KIND, per_msg, rng, (first_us + i * per_msg) * 1000)
+        out.append(encode(recs[0] if per_msg == 1 else recs))
+    return out
+
+
+def save_payloads(path: Path, payloads: list[bytes]) -> None:
+    """Write payloads for the publisher processes (MessagePack list of binaries)."""
+    path.write_bytes(msgspec.msgpack.encode(payloads))
+
+
+def load_payloads(path: str) -> list[bytes]:
+    """Read payloads written by :func:`save_payloads`."""
+    return msgspec.msgpack.decode(Path(path).read_bytes(), type=list[bytes])
+
+
+# ---------------------------------------------------------- child roles (processes)
+
+
+async def _wait_for_go() -> None:
+    """Tell the orchestrator we are ready, then wait for its go line on stdin."""
+    print(_READY, flush=True)
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if line.strip() != _GO:
+        raise SystemExit(f"expected {_GO!r} on stdin, got {line!r}")
+
+
+def _is_error_reply(msg: Msg) -> bool:
+    """True for a service error reply (ADR-32 headers) or a no-responders status."""
+    headers = msg.headers or {}
+    return "Nats-Service-Error-Code" in headers or "Status" in headers
+
+
+async def publisher_role(spec: PublisherSpec) -> PublishResult:
+    """Publish a slice of the payloads flat out, with windowed request flow control.
+
+    Every ``chunk``-th message and the last one carry a reply subject; at most
+    ``window`` of them may be unanswered. The last reply marks the end: NATS keeps
+    the order of one publisher's messages and the service commits in FIFO order.
+
+    Args:
+        spec: what and where to publish.
+
+    Returns:
+        Counts and times.
+    """
+    payloads = load_payloads(spec.payloads)[spec.start : spec.stop]
+    n = len(payloads)
+    nc: NATS = await nats.connect(spec.url, name="bench-publisher")
+    loop = asyncio.get_running_loop()
+    inbox = nc.new_inbox()
+    is_request = [(i + 1) % spec.chunk == 0 or i == n - 1 for i in range(n)]
+    expected = sum(is_request)
+    slots = asyncio.Semaphore(spec.window)
+    done: asyncio.Future[None] = loop.create_future()
+    result = PublishResult(n, expected, 0, 0, 0, 0, 0.0, 0.0, 0.0, False)
+
+    async def on_reply(msg: Msg) -> None:
+        result.last_reply = time.monotonic()
+        result.replies += 1
+        if _is_error_reply(msg):
+            result.error_replies += 1
+        elif msg.data:
+            body = json.loads(msg.data)
+            result.accepted += body["accepted"]
+            result.rejected += body["rejected"]
+        slots.release()
+        if result.replies >= expected and not done.done():
+            done.set_result(None)
+
+    await nc.subscribe(inbox + ".*", cb=on_reply)
+    await nc.flush()
+    await _wait_for_go()
+    subject = spec.subject
+    publish = nc.publish
+    result.first_publish = time.monotonic()
+    for i, payload in enumerate(payloads):
+        if is_request[i]:
+            await slots.acquire()
+            await publish(subject, payload, reply=f"{inbox}.{i}")
+        else:
+            await publish(subject, payload)
+    result.last_publish = time.monotonic()
+    await nc.flush()
+    try:
+        await asyncio.wait_for(done, spec.timeout)
+    except TimeoutError:
+        result.timed_out = True
+    await nc.close()
+    return result
+
+
+async def paced_role(spec: PacedSpec) -> PacedResult:
+    """Send every payload as a request at a fixed rate, without waiting for replies.
+
+    The send time of each message is taken just before ``publish`` (the actual socket
+    write comes a little later), so reply arrival minus send time is an upper bound
+    of publish→commit.
+
+    Args:
+        spec: what, where and how fast.
+
+    Returns:
+        Per-message latencies in ms (replied messages only) and counts.
+    """
+    payloads = load_payloads(spec.payloads)
+    n = len(payloads)
+    nc: NATS = await nats.connect(spec.url, name="bench-paced")
+    loop = asyncio.get_running_loop()
+    inbox = nc.new_inbox()
+    sent = [0.0] * n
+    got = [math.nan] * n
+    done: asyncio.Future[None] = loop.create_future()
+    counts = {"replies": 0, "errors": 0}
+
+    async def on_reply(msg: Msg) -> None:
+        now = time.monotonic()
+        got[int(msg.subject.rpartition(".")[2])] = now
+        counts["replies"] += 1
+        if _is_error_reply(msg):
+            counts["errors"] += 1
+        if counts["replies"] >= n and not done.done():
+            done.set_result(None)
+
+    await nc.subscribe(inbox + ".*", cb=on_reply)
+    await nc.flush()
+    await _wait_for_go()
+    subject = spec.subject
+    rate = spec.rate
+    t0 = time.monotonic()
+    i = 0
+    while i < n:
+        due = min(n, int((time.monotonic() - t0) * rate) + 1)
+        while i < due:
+            sent[i] = time.monotonic()
+            await nc.publish(subject, payloads[i], reply=f"{inbox}.{i}")
+            i += 1
+        await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+    t_end = time.monotonic()
+    timed_out = False
+    try:
+        await asyncio.wait_for(done, spec.timeout)
+    except TimeoutError:
+        timed_out = True
+    await nc.close()
+    latencies = [(g - s) * 1000 for s, g in zip(sent, got, strict=True) if not math.isnan(g)]
+    achieved = n / (t_end - t0) if t_end > t0 else math.nan
+    return PacedResult(n, counts["replies"], counts["errors"], achieved, latencies, timed_out)
+
+
+async def bare_subscriber_role(spec: SubscriberSpec) -> SubscriberResult:
+    """Count messages on the write subject and nothing else (ceiling A).
+
+    Requests (the flow-control messages) are answered on receipt. Stops when the
+    orchestrator writes a line on stdin (or closes it).
+
+    Args:
+        spec: where to listen.
+
+    Returns:
+        Messages counted and slow-consumer errors seen.
+    """
+    result = SubscriberResult(0, 0)
+
+    async def on_error(exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            result.slow_consumer_errors += 1
+
+    nc: NATS = await nats.connect(spec.url, name="bench-bare-subscriber", error_cb=on_error)
+
+    async def count(msg: Msg) -> None:
+        result.messages += 1
+        if msg.reply:
+            await nc.publish(msg.reply, b"")
+
+    await nc.subscribe(spec.subject, queue=spec.queue, cb=count)
+    await nc.flush()
+    print(_READY, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await nc.drain()
+    return result
+
+
+# --------------------------------------------------------------- child management
+
+
+def _spawn(role: str, spec: msgspec.Struct) -> subprocess.Popen[str]:
+    """Start this script in an internal role; its stdout carries READY and the result."""
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), role, msgspec.json.encode(spec).decode()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _role(proc: subprocess.Popen[str]) -> str:
+    """The internal role a child runs (for error messages)."""
+    args = proc.args
+    return str(args[2]) if isinstance(args, list) and len(args) > 2 else str(args)
+
+
+def _await_ready(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != _READY:
+        proc.kill()
+        raise RuntimeError(f"child {_role(proc)} did not get ready (said {line!r})")
+
+
+def _send_line(proc: subprocess.Popen[str], line: str) -> None:
+    stdin: IO[str] | None = proc.stdin
+    assert stdin is not None
+    stdin.write(line + "\n")
+    stdin.flush()
+
+
+def _collect(proc: subprocess.Popen[str], kind: type[_T], timeout: float) -> _T:
+    """Read a child's JSON result line and reap it."""
+    assert proc.stdout is not None
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"child {_role(proc)} timed out after {timeout:.0f}s") from None
+    if proc.returncode != 0 or not out.strip():
+        raise RuntimeError(f"child {_role(proc)} failed with exit code {proc.returncode}")
+    return msgspec.json.decode(out.strip().splitlines()[-1], type=kind)
+
+
+def run_publishers(
+    url: str, subject: str, payload_file: Path, n_msgs: int, scenario: Scenario, publishers: int
+) -> list[PublishResult]:
+    """Start ``publishers`` throughput publishers on contiguous slices, release them
+    together and collect their results.
+    """
+    bounds = [n_msgs * k // publishers for k in range(publishers + 1)]
+    procs = [
+        _spawn(
+            "--publisher",
+            PublisherSpec(
+                url,
+                subject,
+                str(payload_file),
+                bounds[k],
+                bounds[k + 1],
+                scenario.chunk,
+                scenario.window,
+                timeout=300.0,
+            ),
+        )
+        for k in range(publishers)
+    ]
+    try:
+        for p in procs:
+            _await_ready(p)
+        for p in procs:
+            _send_line(p, _GO)
+        return [_collect(p, PublishResult, timeout=600.0) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@dataclass
+class Throughput:
+    """Throughput of one run, from the publishers' point of view."""
+
+    published_msgs: int
+    published_records: int
+    duration_s: float
+    publish_s: float
+    replies: int
+    requests: int
+    error_replies: int
+    timed_out: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for the JSON report."""
+        return {
+            "published_msgs": self.published_msgs,
+            "published_records": self.published_records,
+            "duration_s": round(self.duration_s, 4),
+            "publish_msgs_per_s": self.published_msgs / self.publish_s,
+            "flow_control_requests": self.requests,
+            "flow_control_replies": self.replies,
+            "error_replies": self.error_replies,
+            "timed_out": self.timed_out,
+        }
+
+
+def summarize(results: list[PublishResult], per_msg: int) -> Throughput:
+    """Combine publisher results: first publish of any to last reply of all."""
+    start = min(r.first_publish for r in results)
+    end = max(r.last_reply if r.replies else r.last_publish for r in results)
+    msgs = sum(r.messages for r in results)
+    return Throughput(
+        published_msgs=msgs,
+        published_records=msgs * per_msg,
+        duration_s=end - start,
+        publish_s=max(r.last_publish for r in results) - start,
+        replies=sum(r.replies for r in results),
+        requests=sum(r.requests for r in results),
+        error_replies=sum(r.error_replies for r in results),
+        timed_out=any(r.timed_out for r in results),
+    )
+
+
+# ----------------------------------------------------------------- the service
+
+
+class ServiceProcess:
+    """``store-svc run`` as a subprocess, with its log in a file.
+
+    Args:
+        settings: the settings it runs with (only the two URLs are passed; every other
+            ``STORE_*`` variable is removed from its environment, so it runs with the
+            defaults).
+        log_path: where its stderr goes.
+    """
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @staticmethod
+    def executable() -> str:
+        """The ``store-svc`` console script next to the interpreter (or on ``$PATH``)."""
+        beside = Path(sys.executable).parent / "store-svc"
+        found = str(beside) if beside.exists() else shutil.which("store-svc")
+        if found is None:
+            raise FileNotFoundError("the store-svc console script is not installed")
+        return found
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the service and wait for its "running" log line.
+
+        Raises:
+            RuntimeError: it exited or did not log readiness in time.
+        """
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("STORE_") and k != "ADMIN_TOKEN"
+        }
+        env["STORE_NATS_URL"] = self.settings.nats_url
+        env["STORE_DATABASE_URL"] = self.settings.database_url
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [self.executable(), "run"], env=env, stdout=subprocess.DEVNULL, stderr=self._log
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"store-svc exited at start-up:\n{self.log_text()[-2000:]}")
+            if "store-svc running" in self.log_text():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"store-svc not running after {timeout}s:\n{self.log_text()[-2000:]}")
+
+    @property
+    def pid(self) -> int:
+        """The service's process id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        """Everything the service has logged so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 60.0) -> dict[str, Any]:
+        """SIGTERM, wait for the clean shutdown, and read its final counters.
+
+        Returns:
+            ``exit_code``, the shutdown line's counters (if logged) and any warning or
+            error lines.
+        """
+        proc, self.proc = self.proc, None
+        code: int | None = None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        text = self.log_text()
+        out: dict[str, Any] = {"exit_code": code}
+        if m := _STOPPED_LINE.search(text):
+            keys = ("committed", "rejected", "dropped_messages", "received_messages")
+            out.update({k: int(v) for k, v in zip(keys, m.groups(), strict=True) if v is not None})
+        problems = [ln for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln]
+        out["warnings_and_errors"] = problems[:10]
+        return out
+
+
+async def _probe(url: str, subject: str, timeout: float) -> None:
+    """Wait until the service answers on ``subject`` (an empty write is refused at once
+    with a 400 error reply, so the probe stores nothing)."""
+    nc: NATS = await nats.connect(url, name="bench-probe")
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await nc.request(subject, b"", timeout=1.0)
+                return
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+
+
+def count_rows(db_path: Path) -> int:
+    """Rows in the trades table of a SQLite file."""
+    with closing(sqlite3.connect(db_path)) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {KIND}").fetchone()[0])
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def measure_bare_subscriber(
+    url: str, settings: Settings, payload_file: Path, scenario: Scenario, publishers: int
+) -> dict[str, Any]:
+    """Ceiling A: a nats-py subscriber in its own process that only counts messages.
+
+    Returns:
+        Throughput, messages counted, and msgs/s and records/s.
+    """
+    subject = settings.subject("store", "write", ">")
+    sub = _spawn("--bare-subscriber", SubscriberSpec(url, subject, settings.queue_group))
+    try:
+        _await_ready(sub)
+        results = run_publishers(
+            url,
+            settings.subject("store", "write", KIND),
+            payload_file,
+            scenario.messages,
+            scenario,
+            publishers,
+        )
+        _send_line(sub, "STOP")
+        counted = _collect(sub, SubscriberResult, timeout=60.0)
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+            sub.wait()
+    tp = summarize(results, scenario.per_msg)
+    return {
+        **tp.as_dict(),
+        "received_msgs": counted.messages,
+        "lost_msgs": tp.published_msgs - counted.messages,
+        "slow_consumer_errors": counted.slow_consumer_errors,
+        "msgs_per_s": counted.messages / tp.duration_s,
+        "records_per_s": counted.messages * scenario.per_msg / tp.duration_s,
+    }
+
+
+def _open_schema(db_path: Path) -> None:
+    """Create the sink's schema by opening and closing a :class:`SqliteSink`."""
+
+    async def go() -> None:
+        sink = SqliteSink(db_path)
+        await sink.open()
+        await sink.close()
+
+    asyncio.run(go())
+
+
+def measure_raw_executemany(
+    payloads: list[bytes], db_path: Path, settings: Settings
+) -> dict[str, Any]:
+    """Ceiling B: the same rows through plain ``sqlite3`` ``executemany``.
+
+    Rows are decoded (untimed) one batch at a time, so memory stays small; then, per
+    batch of ``batch_size`` rows, the conversion with ``to_sqlite_rows`` and the
+    ``BEGIN IMMEDIATE; executemany; COMMIT`` are timed separately.
+
+    Returns:
+        Rows, the two timings and the rows/s of executemany alone and with conversion.
+    """
+    _open_schema(db_path)
+    spec = KINDS[KIND]
+    sql = upsert_sql(spec)
+    decoder = PayloadDecoder(settings.max_payload_bytes, settings.max_future_skew_s)
+    batch_size = settings.batch_size
+    t_convert = t_insert = 0.0
+    rows_total = 0
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={settings.sqlite_synchronous}")
+
+        def commit(batch: list[Row]) -> None:
+            nonlocal t_convert, t_insert, rows_total
+            ingested_at = datetime.now(UTC).isoformat(timespec="microseconds")
+            t0 = time.perf_counter()
+            params = to_sqlite_rows(spec, batch, ingested_at)
+            t1 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(sql, params)
+            conn.execute("COMMIT")
+            t2 = time.perf_counter()
+            t_convert += t1 - t0
+            t_insert += t2 - t1
+            rows_total += len(batch)
+
+        pending: list[Row] = []
+        for payload in payloads:
+            pending.extend(decoder.decode(KIND, None, payload, None, datetime.now(UTC)).rows)
+            if len(pending) >= batch_size:
+                commit(pending[:batch_size])
+                del pending[:batch_size]
+        if pending:
+            commit(pending)
+    stored = count_rows(db_path)
+    return {
+        "rows": rows_total,
+        "stored": stored,
+        "batch_size": batch_size,
+        "executemany_s": round(t_insert, 4),
+        "convert_s": round(t_convert, 4),
+        "rows_per_s": rows_total / t_insert,
+        "convert_plus_executemany_rows_per_s": rows_total / (t_insert + t_convert),
+    }
+
+
+def _start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """Sample the service with py-spy (if installed) until the returned process is
+    sent SIGINT."""
+    exe = Path(sys.executable).parent / "py-spy"
+    if not exe.exists():
+        print("py-spy is not installed in the venv; no profile", file=sys.stderr)
+        return None
+    return subprocess.Popen(
+        [str(exe), "record", "--pid", str(pid), "--format", "speedscope", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _stop_py_spy(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def measure_latency(url: str, subject: str, payload_file: Path, rate: float) -> dict[str, Any]:
+    """Run the paced request load and summarise its latencies.
+
+    Returns:
+        Rate asked and achieved, replies, and latency percentiles in ms.
+    """
+    proc = _spawn("--paced", PacedSpec(url, subject, str(payload_file), rate, timeout=60.0))
+    try:
+        _await_ready(proc)
+        _send_line(proc, _GO)
+        res = _collect(proc, PacedResult, timeout=600.0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lat = sorted(res.latencies_ms)
+    return {
+        "rate_msgs_per_s": rate,
+        "achieved_msgs_per_s": res.achieved_rate,
+        "messages": res.messages,
+        "replies": res.replies,
+        "error_replies": res.error_replies,
+        "timed_out": res.timed_out,
+        "p50_ms": percentile(lat, 50),
+        "p95_ms": percentile(lat, 95),
+        "p99_ms": percentile(lat, 99),
+        "max_ms": lat[-1] if lat else None,
+        "mean_ms": sum(lat) / len(lat) if lat else None,
+    }
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile of already sorted values (None when empty)."""
+    if not sorted_values:
+        return None
+    k = max(0, math.ceil(p / 100 * len(sorted_values)) - 1)
+    return sorted_values[k]
+
+
+def measure_service(
+    url: str,
+    settings: Settings,
+    workdir: Path,
+    payload_file: Path,
+    scenario: Scenario,
+    publishers: int,
+    ts: TsAllocator,
+    profile_out: Path | None,
+) -> dict[str, Any]:
+    """The real ``store-svc run``: throughput, row-count check, then latency at 50%.
+
+    Returns:
+        Throughput, stored and lost counts, the latency summary and the service's own
+        shutdown counters.
+    """
+    db_path = Path(settings.database_url.removeprefix("sqlite:///"))
+    svc = ServiceProcess(settings, workdir / "service.log")
+    svc.start()
+    try:
+        asyncio.run(_probe(url, settings.subject("store", "write", KIND), timeout=30.0))
+        spy = _start_py_spy(svc.pid, profile_out) if profile_out is not None else None
+        if spy is not None:
+            time.sleep(1.0)  # let py-spy attach before the load starts
+        try:
+            results = run_publishers(
+                url,
+                settings.subject("store", "write", KIND),
+                payload_file,
+                scenario.messages,
+                scenario,
+                publishers,
+            )
+        finally:
+            _stop_py_spy(spy)
+        tp = summarize(results, scenario.per_msg)
+        stored = count_rows(db_path)
+        accepted = sum(r.accepted for r in results)
+        out: dict[str, Any] = {
+            **tp.as_dict(),
+            "stored": stored,
+            "lost": tp.published_records - stored,
+            "rows_per_s": stored / tp.duration_s,
+            "msgs_per_s": stored / scenario.per_msg / tp.duration_s,
+            "accepted_in_flow_control_replies": accepted,
+        }
+
+        # Latency at half the measured maximum, on fresh records.
+        rate = max(1.0, out["msgs_per_s"] / 2)
+        n_lat = max(20, int(rate * scenario.latency_seconds))
+        lat_file = workdir / "latency.msgpack"
+        first_us = ts.take(n_lat * scenario.per_msg)
+        save_payloads(lat_file, make_payloads(scenario.per_msg, n_lat, first_us, seed=2))
+        latency = measure_latency(url, settings.subject("store", "write", KIND), lat_file, rate)
+        after = count_rows(db_path)
+        latency["stored"] = after - stored
+        latency["lost"] = n_lat * scenario.per_msg - (after - stored)
+        out["latency"] = latency
+    finally:
+        shutdown = svc.stop()
+    out["service_shutdown"] = shutdown
+    return out
+
+
+# ------------------------------------------------------------------- orchestration
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers come from."""
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    server = subprocess.run(
+        [find_nats_server(), "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "nproc": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "sqlite": sqlite3.sqlite_version,
+        "nats_server": server,
+        "packages": {
+            name: metadata.version(name)
+            for name in ("market-data-store", "nats-py", "msgspec", "uvloop", "market-data-core")
+        },
+        "loadavg_at_start": os.getloadavg(),
+        "git": _git_state(),
+    }
+
+
+def _git_state() -> dict[str, Any]:
+    """The commit of the code under test and whether ``store_svc`` has local changes."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    return {
+        "head": git("rev-parse", "HEAD"),
+        "store_svc_changed": bool(git("status", "--porcelain", "store_svc")),
+    }
+
+
+def run_scenario(
+    scenario: Scenario,
+    url: str,
+    workdir: Path,
+    ts: TsAllocator,
+    publishers: int,
+    profile_dir: Path | None,
+) -> dict[str, Any]:
+    """All measurements of one scenario, on the same payloads.
+
+    Returns:
+        The scenario's section of the JSON report.
+    """
+    settings = Settings.model_construct(
+        nats_url=url, database_url=f"sqlite:///{(workdir / 'service.db').resolve()}"
+    )
+
+    def say(text: str) -> None:
+        print(f"[{scenario.name}] {text}", file=sys.stderr, flush=True)
+
+    say(f"generating {scenario.messages:,} messages x {scenario.per_msg} records")
+    t0 = time.monotonic()
+    payloads = make_payloads(scenario.per_msg, scenario.messages, ts.take(scenario.records), 1)
+    payload_file = workdir / "throughput.msgpack"
+    save_payloads(payload_file, payloads)
+    say(f"generated in {time.monotonic() - t0:.1f}s; ceiling A: bare subscriber")
+    bare = measure_bare_subscriber(url, settings, payload_file, scenario, publishers)
+    say(f"bare subscriber: {bare['records_per_s']:,.0f} records/s; ceiling B: raw executemany")
+    raw = measure_raw_executemany(payloads, workdir / "raw.db", settings)
+    del payloads
+    say(f"raw executemany: {raw['rows_per_s']:,.0f} rows/s; the service")
+    profile_out = profile_dir / f"service-{scenario.name}.speedscope.json" if profile_dir else None
+    svc = measure_service(
+        url, settings, workdir, payload_file, scenario, publishers, ts, profile_out
+    )
+    say(
+        f"service: {svc['rows_per_s']:,.0f} rows/s, lost {svc['lost']}, latency p99 "
+        f"{_fmt(svc['latency']['p99_ms'], '.1f')} ms"
+    )
+    return {
+        "name": scenario.name,
+        "records_per_msg": scenario.per_msg,
+        "messages": scenario.messages,
+        "flow_control": {"chunk_msgs": scenario.chunk, "window_requests": scenario.window},
+        "publishers": publishers,
+        "bare_subscriber": bare,
+        "raw_executemany": raw,
+        "service": svc,
+        "ratios": {
+            "service_vs_bare_subscriber": svc["rows_per_s"] / bare["records_per_s"],
+            "service_vs_raw_executemany": svc["rows_per_s"] / raw["rows_per_s"],
+            "service_vs_raw_convert_plus_executemany": svc["rows_per_s"]
+            / raw["convert_plus_executemany_rows_per_s"],
+        },
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def targets(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Check the three targets against the results."""
+    out: list[dict[str, Any]] = []
+    by_name = {s["name"]: s for s in scenarios}
+    checks = [
+        ("single", "service_vs_bare_subscriber", TARGET_SINGLE_VS_BARE, ">="),
+        ("batch500", "service_vs_raw_executemany", TARGET_BATCH_VS_RAW, ">="),
+    ]
+    for name, ratio, target, op in checks:
+        if name in by_name:
+            value = by_name[name]["ratios"][ratio]
+            out.append(
+                {
+                    "scenario": name,
+                    "metric": ratio,
+                    "value": value,
+                    "target": target,
+                    "op": op,
+                    "met": value >= target,
+                    "margin": value - target,
+                }
+            )
+    for s in scenarios:
+        p99 = s["service"]["latency"]["p99_ms"]
+        out.append(
+            {
+                "scenario": s["name"],
+                "metric": "latency_p99_ms",
+                "value": p99,
+                "target": TARGET_P99_MS,
+                "op": "<=",
+                "met": p99 is not None and p99 <= TARGET_P99_MS,
+                "margin": None if p99 is None else TARGET_P99_MS - p99,
+            }
+        )
+    return out
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """The human-readable summary: one column per scenario."""
+    scenarios = report["scenarios"]
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(label: str, fn: Any) -> None:
+        rows.append((label, [fn(s) for s in scenarios]))
+
+    add("records per message", lambda s: f"{s['records_per_msg']}")
+    add("published records", lambda s: f"{s['service']['published_records']:,}")
+    add("stored records", lambda s: f"{s['service']['stored']:,}")
+    add("lost records", lambda s: f"{s['service']['lost']:,}")
+    add("service duration s", lambda s: f"{s['service']['duration_s']:.2f}")
+    add("service msgs/s", lambda s: f"{s['service']['msgs_per_s']:,.0f}")
+    add("service rows/s", lambda s: f"{s['service']['rows_per_s']:,.0f}")
+    add("A bare subscriber msgs/s", lambda s: f"{s['bare_subscriber']['msgs_per_s']:,.0f}")
+    add("A bare subscriber records/s", lambda s: f"{s['bare_subscriber']['records_per_s']:,.0f}")
+    add("A lost msgs", lambda s: f"{s['bare_subscriber']['lost_msgs']:,}")
+    add(
+        "A publisher msgs/s (sending only)",
+        lambda s: f"{s['bare_subscriber']['publish_msgs_per_s']:,.0f}",
+    )
+    add("B raw executemany rows/s", lambda s: f"{s['raw_executemany']['rows_per_s']:,.0f}")
+    add(
+        "B raw convert+executemany rows/s",
+        lambda s: f"{s['raw_executemany']['convert_plus_executemany_rows_per_s']:,.0f}",
+    )
+    add("service / A bare subscriber", lambda s: f"{s['ratios']['service_vs_bare_subscriber']:.3f}")
+    add("service / B raw executemany", lambda s: f"{s['ratios']['service_vs_raw_executemany']:.3f}")
+    add(
+        "service / B convert+executemany",
+        lambda s: f"{s['ratios']['service_vs_raw_convert_plus_executemany']:.3f}",
+    )
+    add("latency load msgs/s", lambda s: f"{s['service']['latency']['achieved_msgs_per_s']:,.0f}")
+    add(
+        "latency load rows/s",
+        lambda s: f"{s['service']['latency']['achieved_msgs_per_s'] * s['records_per_msg']:,.0f}",
+    )
+    for p in ("p50", "p95", "p99", "max"):
+        add(f"latency {p} ms", lambda s, p=p: _fmt(s["service"]["latency"][f"{p}_ms"], ".2f"))
+    add("latency lost records", lambda s: f"{s['service']['latency']['lost']:,}")
+    add(
+        "service dropped msgs (own log)",
+        lambda s: str(s["service"]["service_shutdown"].get("dropped_messages", "?")),
+    )
+
+    width = max(len(label) for label, _ in rows)
+    cols = [max(len(s["name"]), *(len(r[1][i]) for r in rows)) for i, s in enumerate(scenarios)]
+    head = (
+        " " * width
+        + "  "
+        + "  ".join(s["name"].rjust(c) for s, c in zip(scenarios, cols, strict=True))
+    )
+    print(head)
+    print("-" * len(head))
+    for label, values in rows:
+        print(
+            label.ljust(width)
+            + "  "
+            + "  ".join(v.rjust(c) for v, c in zip(values, cols, strict=True))
+        )
+    print()
+    for t in report["targets"]:
+        verdict = "met" if t["met"] else "MISSED"
+        value = _fmt(t["value"], ".3f")
+        margin = _fmt(t["margin"], "+.3f")
+        print(
+            f"target {t['scenario']:>8} {t['metric']:<28} {value:>8} {t['op']} {t['target']:<6}"
+            f" {verdict} (margin {margin})"
+        )
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every scenario on one private nats-server and build the report."""
+    scenarios = QUICK if args.quick else FULL
+    info = machine_info()
+    profile_dir = RESULTS_DIR if args.py_spy else None
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    ts = TsAllocator()
+    started = time.monotonic()
+    results = []
+    with NatsServer() as server:
+        print(f"nats-server on {server.url}", file=sys.stderr)
+        for scenario in scenarios:
+            workdir = Path(tempfile.mkdtemp(prefix=f"bench-ingest-{scenario.name}-"))
+            try:
+                results.append(
+                    run_scenario(scenario, server.url, workdir, ts, args.publishers, profile_dir)
+                )
+            finally:
+                if args.keep:
+                    print(f"kept {workdir}", file=sys.stderr)
+                else:
+                    shutil.rmtree(workdir, ignore_errors=True)
+    info["loadavg_at_end"] = os.getloadavg()
+    defaults = Settings.model_construct().model_dump(
+        exclude={"admin_token", "nats_url", "database_url"}
+    )
+    return {
+        "benchmark": "ingest",
+        "mode": "quick" if args.quick else "full",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_time_s": round(time.monotonic() - started, 1),
+        "machine": info,
+        "service_settings": defaults,
+        "publishers": args.publishers,
+        "scenarios": results,
+        "targets": targets(results),
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options (the internal roles are hidden from ``--help``)."""
+    parser = argparse.ArgumentParser(
+        description="Benchmark store-svc ingest: throughput vs a bare NATS subscriber and "
+        "raw sqlite3 executemany, and publish→commit latency at half the maximum rate.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small counts, under a minute (CI smoke run)"
+    )
+    parser.add_argument(
+        "--publishers", type=int, default=1, help="publisher processes per run (default 1)"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help=f"JSON report (default {DEFAULT_OUTPUT})",
+    )
+    parser.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="record a py-spy speedscope profile of the service during each throughput run "
+        "(into benchmarks/results/; needs py-spy in the venv)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    roles = parser.add_mutually_exclusive_group()
+    for role in ("--publisher", "--paced", "--bare-subscriber"):
+        roles.add_argument(role, metavar="SPEC", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.publishers < 1:
+        parser.error("--publishers must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: an internal role, or the whole benchmark."""
+    args = parse_args(argv)
+    if args.publisher:
+        pub = uvloop.run(publisher_role(msgspec.json.decode(args.publisher, type=PublisherSpec)))
+        print(msgspec.json.encode(pub).decode(), flush=True)
+        return 0
+    if args.paced:
+        paced = uvloop.run(paced_role(msgspec.json.decode(args.paced, type=PacedSpec)))
+        print(msgspec.json.encode(paced).decode(), flush=True)
+        return 0
+    if args.bare_subscriber:
+        spec = msgspec.json.decode(args.bare_subscriber, type=SubscriberSpec)
+        sub = uvloop.run(bare_subscriber_role(spec))
+        print(msgspec.json.encode(sub).decode(), flush=True)
+        return 0
+    report = run_benchmark(args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    print(f"\nJSON report: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Shared fixtures: a real nats-server per test on a random port, SQLite under tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from store_svc.natsserver import NatsServer
+from store_svc.service import StoreService
+from store_svc.settings import Settings, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the machine's STORE_* variables out of every test."""
+    for name in list(os.environ):
+        if name.startswith("STORE_") or name == "ADMIN_TOKEN":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    """A private nats-server on a random loopback port."""
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "store.db"
+
+
+@pytest.fixture
+def make_settings(nats_server: NatsServer, db_path: Path) -> Callable[..., Settings]:
+    """Settings pointing at the test's nats-server and SQLite file, with overrides."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "nats_url": nats_server.url,
+            "database_url": f"sqlite:///{db_path}",
+            "shutdown_grace_s": 10.0,
+        }
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make
+
+
+@pytest.fixture
+async def service(make_settings: Callable[..., Settings]) -> AsyncIterator[StoreService]:
+    """A running service with default settings."""
+    async with StoreService(make_settings()) as svc:
+        yield svc
+
+
+@pytest.fixture
+async def client(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    """A NATS client for the test itself (publisher / observer)."""
+    nc = await nats.connect(nats_server.url)
+    yield nc
+    await nc.close()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds, failing the test after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+async def until_async(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Like :func:`until` for an async predicate."""
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.01)

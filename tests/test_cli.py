@@ -1,0 +1,93 @@
+"""The ``store-svc`` command as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import store_svc
+
+STORE_SVC = str(Path(sys.executable).parent / "store-svc")
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STORE_")}
+    return subprocess.run(
+        [STORE_SVC, *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_help_lists_the_commands() -> None:
+    out = run("--help")
+    assert out.returncode == 0
+    assert "run" in out.stdout
+    assert "demo" in out.stdout
+
+
+def test_version() -> None:
+    out = run("--version")
+    assert out.stdout.strip() == f"store-svc {store_svc.__version__}"
+
+
+def test_invalid_settings_exit_2_with_a_clear_message() -> None:
+    out = run("run", env={"STORE_BATCH_SIZE": "10", "STORE_QUEUE_CAPACITY": "5"})
+    assert out.returncode == 2
+    assert "invalid settings" in out.stderr
+    assert "batch_size" in out.stderr
+
+
+def test_unreachable_nats_fails_fast(tmp_path: Path) -> None:
+    out = run(
+        "run",
+        env={
+            "STORE_NATS_URL": "nats://127.0.0.1:1",
+            "STORE_NATS_CONNECT_TIMEOUT_S": "2",
+            "STORE_DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
+        },
+    )
+    assert out.returncode == 1
+    assert "cannot reach NATS at nats://127.0.0.1:1 within 2s" in out.stderr
+
+
+def test_unsupported_mode_is_refused(tmp_path: Path) -> None:
+    out = run(
+        "run",
+        env={"STORE_INGEST_MODE": "jetstream", "STORE_DATABASE_URL": f"sqlite:///{tmp_path}/x.db"},
+    )
+    assert out.returncode == 1
+    assert "jetstream" in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_stores_ticks(tmp_path: Path) -> None:
+    out = run(
+        "demo",
+        "--seconds",
+        "2",
+        "--rate",
+        "5000",
+        "--database-url",
+        f"sqlite:///{tmp_path}/d.db",
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    published = int(re.search(r"published ([\d,]+) records", out.stdout).group(1).replace(",", ""))  # type: ignore[union-attr]
+    bad = int(re.search(r"\((\d+) deliberately bad", out.stdout).group(1))  # type: ignore[union-attr]
+    stored = re.search(r"stored per table: (.*)", out.stdout).group(1)  # type: ignore[union-attr]
+    per_table = {k: int(v.replace(",", "")) for k, v in re.findall(r"(\w+)=([\d,]+)", stored)}
+    assert published >= 5000
+    # Every good record is stored, plus the ten of the closing request-reply write.
+    assert sum(per_table.values()) == published - bad + 10
+    assert "request-reply write answered after commit" in out.stdout

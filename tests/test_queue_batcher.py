@@ -1,0 +1,159 @@
+"""Pure logic of the bounded queue and the batcher (in-memory sink; no NATS needed)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from store_svc.batcher import Batcher
+from store_svc.queue import Envelope, QueueClosed, RecordQueue
+from store_svc.sinks.memory import MemorySink
+from store_svc.stats import Stats
+
+from .conftest import until
+
+
+def env(n: int, kind: str = "trades", start: int = 0) -> Envelope:
+    rows = [(f"S{start + i}", None, None, None, None, ()) for i in range(n)]
+    return Envelope(kind, rows, asyncio.get_running_loop().time())
+
+
+async def test_queue_counts_records_not_messages() -> None:
+    q = RecordQueue(capacity=10)
+    assert q.put_nowait(env(4))
+    assert q.put_nowait(env(6))
+    assert q.depth == 10
+    assert not q.put_nowait(env(1))
+    assert q.get_nowait() is not None
+    assert q.depth == 6
+
+
+async def test_put_waits_until_there_is_room_and_keeps_order() -> None:
+    q = RecordQueue(capacity=5)
+    await q.put(env(5, start=0))
+    waiting = [asyncio.create_task(q.put(env(3, start=10 + i))) for i in range(2)]
+    await asyncio.sleep(0)
+    assert not any(t.done() for t in waiting)
+    first = await q.get()
+    assert first is not None
+    await until(lambda: waiting[0].done())
+    assert not waiting[1].done(), "3 + 3 records do not fit in 5"
+    assert (await q.get()).rows[0][0] == "S10"  # type: ignore[union-attr]
+    await until(lambda: waiting[1].done())
+    assert (await q.get()).rows[0][0] == "S11"  # type: ignore[union-attr]
+
+
+async def test_an_envelope_bigger_than_the_queue_still_passes_alone() -> None:
+    q = RecordQueue(capacity=5)
+    await asyncio.wait_for(q.put(env(50)), 1)
+    assert q.depth == 50
+    assert not q.put_nowait(env(1))
+
+
+async def test_close_wakes_waiters_and_keeps_queued_items() -> None:
+    q = RecordQueue(capacity=1)
+    await q.put(env(1))
+    blocked = asyncio.create_task(q.put(env(1)))
+    await asyncio.sleep(0)
+    q.close()
+    with pytest.raises(QueueClosed):
+        await blocked
+    assert await q.get() is not None
+    assert await q.get() is None
+    with pytest.raises(QueueClosed):
+        q.put_nowait(env(1))
+
+
+async def test_get_times_out() -> None:
+    assert await RecordQueue(capacity=1).get(timeout=0.01) is None
+
+
+async def test_depth_callback_sees_every_change() -> None:
+    seen: list[int] = []
+    q = RecordQueue(capacity=100, on_depth=seen.append)
+    await q.put(env(3))
+    await q.put(env(4))
+    await q.get()
+    assert seen == [3, 7, 4]
+
+
+def _batcher(q: RecordQueue, sink: MemorySink, **kw: float) -> Batcher:
+    return Batcher(
+        q,
+        sink,
+        Stats(),
+        batch_size=int(kw.get("batch_size", 10)),
+        flush_interval=kw.get("flush_interval", 0.05),
+        retry_initial=0.01,
+        retry_max=0.02,
+    )
+
+
+async def test_batches_close_at_the_batch_size() -> None:
+    q = RecordQueue(capacity=1000)
+    sink = MemorySink()
+    sink.gate.clear()  # hold the first commit so the queue fills behind it
+    b = _batcher(q, sink, batch_size=10, flush_interval=10.0)
+    for i in range(30):
+        await q.put(env(1, start=i))
+    task = asyncio.create_task(b.run())
+    await until(lambda: q.depth == 20)
+    sink.gate.set()
+    await until(lambda: sum(sink.batches) == 30)
+    q.close()
+    await task
+    assert sink.batches == [10, 10, 10]
+
+
+async def test_a_partial_batch_goes_out_after_the_linger() -> None:
+    q = RecordQueue(capacity=1000)
+    sink = MemorySink()
+    b = _batcher(q, sink, batch_size=1000, flush_interval=0.02)
+    task = asyncio.create_task(b.run())
+    await q.put(env(3))
+    await until(lambda: sink.batches == [3])
+    q.close()
+    await task
+
+
+async def test_failed_commits_are_retried_and_nothing_is_dropped() -> None:
+    q = RecordQueue(capacity=1000)
+    sink = MemorySink()
+    sink.fail = True
+    b = _batcher(q, sink, batch_size=5)
+    acked: list[int] = []
+
+    def acker(i: int) -> Envelope:
+        e = env(1, start=i)
+
+        async def ack() -> None:
+            acked.append(i)
+
+        e.ack = ack
+        return e
+
+    task = asyncio.create_task(b.run())
+    for i in range(5):
+        await q.put(acker(i))
+    await until(lambda: b._stats.sink_errors >= 3)
+    assert acked == []
+    assert not b.sink_ok
+    sink.fail = False
+    await until(lambda: acked == [0, 1, 2, 3, 4])
+    assert b.sink_ok
+    assert b._stats.committed["trades"] == 5
+    q.close()
+    await task
+
+
+async def test_close_flushes_everything_left() -> None:
+    q = RecordQueue(capacity=1000)
+    sink = MemorySink()
+    b = _batcher(q, sink, batch_size=7, flush_interval=10.0)
+    for i in range(20):
+        await q.put(env(1, start=i))
+    q.close()
+    await asyncio.wait_for(b.run(), 5)
+    assert sum(sink.batches) == 20
+    assert (await sink.counts())["trades"] == 20

@@ -1,0 +1,84 @@
+"""Settings: names, defaults, invariants, and where the admin token may come from."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from store_svc.settings import Settings, load_settings
+
+
+def test_defaults_match_the_design() -> None:
+    s = load_settings()
+    assert s.queue_capacity == 100_000
+    assert (s.soft_watermark, s.hard_watermark) == (0.5, 0.8)
+    assert s.subject_prefix == "mdp"
+    assert s.queue_group == "store"
+    assert s.ingest_mode == "core"
+    assert s.database_url.startswith("sqlite:///")
+    assert s.admin_token is None
+
+
+def test_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "STORE_NATS_URL": "nats://example:4222",
+        "STORE_DATABASE_URL": "sqlite:////data/x.db",
+        "STORE_INGEST_MODE": "jetstream",
+        "STORE_SUBJECT_PREFIX": "desk.md",
+        "STORE_QUEUE_CAPACITY": "5000",
+        "STORE_BATCH_SIZE": "500",
+        "STORE_FLUSH_INTERVAL_MS": "25",
+        "STORE_SOFT_WATERMARK": "0.4",
+        "STORE_HARD_WATERMARK": "0.9",
+        "STORE_METRICS_PORT": "9108",
+        "STORE_ADMIN_TOKEN": "s3cret",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s = Settings()
+    assert s.nats_url == "nats://example:4222"
+    assert str(s.sqlite_path) == "/data/x.db"
+    assert s.ingest_mode == "jetstream"
+    assert s.subject("store", "health") == "desk.md.store.health"
+    assert (s.queue_capacity, s.batch_size, s.flush_interval_ms) == (5000, 500, 25)
+    assert (s.soft_watermark, s.hard_watermark) == (0.4, 0.9)
+    assert s.metrics_port == 9108
+    assert s.admin_token is not None
+    assert s.admin_token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(s)
+
+
+def test_plain_admin_token_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADMIN_TOKEN", "plain")
+    s = Settings()
+    assert s.admin_token is not None
+    assert s.admin_token.get_secret_value() == "plain"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 200, "queue_capacity": 100}, "batch_size"),
+        ({"soft_watermark": 0.8, "hard_watermark": 0.8}, "soft_watermark"),
+        ({"soft_watermark": 0.9, "hard_watermark": 0.5}, "soft_watermark"),
+        ({"hard_watermark": 1.5}, "hard_watermark"),
+        ({"queue_capacity": 0}, "queue_capacity"),
+        ({"database_url": "mysql://x"}, "database_url"),
+        ({"database_url": "sqlite://relative.db"}, "sqlite"),
+        ({"subject_prefix": "a..b"}, "subject_prefix"),
+        ({"subject_prefix": "a.>"}, "subject_prefix"),
+        ({"subject_prefix": "has space"}, "subject_prefix"),
+        ({"ingest_mode": "kafka"}, "ingest_mode"),
+        ({"flush_interval_ms": 0}, "flush_interval_ms"),
+        ({"sink_retry_initial_s": 10, "sink_retry_max_s": 1}, "sink_retry"),
+    ],
+)
+def test_invalid_combinations_are_refused(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=message):
+        load_settings(**overrides)
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings()
+    with pytest.raises(pydantic.ValidationError):
+        s.batch_size = 5  # type: ignore[misc]

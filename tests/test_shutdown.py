@@ -1,0 +1,158 @@
+"""Clean shutdown of the real ``store-svc run`` process: nothing accepted is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from store_svc.natsserver import NatsServer
+from store_svc.service import Status, StoreService
+from store_svc.settings import Settings
+
+from .conftest import until
+from .test_bad_input import trade
+from .test_ingest import count, locked
+
+pytestmark = pytest.mark.slow
+
+STORE_SVC = str(Path(sys.executable).parent / "store-svc")
+
+
+def start_service(server: NatsServer, db: Path, **env: str) -> subprocess.Popen[bytes]:
+    """Start ``store-svc run``; its log goes to ``<db>.log``."""
+    full = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("STORE_")},
+        "STORE_NATS_URL": server.url,
+        "STORE_DATABASE_URL": f"sqlite:///{db}",
+        **env,
+    }
+    with open(f"{db}.log", "wb") as log:
+        return subprocess.Popen([STORE_SVC, "run"], env=full, stderr=log)
+
+
+async def wait_until_serving(nc: nats.aio.client.Client, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                await nc.request(
+                    "mdp.store.write.trades", json.dumps(trade(symbol="READY")).encode(), timeout=1
+                )
+                return
+            except (NoRespondersError, NatsTimeout):
+                await asyncio.sleep(0.05)
+
+
+async def test_stop_with_a_full_queue_commits_everything(
+    make_settings: Callable[..., Settings], client: NATS, db_path: Path
+) -> None:
+    settings = make_settings(batch_size=200, sink_retry_max_s=0.2)
+    svc = StoreService(settings)
+    await svc.start()
+    with locked(db_path):  # commits stall: everything below piles up in the queue
+        for i in range(100):
+            batch = [trade(symbol=f"S{i}", size=j) for j in range(100)]
+            await client.publish("mdp.store.write.trades", json.dumps(batch).encode())
+        await until(lambda: svc.queue.depth + svc.batcher.in_flight == 10_000)
+        stopping = asyncio.create_task(svc.stop())
+        await until(lambda: svc.status is Status.DRAINING)
+        assert not stopping.done()
+    await asyncio.wait_for(stopping, 30)
+    assert svc.status is Status.STOPPED
+    assert count(db_path, "trades") == 10_000
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_stops_the_process_cleanly(
+    nats_server: NatsServer, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A signal commits every record the process had received, then it exits 0.
+
+    Core NATS is at-most-once: messages the server had not yet handed to the
+    process when it unsubscribed are not its to keep (docs/operations.md). So the
+    check is against what the process says it received, and that its queue was
+    not empty when the signal came.
+    """
+    db = tmp_path / "store.db"
+    proc = start_service(
+        nats_server,
+        db,
+        STORE_BATCH_SIZE="200",
+        STORE_SINK_RETRY_MAX_S="0.2",
+        STORE_SHUTDOWN_GRACE_S="60",
+    )
+    nc = await nats.connect(nats_server.url)
+    try:
+        await wait_until_serving(nc)
+        with locked(db):  # commits stall: everything below piles up in the queue
+            for i in range(100):
+                batch = [trade(symbol=f"S{i}", size=j) for j in range(100)]
+                await nc.publish("mdp.store.write.trades", json.dumps(batch).encode())
+            await nc.flush()
+            # Several write requests stuck behind the lock: each must be answered.
+            replies = [
+                asyncio.ensure_future(
+                    nc.request(
+                        "mdp.store.write.trades",
+                        json.dumps(trade(symbol=f"R{i}")).encode(),
+                        timeout=30,
+                    )
+                )
+                for i in range(5)
+            ]
+            await nc.flush()
+            proc.send_signal(sig)
+            await asyncio.sleep(0.5)  # let the stalled flush begin before the lock goes
+            assert proc.poll() is None, "the service quit while records were uncommitted"
+        rc = await asyncio.to_thread(proc.wait, 60)
+        answered = await asyncio.gather(*replies, return_exceptions=True)
+    finally:
+        await nc.close()
+        if proc.poll() is None:
+            proc.kill()
+    log = Path(f"{db}.log").read_text()
+    assert rc == 0, log
+    m = re.search(r"store-svc stopped: (\d+) records committed.*\((\d+) received\)", log)
+    assert m, log
+    committed, received = int(m.group(1)), int(m.group(2))
+    stored = count(db, "trades")
+    assert stored == committed, log
+    replied = [a for a in answered if not isinstance(a, BaseException)]
+    # READY, the 100-record messages received and the requests received.
+    assert committed == 1 + 100 * (received - 1 - len(replied)) + len(replied), log
+    assert int(re.search(r"flushing (\d+) queued records", log).group(1)) > 0, log  # type: ignore[union-attr]
+    for reply in replied:
+        assert json.loads(reply.data)["accepted"] == 1
+
+
+async def test_grace_period_bounds_shutdown(nats_server: NatsServer, tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    proc = start_service(nats_server, db, STORE_SHUTDOWN_GRACE_S="1.5")
+    nc = await nats.connect(nats_server.url)
+    try:
+        await wait_until_serving(nc)
+        with locked(db):
+            await nc.publish("mdp.store.write.trades", json.dumps(trade(symbol="X")).encode())
+            await nc.flush()
+            proc.send_signal(signal.SIGTERM)
+            rc = await asyncio.to_thread(proc.wait, 30)
+    finally:
+        await nc.close()
+        if proc.poll() is None:
+            proc.kill()
+    log = Path(f"{db}.log").read_text()
+    assert rc == 1, log
+    assert "grace period" in log
+    assert "1 records were not committed" in log
