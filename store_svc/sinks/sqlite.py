@@ -2,26 +2,28 @@
 
 One connection, owned by one worker thread, so no database call ever runs on the
 event loop. WAL journal, one transaction per batch, idempotent upserts on the keys
-of the store layout. Values are stored losslessly as text: Decimals exactly as
-decoded (key columns ``trades.price`` and ``options.strike`` in normalised form, so
-``1.5`` and ``1.50`` are one key as in PostgreSQL), times as fixed-width ISO 8601
-UTC text (``2024-01-02T14:30:00.000000+00:00``), which sorts in time order.
+of the store layout. Values are stored losslessly: Decimals as their exact text
+(key columns ``trades.price`` and ``options.strike`` in normalised form, so ``1.5``
+and ``1.50`` are one key as in PostgreSQL), times as INTEGER microseconds since the
+Unix epoch, UTC (exact, compact, and fast to compare; read them with
+``datetime(ts / 1e6, 'unixepoch', 'subsec')`` in the sqlite3 shell).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
+
 from ..errors import SchemaError, SinkError
-from ..records import KINDS, KindSpec, Row
+from ..records import EPOCH, KINDS, KindSpec, Row
 from .base import Batch, Sink
 
 __all__ = ["SCHEMA_VERSION", "SqliteSink"]
@@ -34,31 +36,31 @@ _T = TypeVar("_T")
 _DDL = """
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS bars (
-    symbol TEXT NOT NULL, resolution TEXT NOT NULL, ts TEXT NOT NULL,
+    symbol TEXT NOT NULL, resolution TEXT NOT NULL, ts INTEGER NOT NULL,
     open TEXT NOT NULL, high TEXT NOT NULL, low TEXT NOT NULL, close TEXT NOT NULL,
-    volume TEXT NOT NULL, delayed INTEGER NOT NULL, ingested_at TEXT NOT NULL,
+    volume TEXT NOT NULL, delayed INTEGER NOT NULL, ingested_at INTEGER NOT NULL,
     PRIMARY KEY (symbol, resolution, ts)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS trades (
-    symbol TEXT NOT NULL, ts TEXT NOT NULL, price TEXT NOT NULL, size INTEGER NOT NULL,
-    exchange TEXT, conditions TEXT NOT NULL, ingested_at TEXT NOT NULL
+    symbol TEXT NOT NULL, ts INTEGER NOT NULL, price TEXT NOT NULL, size INTEGER NOT NULL,
+    exchange TEXT, conditions TEXT NOT NULL, ingested_at INTEGER NOT NULL
 );
 -- A NULL exchange is keyed as the blob x'00', which equals no text, so NULL and ''
 -- stay distinct while a redelivered NULL-exchange trade still collides with itself.
 CREATE UNIQUE INDEX IF NOT EXISTS trades_key
     ON trades (symbol, ts, price, size, ifnull(exchange, x'00'), conditions);
 CREATE TABLE IF NOT EXISTS quotes (
-    symbol TEXT NOT NULL, timestamp TEXT NOT NULL, bid TEXT, ask TEXT, last TEXT,
+    symbol TEXT NOT NULL, timestamp INTEGER NOT NULL, bid TEXT, ask TEXT, last TEXT,
     bid_size INTEGER, ask_size INTEGER, volume INTEGER NOT NULL, delayed INTEGER NOT NULL,
-    ingested_at TEXT NOT NULL,
+    ingested_at INTEGER NOT NULL,
     PRIMARY KEY (symbol, timestamp)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS options (
-    symbol TEXT NOT NULL, expiry TEXT NOT NULL, strike TEXT NOT NULL,
-    option_type TEXT NOT NULL, ts TEXT NOT NULL, bid TEXT, ask TEXT, last TEXT,
+    symbol TEXT NOT NULL, expiry INTEGER NOT NULL, strike TEXT NOT NULL,
+    option_type TEXT NOT NULL, ts INTEGER NOT NULL, bid TEXT, ask TEXT, last TEXT,
     volume INTEGER NOT NULL, open_interest INTEGER NOT NULL, implied_volatility TEXT,
     delta TEXT, gamma TEXT, theta TEXT, vega TEXT, delayed INTEGER NOT NULL,
-    ingested_at TEXT NOT NULL,
+    ingested_at INTEGER NOT NULL,
     PRIMARY KEY (symbol, expiry, strike, option_type, ts)
 ) WITHOUT ROWID;
 """
@@ -84,12 +86,18 @@ def upsert_sql(spec: KindSpec) -> str:
     return f"{head} ON CONFLICT ({', '.join(spec.key)}) DO UPDATE SET {updates}"
 
 
-def _time_text(value: datetime) -> str:
-    return value.isoformat(timespec="microseconds")
+def time_micros(value: datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime (exact, no float)."""
+    td = value - EPOCH
+    return (td.days * 86_400 + td.seconds) * 1_000_000 + td.microseconds
 
 
-def _key_decimal_text(value: Decimal) -> str:
-    # One text per value, as NUMERIC compares in PostgreSQL: 1.5 == 1.50, -0 == 0.
+def key_decimal_text(value: Decimal) -> str:
+    """One text per value, as NUMERIC compares in PostgreSQL: ``1.5 == 1.50``, ``-0 == 0``."""
+    text = str(value)
+    # Fast path: most prices arrive already canonical ("187.25", "100").
+    if "E" not in text and not ("." in text and text[-1] == "0") and text != "-0":
+        return text
     return format(value.normalize(), "f") if value else "0"
 
 
@@ -97,51 +105,58 @@ def _opt_str(value: Decimal | None) -> str | None:
     return None if value is None else str(value)
 
 
+_encode_json = msgspec.json.encode
+
+
 def _conditions_text(value: tuple[str, ...]) -> str:
-    return json.dumps(list(value), separators=(",", ":"), ensure_ascii=False)
+    return _encode_json(value).decode()
 
 
-def _converters(spec: KindSpec) -> list[Callable[[Any], Any] | None]:
-    convs: list[Callable[[Any], Any] | None] = []
-    for col in spec.columns:
+def _converter(spec: KindSpec) -> Callable[[Row, int], Row]:
+    """Compile a function that turns one row into SQLite parameters.
+
+    Written out per kind once at import, so the per-row cost is one call with no
+    loop over columns.
+    """
+    names: dict[str, Any] = {
+        "T": time_micros,
+        "K": key_decimal_text,
+        "D": _opt_str,
+        "C": _conditions_text,
+    }
+    parts = []
+    for i, col in enumerate(spec.columns):
         if col in spec.time_columns:
-            convs.append(_time_text)
+            parts.append(f"T(r[{i}])")
         elif (spec.kind, col) in _KEY_DECIMALS:
-            convs.append(_key_decimal_text)
+            parts.append(f"K(r[{i}])")
         elif col in spec.decimal_columns:
-            convs.append(_opt_str)
+            parts.append(f"D(r[{i}])")
         elif col == "conditions":
-            convs.append(_conditions_text)
+            parts.append(f"C(r[{i}])")
         else:
-            convs.append(None)
-    return convs
+            parts.append(f"r[{i}]")
+    source = f"def convert(r, ingested_at):\n    return ({', '.join(parts)}, ingested_at)\n"
+    exec(compile(source, f"<sqlite row converter: {spec.kind}>", "exec"), names)
+    return names["convert"]  # type: ignore[no-any-return]
 
 
-def to_sqlite_rows(spec: KindSpec, rows: list[Row], ingested_at: str) -> list[Row]:
-    """Turn rows into SQLite parameter tuples (text times and Decimals).
+_CONVERTERS = {kind: _converter(spec) for kind, spec in KINDS.items()}
+
+
+def to_sqlite_rows(spec: KindSpec, rows: list[Row], ingested_at: int) -> list[Row]:
+    """Turn rows into SQLite parameter tuples (integer times, text Decimals).
 
     Args:
         spec: the record kind.
         rows: validated rows.
-        ingested_at: the commit time, as text.
+        ingested_at: the commit time, in microseconds since the epoch.
 
     Returns:
         Parameter tuples for :func:`upsert_sql`.
     """
-    pairs = list(enumerate(_CONVERTERS[spec.kind]))
-    converted = [i for i, f in pairs if f is not None]
-    funcs = [f for _, f in pairs if f is not None]
-    out = []
-    for row in rows:
-        values = list(row)
-        for i, f in zip(converted, funcs, strict=True):
-            values[i] = f(values[i])
-        values.append(ingested_at)
-        out.append(tuple(values))
-    return out
-
-
-_CONVERTERS = {kind: _converters(spec) for kind, spec in KINDS.items()}
+    convert = _CONVERTERS[spec.kind]
+    return [convert(row, ingested_at) for row in rows]
 
 
 def _from_sqlite(spec: KindSpec, row: tuple[Any, ...]) -> Row:
@@ -150,11 +165,11 @@ def _from_sqlite(spec: KindSpec, row: tuple[Any, ...]) -> Row:
         if value is None:
             out.append(None)
         elif col in spec.time_columns:
-            out.append(datetime.fromisoformat(value))
+            out.append(EPOCH + timedelta(microseconds=value))
         elif col in spec.decimal_columns:
             out.append(Decimal(value))
         elif col == "conditions":
-            out.append(tuple(json.loads(value)))
+            out.append(tuple(msgspec.json.decode(value)))
         elif col == "delayed":
             out.append(bool(value))
         else:
@@ -245,7 +260,7 @@ class SqliteSink(Sink):
         conn = self._conn
         if conn is None:
             raise SinkError("the SQLite sink is not open", retryable=False)
-        ingested_at = _time_text(datetime.now(UTC))
+        ingested_at = time_micros(datetime.now(UTC))
         conn.execute("BEGIN IMMEDIATE")
         try:
             for kind, rows in batch.items():
