@@ -14,7 +14,7 @@ come back in :attr:`Decoded.rejects` next to the rows that were fine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -57,8 +57,8 @@ class Decoded:
     """
 
     spec: KindSpec
-    rows: list[Row] = field(default_factory=list)
-    rejects: list[Reject] = field(default_factory=list)
+    rows: list[Row]
+    rejects: list[Reject]
 
 
 class _Codec:
@@ -148,12 +148,16 @@ class PayloadDecoder:
                 "oversize_payload",
                 f"{len(payload)} bytes is over the limit of {self._max_payload} bytes",
             )
-        codec = self._codec(kind, headers)
+        latest = received + self._skew
         option_ts = received
-        if headers and (md_ts := headers.get("Md-Ts")) is not None:
-            option_ts = _parse_md_ts(md_ts, received + self._skew)
-        ctx = RowContext(latest=received + self._skew, symbol=symbol, option_ts=option_ts)
-        out = Decoded(spec)
+        if headers:
+            codec = self._codec(kind, headers)
+            if (md_ts := headers.get(TS_HEADER)) is not None:
+                option_ts = _parse_md_ts(md_ts, latest)
+        else:
+            codec = self._json[kind]
+        ctx = RowContext(latest, symbol, option_ts)
+        out = Decoded(spec, [], [])
         try:
             whole = codec.whole.decode(payload)
         except msgspec.ValidationError:

@@ -10,6 +10,7 @@ could be used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
 
 from .constants import (
     DETAIL_HEADER,
@@ -137,7 +139,16 @@ class CoreIntake:
             async with asyncio.timeout(timeout):
                 await sub.drain()  # type: ignore[no-untyped-call]
         except TimeoutError:
-            log.warning("intake drain timed out; unsubscribing")
+            log.warning("intake drain timed out after %.1fs; unsubscribing", timeout)
+            await self._unsubscribe(sub)
+        except NatsError as exc:  # closed or draining connection: nothing more will arrive
+            log.warning("intake drain failed (%s); unsubscribing", exc)
+            await self._unsubscribe(sub)
+
+    @staticmethod
+    async def _unsubscribe(sub: Subscription) -> None:
+        # A closed connection has taken the subscription with it already.
+        with contextlib.suppress(NatsError):
             await sub.unsubscribe()
 
     async def _on_msg(self, msg: Msg) -> None:

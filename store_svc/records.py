@@ -125,9 +125,11 @@ class OptionRecord(msgspec.Struct, frozen=True, gc=False):
     delayed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
 class RowContext:
-    """What the row stage needs besides the record itself.
+    """What the row stage needs besides the record itself (one per message).
+
+    A plain slotted class: it is built for every message, and a frozen dataclass
+    costs several times more to construct.
 
     Attributes:
         latest: the latest acceptable record time (receipt time plus the allowed skew).
@@ -135,9 +137,12 @@ class RowContext:
         option_ts: the time given to option snapshots (``Md-Ts`` header or receipt).
     """
 
-    latest: datetime
-    symbol: str | None
-    option_ts: datetime
+    __slots__ = ("latest", "option_ts", "symbol")
+
+    def __init__(self, latest: datetime, symbol: str | None, option_ts: datetime) -> None:
+        self.latest = latest
+        self.symbol = symbol
+        self.option_ts = option_ts
 
 
 Row = tuple[Any, ...]

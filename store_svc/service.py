@@ -160,7 +160,8 @@ class StoreService:
                 try:
                     async with asyncio.timeout(max(0.1, deadline - loop.time())):
                         await self.nc.drain()
-                except TimeoutError:
+                except (TimeoutError, nats.errors.Error) as exc:
+                    log.warning("NATS drain did not finish (%s); closing", exc or "timeout")
                     await self.nc.close()
         finally:
             await self.sink.close()
