@@ -156,3 +156,22 @@ async def test_grace_period_bounds_shutdown(nats_server: NatsServer, tmp_path: P
     assert rc == 1, log
     assert "grace period" in log
     assert "1 records were not committed" in log
+
+
+async def test_stop_after_nats_is_gone_still_commits(
+    make_settings: Callable[..., Settings], nats_server: NatsServer, db_path: Path
+) -> None:
+    svc = StoreService(make_settings(shutdown_grace_s=10))
+    await svc.start()
+    nc = await nats.connect(nats_server.url)
+    with locked(db_path):
+        await nc.publish(
+            "mdp.store.write.trades", json.dumps([trade(size=i) for i in range(50)]).encode()
+        )
+        await nc.flush()
+        await until(lambda: svc.stats.accepted["trades"] == 50)
+        await nc.close()
+        nats_server.kill()
+    await asyncio.wait_for(svc.stop(), 15)
+    assert svc.status is Status.STOPPED
+    assert count(db_path, "trades") == 50
