@@ -102,7 +102,7 @@ class Batcher:
                 self.sink_ok = False
                 if isinstance(exc, SchemaError):
                     log.critical("the database schema cannot be used: %s", exc)
-                # Full jitter keeps several instances from retrying in lockstep.
+                # Jitter (half to all of the delay) keeps instances from retrying in lockstep.
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, self._retry_max)
         if not self.sink_ok:

@@ -19,7 +19,7 @@ import uvloop
 
 from . import __version__
 from .errors import StoreError
-from .settings import Settings, load_settings
+from .settings import Settings, load_settings, unknown_environment
 
 __all__ = ["main"]
 
@@ -54,6 +54,8 @@ async def _run(settings: Settings) -> int:
 def _cmd_run(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     settings = load_settings()
     _setup_logging(settings.log_level)
+    for name in unknown_environment():
+        log.warning("%s names no setting and is ignored (see docs/settings.md)", name)
     return _run(settings)
 
 

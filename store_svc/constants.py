@@ -41,10 +41,9 @@ EPOCH_MS_THRESHOLD = 2e10
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
-#: Decimal bounds: 38 significant digits and exponents within +-30 cover every
-#: price, size and greek a market produces while keeping rows small and the
-#: PostgreSQL NUMERIC column and SQLite text comparable.
-MAX_DECIMAL_DIGITS = 38
+#: Decimal magnitudes within 1e-30 .. 1e30 cover every price, size and greek a market
+#: produces; beyond that a value is a unit or encoding bug (and "1e100000" would
+#: make a huge row). The number of digits is bounded by the payload size.
 MAX_DECIMAL_ADJUSTED_EXPONENT = 30
 
 #: Symbols are identifiers, not documents.

@@ -25,7 +25,7 @@ from .constants import CONTENT_TYPE_HEADER, JSON_CONTENT_TYPES, MSGPACK_CONTENT_
 from .errors import RejectedInput
 from .records import KINDS, KindSpec, Row, RowContext, to_utc
 
-__all__ = ["Decoded", "PayloadDecoder", "Reject"]
+__all__ = ["Decoded", "PayloadDecoder", "Reject", "header"]
 
 
 @dataclass(slots=True)
@@ -151,8 +151,8 @@ class PayloadDecoder:
         latest = received + self._skew
         option_ts = received
         if headers:
-            codec = self._codec(kind, headers)
-            if (md_ts := headers.get(TS_HEADER)) is not None:
+            codec = self._codec(kind, header(headers, CONTENT_TYPE_HEADER))
+            if kind == "options" and (md_ts := header(headers, TS_HEADER)) is not None:
                 option_ts = _parse_md_ts(md_ts, latest)
         else:
             codec = self._json[kind]
@@ -180,8 +180,7 @@ class PayloadDecoder:
             self._decode_each(spec, codec, payload, ctx, out)
         return out
 
-    def _codec(self, kind: str, headers: dict[str, str] | None) -> _Codec:
-        ctype = headers.get(CONTENT_TYPE_HEADER) if headers else None
+    def _codec(self, kind: str, ctype: str | None) -> _Codec:
         if ctype is None:
             return self._json[kind]
         base = ctype.split(";", 1)[0].strip().lower()
@@ -231,6 +230,25 @@ class PayloadDecoder:
             raise RejectedInput("malformed_payload", _decode_detail(exc, codec)) from None
         values = model.model_dump()
         return spec.struct(**values)
+
+
+def header(headers: dict[str, str], name: str) -> str | None:
+    """Look a header up by name, ignoring case as HTTP-style headers should.
+
+    Args:
+        headers: the message headers.
+        name: the canonical header name.
+
+    Returns:
+        The value, or None when absent.
+    """
+    value = headers.get(name)
+    if value is None:
+        lower = name.lower()
+        for key, val in headers.items():
+            if key.lower() == lower:
+                return val
+    return value
 
 
 def _decode_detail(exc: msgspec.DecodeError, codec: _Codec) -> str:

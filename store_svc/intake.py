@@ -22,6 +22,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from .constants import (
+    CONTENT_TYPE_HEADER,
     DETAIL_HEADER,
     INDEX_HEADER,
     KINDS,
@@ -32,7 +33,7 @@ from .constants import (
     SERVICE_ERROR_HEADER,
     SUBJECT_HEADER,
 )
-from .decode import Decoded, PayloadDecoder, Reject
+from .decode import Decoded, PayloadDecoder, Reject, header
 from .errors import RejectedInput
 from .queue import Envelope, QueueClosed, RecordQueue
 from .settings import Settings
@@ -139,7 +140,10 @@ class CoreIntake:
             async with asyncio.timeout(timeout):
                 await sub.drain()  # type: ignore[no-untyped-call]
         except TimeoutError:
-            log.warning("intake drain timed out after %.1fs; unsubscribing", timeout)
+            log.warning(
+                "intake drain timed out after %.1fs; messages still held by the client are refused",
+                timeout,
+            )
             await self._unsubscribe(sub)
         except NatsError as exc:  # closed or draining connection: nothing more will arrive
             log.warning("intake drain failed (%s); unsubscribing", exc)
@@ -231,7 +235,7 @@ class CoreIntake:
         }
         if rej.index is not None:
             out[INDEX_HEADER] = str(rej.index)
-        ctype = (headers or {}).get("Content-Type")
+        ctype = header(headers, CONTENT_TYPE_HEADER) if headers else None
         if ctype:
             out["Content-Type"] = header_value(ctype)
         log.debug("rejected a %s record on %s: %s", kind, subject, rej.reason)

@@ -111,7 +111,7 @@ class StoreService:
         try:
             async with asyncio.timeout(limit):
                 await nc.connect(
-                    url,
+                    servers=[u.strip() for u in url.split(",") if u.strip()],
                     name=f"store-svc {self.settings.queue_group}",
                     error_cb=self._on_nats_error,
                     disconnected_cb=self._on_disconnected,
@@ -207,7 +207,8 @@ class StoreService:
             if self.stats.dropped_messages == 1 or self.stats.dropped_messages % 1000 == 0:
                 log.error(
                     "NATS client dropped write messages as a slow consumer (%d so far); "
-                    "raise STORE_NATS_PENDING_MSGS_LIMIT or add instances",
+                    "raise STORE_NATS_PENDING_MSGS_LIMIT / STORE_NATS_PENDING_BYTES_LIMIT "
+                    "or add instances",
                     self.stats.dropped_messages,
                 )
             return

@@ -7,6 +7,7 @@ environment: components receive the :class:`Settings` instance they need.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -14,7 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["Settings", "load_settings", "unknown_environment"]
 
 _NATS_TOKEN = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
 
@@ -30,7 +31,7 @@ class Settings(BaseSettings):
     )
 
     nats_url: str = "nats://127.0.0.1:4222"
-    """NATS server URL(s), comma-separated for a cluster."""
+    """NATS server URL; several, comma-separated, for a cluster."""
 
     nats_connect_timeout_s: float = Field(default=10.0, gt=0.0)
     """How long start-up waits for NATS before giving up (exit code 1). After the
@@ -127,7 +128,9 @@ class Settings(BaseSettings):
         scheme = urlsplit(value).scheme
         if scheme not in ("sqlite", "postgresql", "postgres"):
             raise ValueError("database_url must start with sqlite:/// or postgresql://")
-        if scheme == "sqlite" and not value.startswith("sqlite:///"):
+        if scheme == "sqlite" and (
+            not value.startswith("sqlite:///") or not value.removeprefix("sqlite:///").strip("/")
+        ):
             raise ValueError("a SQLite database_url is sqlite:///relative or sqlite:////absolute")
         return value
 
@@ -164,6 +167,20 @@ class Settings(BaseSettings):
             The full subject, e.g. ``mdp.store.health``.
         """
         return ".".join((self.subject_prefix, *tokens))
+
+
+def unknown_environment(environ: dict[str, str] | None = None) -> list[str]:
+    """``STORE_*`` variables that name no setting (most likely misspelt).
+
+    Args:
+        environ: the environment to check (default: the process environment).
+
+    Returns:
+        The unknown variable names, sorted.
+    """
+    env = os.environ if environ is None else environ
+    known = {f"STORE_{name.upper()}" for name in Settings.model_fields}
+    return sorted(k for k in env if k.startswith("STORE_") and k.upper() not in known)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -247,3 +247,24 @@ async def test_a_separate_publisher_connection_sees_nothing_break(
     finally:
         await other.close()
     assert service.stats.rejected_total == 200
+
+
+async def test_header_names_ignore_case(service: StoreService, client: NATS) -> None:
+    reply = await client.request(
+        "mdp.store.write.trades",
+        msgspec.msgpack.encode([trade(symbol="LOWER")]),
+        headers={"content-type": "application/msgpack"},
+        timeout=5,
+    )
+    assert json.loads(reply.data)["accepted"] == 1
+    assert await symbols(service) == ["LOWER"]
+
+
+async def test_md_ts_matters_only_for_options(service: StoreService, client: NATS) -> None:
+    reply = await client.request(
+        "mdp.store.write.trades",
+        json.dumps(trade(symbol="T")).encode(),
+        headers={"Md-Ts": "not a time"},
+        timeout=5,
+    )
+    assert json.loads(reply.data)["accepted"] == 1

@@ -202,3 +202,14 @@ async def test_database_folder_is_created(
 ) -> None:
     async with StoreService(make_settings(database_url=url.format(tmp=tmp_path))) as svc:
         assert svc.sink.path.exists()  # type: ignore[attr-defined]
+
+
+async def test_several_nats_urls(
+    make_settings: Callable[..., Settings], nats_server: Any, client: NATS
+) -> None:
+    urls = f"nats://127.0.0.1:1, {nats_server.url}"
+    async with StoreService(make_settings(nats_url=urls, nats_connect_timeout_s=10)):
+        reply = await client.request(
+            "mdp.store.write.trades", json.dumps(trade()).encode(), timeout=5
+        )
+        assert json.loads(reply.data)["accepted"] == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from store_svc.settings import Settings, load_settings
+from store_svc.settings import Settings, load_settings, unknown_environment
 
 
 def test_defaults_match_the_design() -> None:
@@ -65,6 +65,7 @@ def test_plain_admin_token_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"queue_capacity": 0}, "queue_capacity"),
         ({"database_url": "mysql://x"}, "database_url"),
         ({"database_url": "sqlite://relative.db"}, "sqlite"),
+        ({"database_url": "sqlite:///"}, "sqlite"),
         ({"subject_prefix": "a..b"}, "subject_prefix"),
         ({"subject_prefix": "a.>"}, "subject_prefix"),
         ({"subject_prefix": "has space"}, "subject_prefix"),
@@ -82,3 +83,8 @@ def test_settings_are_frozen() -> None:
     s = load_settings()
     with pytest.raises(pydantic.ValidationError):
         s.batch_size = 5  # type: ignore[misc]
+
+
+def test_misspelt_variables_are_found() -> None:
+    env = {"STORE_BATCH_SIZE": "5", "STORE_BACTH_SIZE": "5", "STORE_ADMIN_TOKEN": "x", "HOME": "/"}
+    assert unknown_environment(env) == ["STORE_BACTH_SIZE"]

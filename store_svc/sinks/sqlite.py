@@ -5,8 +5,8 @@ event loop. WAL journal, one transaction per batch, idempotent upserts on the ke
 of the store layout. Values are stored losslessly: Decimals as their exact text
 (key columns ``trades.price`` and ``options.strike`` in normalised form, so ``1.5``
 and ``1.50`` are one key as in PostgreSQL), times as INTEGER microseconds since the
-Unix epoch, UTC (exact, compact, and fast to compare; read them with
-``datetime(ts / 1e6, 'unixepoch', 'subsec')`` in the sqlite3 shell).
+Unix epoch, UTC (exact, compact, and fast to compare; read them in the sqlite3
+shell with ``strftime('%Y-%m-%dT%H:%M:%fZ', ts / 1e6, 'unixepoch')``).
 """
 
 from __future__ import annotations
