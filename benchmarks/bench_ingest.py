@@ -179,6 +179,7 @@ class PacedSpec(msgspec.Struct, frozen=True):
     payloads: str
     rate: float
     timeout: float
+    sample_every: int = 1
 
 
 class SubscriberSpec(msgspec.Struct, frozen=True):
@@ -362,11 +363,14 @@ async def publisher_role(spec: PublisherSpec) -> PublishResult:
 
 
 async def paced_role(spec: PacedSpec) -> PacedResult:
-    """Send every payload as a request at a fixed rate, without waiting for replies.
+    """Send the payloads at a fixed rate; every ``sample_every``-th one as a request.
 
-    The send time of each message is taken just before ``publish`` (the actual socket
-    write comes a little later), so reply arrival minus send time is an upper bound
-    of publish→commit.
+    The sampled messages carry a reply subject and are answered after commit; the
+    others are plain publishes, as a feed's would be, and share batches with the
+    sampled ones. Sampling keeps the reply traffic (which costs the service about as
+    much as a message) from changing the load being measured. The send time is
+    taken just before ``publish``, so reply arrival minus send time is an upper
+    bound of publish→commit.
 
     Args:
         spec: what, where and how fast.
@@ -376,6 +380,10 @@ async def paced_role(spec: PacedSpec) -> PacedResult:
     """
     payloads = load_payloads(spec.payloads)
     n = len(payloads)
+    every = max(1, spec.sample_every)
+    # The last message is always sampled: its reply means every message is committed.
+    sampled = [i % every == 0 or i == n - 1 for i in range(n)]
+    expected = sum(sampled)
     nc: NATS = await nats.connect(spec.url, name="bench-paced")
     loop = asyncio.get_running_loop()
     inbox = nc.new_inbox()
@@ -390,7 +398,7 @@ async def paced_role(spec: PacedSpec) -> PacedResult:
         counts["replies"] += 1
         if _is_error_reply(msg):
             counts["errors"] += 1
-        if counts["replies"] >= n and not done.done():
+        if counts["replies"] >= expected and not done.done():
             done.set_result(None)
 
     await nc.subscribe(inbox + ".*", cb=on_reply)
@@ -403,8 +411,11 @@ async def paced_role(spec: PacedSpec) -> PacedResult:
     while i < n:
         due = min(n, int((time.monotonic() - t0) * rate) + 1)
         while i < due:
-            sent[i] = time.monotonic()
-            await nc.publish(subject, payloads[i], reply=f"{inbox}.{i}")
+            if sampled[i]:
+                sent[i] = time.monotonic()
+                await nc.publish(subject, payloads[i], reply=f"{inbox}.{i}")
+            else:
+                await nc.publish(subject, payloads[i])
             i += 1
         await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
     t_end = time.monotonic()
@@ -416,7 +427,10 @@ async def paced_role(spec: PacedSpec) -> PacedResult:
     await nc.close()
     latencies = [(g - s) * 1000 for s, g in zip(sent, got, strict=True) if not math.isnan(g)]
     achieved = n / (t_end - t0) if t_end > t0 else math.nan
-    return PacedResult(n, counts["replies"], counts["errors"], achieved, latencies, timed_out)
+    # ``messages`` counts the sampled requests, the ones a reply is owed for.
+    return PacedResult(
+        expected, counts["replies"], counts["errors"], achieved, latencies, timed_out
+    )
 
 
 async def bare_subscriber_role(spec: SubscriberSpec) -> SubscriberResult:
@@ -839,7 +853,12 @@ def measure_latency(url: str, subject: str, payload_file: Path, rate: float) -> 
     Returns:
         Rate asked and achieved, replies, and latency percentiles in ms.
     """
-    proc = _spawn("--paced", PacedSpec(url, subject, str(payload_file), rate, timeout=60.0))
+    # About a thousand sampled requests a second, whatever the message rate.
+    every = max(1, int(rate // 1000))
+    proc = _spawn(
+        "--paced",
+        PacedSpec(url, subject, str(payload_file), rate, timeout=60.0, sample_every=every),
+    )
     try:
         _await_ready(proc)
         _send_line(proc, _GO)
@@ -851,6 +870,7 @@ def measure_latency(url: str, subject: str, payload_file: Path, rate: float) -> 
     lat = sorted(res.latencies_ms)
     return {
         "rate_msgs_per_s": rate,
+        "sampled_every": every,
         "achieved_msgs_per_s": res.achieved_rate,
         "messages": res.messages,
         "replies": res.replies,
@@ -1160,6 +1180,8 @@ def print_table(report: dict[str, Any]) -> None:
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run every scenario on one private nats-server and build the report."""
     scenarios = QUICK if args.quick else FULL
+    if args.only:
+        scenarios = tuple(s for s in scenarios if s.name in args.only)
     info = machine_info()
     opts = RunOptions(
         publishers=args.publishers,
@@ -1233,6 +1255,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "p99 target is defined at 0.5)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[s.name for s in FULL],
+        help="run only this scenario (repeatable)",
+    )
     roles = parser.add_mutually_exclusive_group()
     for role in ("--publisher", "--paced", "--bare-subscriber"):
         roles.add_argument(role, metavar="SPEC", help=argparse.SUPPRESS)

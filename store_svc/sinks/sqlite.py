@@ -1,37 +1,42 @@
 """SQLite sink: the embedded default.
 
-One connection, owned by one worker thread, so no database call ever runs on the
-event loop. WAL journal, one transaction per batch, idempotent upserts on the keys
-of the store layout. Values are stored losslessly: Decimals as their exact text
-(key columns ``trades.price`` and ``options.strike`` in normalised form, so ``1.5``
-and ``1.50`` are one key as in PostgreSQL), times as INTEGER microseconds since the
-Unix epoch, UTC (exact, compact, and fast to compare; read them in the sqlite3
-shell with ``strftime('%Y-%m-%dT%H:%M:%fZ', ts / 1e6, 'unixepoch')``).
+One connection, owned by a writer process (``sqlite_worker.py`` tells why it is a
+process and not a thread), so no database call runs on the event loop or competes
+with it for the GIL. WAL journal, one transaction per batch, idempotent upserts on
+the keys of the store layout.
+
+Values are stored losslessly: Decimals as their exact text (the key columns
+``trades.price`` and ``options.strike`` in normalised form, so ``1.5`` and ``1.50``
+are one key, as in PostgreSQL); times as INTEGER microseconds since the Unix epoch,
+UTC (exact, compact and fast to compare; in the sqlite3 shell read them with
+``strftime('%Y-%m-%dT%H:%M:%fZ', ts / 1e6, 'unixepoch')``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import logging
+import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
 from ..errors import SchemaError, SinkError
 from ..records import EPOCH, KINDS, KindSpec, Row
 from .base import Batch, Sink
+from .sqlite_worker import compile_converter, time_micros
 
 __all__ = ["SCHEMA_VERSION", "SqliteSink"]
 
 #: Bump with every change of the DDL below; a database with a higher number is refused.
 SCHEMA_VERSION = 1
 
-_T = TypeVar("_T")
+log = logging.getLogger(__name__)
+
+_WORKER = Path(__file__).with_name("sqlite_worker.py")
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -86,66 +91,39 @@ def upsert_sql(spec: KindSpec) -> str:
     return f"{head} ON CONFLICT ({', '.join(spec.key)}) DO UPDATE SET {updates}"
 
 
-def time_micros(value: datetime) -> int:
-    """Microseconds since the Unix epoch of an aware datetime (exact, no float)."""
-    td = value - EPOCH
-    return (td.days * 86_400 + td.seconds) * 1_000_000 + td.microseconds
-
-
-def key_decimal_text(value: Decimal) -> str:
-    """One text per value, as NUMERIC compares in PostgreSQL: ``1.5 == 1.50``, ``-0 == 0``."""
-    text = str(value)
-    # Fast path: most prices arrive already canonical ("187.25", "100").
-    if "E" not in text and not ("." in text and text[-1] == "0") and text != "-0":
-        return text
-    return format(value.normalize(), "f") if value else "0"
-
-
-def _opt_str(value: Decimal | None) -> str | None:
-    return None if value is None else str(value)
-
-
-_encode_json = msgspec.json.encode
-
-
-def _conditions_text(value: tuple[str, ...]) -> str:
-    return _encode_json(value).decode()
-
-
-def _converter(spec: KindSpec) -> Callable[[Row, int], Row]:
-    """Compile a function that turns one row into SQLite parameters.
-
-    Written out per kind once at import, so the per-row cost is one call with no
-    loop over columns.
-    """
-    names: dict[str, Any] = {
-        "T": time_micros,
-        "K": key_decimal_text,
-        "D": _opt_str,
-        "C": _conditions_text,
-    }
-    parts = []
-    for i, col in enumerate(spec.columns):
+def _plan(spec: KindSpec) -> str:
+    codes = []
+    for col in spec.columns:
         if col in spec.time_columns:
-            parts.append(f"T(r[{i}])")
+            codes.append("t")
         elif (spec.kind, col) in _KEY_DECIMALS:
-            parts.append(f"K(r[{i}])")
-        elif col in spec.decimal_columns:
-            parts.append(f"D(r[{i}])")
+            codes.append("k")
         elif col == "conditions":
-            parts.append(f"C(r[{i}])")
+            codes.append("c")
         else:
-            parts.append(f"r[{i}]")
-    source = f"def convert(r, ingested_at):\n    return ({', '.join(parts)}, ingested_at)\n"
-    exec(compile(source, f"<sqlite row converter: {spec.kind}>", "exec"), names)
-    return names["convert"]  # type: ignore[no-any-return]
+            codes.append("-")
+    return "".join(codes)
 
 
-_CONVERTERS = {kind: _converter(spec) for kind, spec in KINDS.items()}
+_PLANS = {kind: _plan(spec) for kind, spec in KINDS.items()}
+# Times are turned into integers here, on the way out: a datetime costs more to send
+# and decode than an int, and the writer process is the busier of the two.
+_SEND = {
+    kind: compile_converter(
+        "".join("t" if c == "t" else "-" for c in plan), append_ingested_at=False
+    )
+    for kind, plan in _PLANS.items()
+}
+_WRITER_PLANS = {kind: plan.replace("t", "-") for kind, plan in _PLANS.items()}
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
 
 
 def to_sqlite_rows(spec: KindSpec, rows: list[Row], ingested_at: int) -> list[Row]:
-    """Turn rows into SQLite parameter tuples (integer times, text Decimals).
+    """Turn rows into SQLite parameters exactly as the writer process does.
+
+    The service itself sends rows to the writer process, which converts them there;
+    this function exists for the raw-insert benchmark ceiling and for tests.
 
     Args:
         spec: the record kind.
@@ -155,11 +133,11 @@ def to_sqlite_rows(spec: KindSpec, rows: list[Row], ingested_at: int) -> list[Ro
     Returns:
         Parameter tuples for :func:`upsert_sql`.
     """
-    convert = _CONVERTERS[spec.kind]
-    return [convert(row, ingested_at) for row in rows]
+    convert = compile_converter(_PLANS[spec.kind])
+    return [convert(row, ingested_at) for row in _decode(_encode(rows))]
 
 
-def _from_sqlite(spec: KindSpec, row: tuple[Any, ...]) -> Row:
+def _from_sqlite(spec: KindSpec, row: list[Any]) -> Row:
     out: list[Any] = []
     for col, value in zip(spec.columns, row, strict=True):
         if value is None:
@@ -178,7 +156,11 @@ def _from_sqlite(spec: KindSpec, row: tuple[Any, ...]) -> Row:
 
 
 class SqliteSink(Sink):
-    """Stores rows in a SQLite file.
+    """Stores rows in a SQLite file, through a writer process of its own.
+
+    The writer is started by :meth:`open` and restarted by the next :meth:`write`
+    if it dies; a write in flight when it dies fails with a retryable
+    :class:`SinkError`, so the batcher keeps the batch and tries again.
 
     Args:
         path: the database file; its folder is created if missing.
@@ -190,117 +172,122 @@ class SqliteSink(Sink):
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
         self.path = path
         self._synchronous = synchronous
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
-        self._sql = {kind: upsert_sql(spec) for kind, spec in KINDS.items()}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._open_arg = {
+            "path": str(path),
+            "synchronous": synchronous,
+            "ddl": _DDL,
+            "schema_version": SCHEMA_VERSION,
+            "sql": {kind: upsert_sql(spec) for kind, spec in KINDS.items()},
+            "select": {
+                kind: f"SELECT {', '.join(spec.columns)} FROM {spec.table} "
+                f"ORDER BY {', '.join(spec.key)}"
+                for kind, spec in KINDS.items()
+            },
+            "plans": _WRITER_PLANS,
+        }
 
-    async def _call(self, fn: Callable[[], _T]) -> _T:
-        if self._executor is None:
-            raise SinkError("the SQLite sink is not open", retryable=False)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    @property
+    def pid(self) -> int | None:
+        """Process id of the writer process, while it runs."""
+        return self._proc.pid if self._proc is not None else None
 
     async def open(self) -> None:
-        """Open the file (WAL mode) and create or check the schema.
+        """Start the writer process, open the file (WAL) and create or check the schema.
 
         Raises:
             SinkError: the file cannot be opened or written.
             SchemaError: the file holds a newer schema.
         """
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-sink")
+        async with self._lock:
+            if self._proc is None:
+                await self._spawn()
+
+    async def _spawn(self) -> None:
         try:
-            await self._call(self._open_sync)
-        except sqlite3.Error as exc:
-            await self.close()
-            raise SinkError(f"cannot open SQLite database {self.path}: {exc}") from exc
-        except SchemaError:
-            await self.close()
+            await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SinkError(f"cannot create the folder of {self.path}: {exc}") from exc
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(_WORKER),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            await self._call("open", self._open_arg)
+        except SinkError as exc:
+            await self._discard()
+            if not exc.retryable and "schema version" in str(exc):
+                raise SchemaError(str(exc)) from None
+            raise SinkError(f"cannot open SQLite database {self.path}: {exc}") from None
+        except BaseException:
+            await self._discard()
             raise
 
-    def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+    async def _call(self, op: str, arg: Any) -> Any:
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdout is None:
+            raise SinkError("the SQLite writer is not running")
+        body = _encode([op, arg])
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.executescript("BEGIN IMMEDIATE;" + _DDL)
-            found = conn.execute(
-                "SELECT value FROM store_meta WHERE key = 'schema_version'"
-            ).fetchone()
-            if found is None:
-                conn.execute(
-                    "INSERT INTO store_meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-            elif int(found[0]) > SCHEMA_VERSION:
-                conn.execute("ROLLBACK")
-                raise SchemaError(
-                    f"{self.path} has schema version {found[0]}; this version of "
-                    f"store-svc understands up to {SCHEMA_VERSION}. Upgrade store-svc."
-                )
-            conn.execute("COMMIT")
+            proc.stdin.write(len(body).to_bytes(4, "big") + body)
+            await proc.stdin.drain()
+            head = await proc.stdout.readexactly(4)
+            ok, result, retryable = _decode(await proc.stdout.readexactly(int.from_bytes(head)))
+        except (BrokenPipeError, ConnectionResetError, asyncio.IncompleteReadError) as exc:
+            await self._discard()
+            raise SinkError(f"the SQLite writer process exited ({exc!r})") from None
         except BaseException:
-            conn.close()
+            # Cancelled mid-request: the stream is out of step, so this writer is done.
+            await self._discard()
             raise
-        self._conn = conn
+        if not ok:
+            raise SinkError(str(result), retryable=bool(retryable))
+        return result
+
+    async def _discard(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
 
     async def write(self, batch: Batch) -> None:
-        """Commit the batch in one transaction.
+        """Commit the batch in one transaction (in the writer process).
 
         Raises:
-            SinkError: nothing was committed (retryable unless the schema is broken).
+            SinkError: nothing was committed; retryable unless the writer reported
+                a non-database error.
         """
-        try:
-            await self._call(lambda: self._write_sync(batch))
-        except sqlite3.Error as exc:
-            raise SinkError(f"SQLite write failed: {exc}") from exc
-
-    def _write_sync(self, batch: Batch) -> None:
-        conn = self._conn
-        if conn is None:
-            raise SinkError("the SQLite sink is not open", retryable=False)
-        ingested_at = time_micros(datetime.now(UTC))
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for kind, rows in batch.items():
-                if rows:
-                    params = to_sqlite_rows(KINDS[kind], list(rows), ingested_at)
-                    conn.executemany(self._sql[kind], params)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        async with self._lock:
+            if self._proc is None:
+                await self._spawn()
+            wire = {kind: [_SEND[kind](r) for r in rows] for kind, rows in batch.items()}
+            await self._call("write", [time_micros(datetime.now(UTC)), wire])
 
     async def rows(self, kind: str) -> list[Row]:
         """Every row of ``kind`` in key order."""
         spec = KINDS[kind]
-
-        def read() -> list[Row]:
-            assert self._conn is not None
-            cur = self._conn.execute(
-                f"SELECT {', '.join(spec.columns)} FROM {spec.table} ORDER BY {', '.join(spec.key)}"
-            )
-            return [_from_sqlite(spec, r) for r in cur.fetchall()]
-
-        return await self._call(read)
+        async with self._lock:
+            raw = await self._call("rows", kind)
+        return [_from_sqlite(spec, r) for r in raw]
 
     async def counts(self) -> dict[str, int]:
         """Rows per table."""
-
-        def count() -> dict[str, int]:
-            assert self._conn is not None
-            return {k: self._conn.execute(f"SELECT count(*) FROM {k}").fetchone()[0] for k in KINDS}
-
-        return await self._call(count)
+        async with self._lock:
+            result: dict[str, int] = await self._call("counts", list(KINDS))
+        return result
 
     async def close(self) -> None:
-        """Close the connection and stop the worker thread; idempotent."""
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-        executor.shutdown(wait=True)
+        """Checkpoint, close the file and end the writer process; idempotent."""
+        async with self._lock:
+            if self._proc is None:
+                return
+            try:
+                await self._call("close", None)
+            except SinkError as exc:
+                log.warning("closing the SQLite writer: %s", exc)
+            await self._discard()
