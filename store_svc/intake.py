@@ -125,6 +125,9 @@ class CoreIntake:
             pending_msgs_limit=self._settings.nats_pending_msgs_limit,
             pending_bytes_limit=self._settings.nats_pending_bytes_limit,
         )
+        # A round trip makes the server know the subscription before start() returns,
+        # so a write sent right after start-up finds a responder.
+        await self._nc.flush()
         log.info("listening on %s (queue group %s)", self.subject, self._settings.queue_group)
 
     async def stop(self, timeout: float) -> None:

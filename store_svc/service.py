@@ -23,6 +23,7 @@ from .batcher import Batcher
 from .decode import PayloadDecoder
 from .errors import ConfigError, NatsUnavailable, ShutdownTimeout
 from .intake import CoreIntake
+from .natsclient import OrderedFlushClient
 from .queue import RecordQueue
 from .settings import Settings
 from .sinks import Sink, make_sink
@@ -88,7 +89,7 @@ class StoreService:
         self.status = Status.STARTING
         await self.sink.open()
         try:
-            self.nc = NATS()
+            self.nc = OrderedFlushClient()
             await self._connect(self.nc)
             self._batcher_task = asyncio.create_task(self.batcher.run(), name="batcher")
             self._intake = CoreIntake(self.nc, self.settings, self.decoder, self.queue, self.stats)

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 
+from store_svc.natsclient import OrderedFlushClient
 from store_svc.natsserver import NatsServer
 from store_svc.service import StoreService
 from store_svc.settings import Settings, load_settings
@@ -62,8 +62,9 @@ async def service(make_settings: Callable[..., Settings]) -> AsyncIterator[Store
 
 @pytest.fixture
 async def client(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    """A NATS client for the test itself (publisher / observer)."""
-    nc = await nats.connect(nats_server.url)
+    """A NATS client for the test itself (publisher / observer); its flush() is ordered."""
+    nc = OrderedFlushClient()
+    await nc.connect(nats_server.url)
     yield nc
     await nc.close()
 

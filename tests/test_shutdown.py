@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from store_svc.natsclient import OrderedFlushClient
 from store_svc.natsserver import NatsServer
 from store_svc.service import Status, StoreService
 from store_svc.settings import Settings
@@ -78,13 +79,8 @@ async def test_stop_with_a_full_queue_commits_everything(
 async def test_signal_stops_the_process_cleanly(
     nats_server: NatsServer, tmp_path: Path, sig: signal.Signals
 ) -> None:
-    """A signal commits every record the process had received, then it exits 0.
-
-    Core NATS is at-most-once: messages the server had not yet handed to the
-    process when it unsubscribed are not its to keep (docs/operations.md). So the
-    check is against what the process says it received, and that its queue was
-    not empty when the signal came.
-    """
+    """A signal commits everything published before it, answers the waiting
+    requests, then the process exits 0."""
     db = tmp_path / "store.db"
     proc = start_service(
         nats_server,
@@ -93,7 +89,8 @@ async def test_signal_stops_the_process_cleanly(
         STORE_SINK_RETRY_MAX_S="0.2",
         STORE_SHUTDOWN_GRACE_S="60",
     )
-    nc = await nats.connect(nats_server.url)
+    nc = OrderedFlushClient()
+    await nc.connect(nats_server.url)
     try:
         await wait_until_serving(nc)
         with locked(db):  # commits stall: everything below piles up in the queue
@@ -117,7 +114,7 @@ async def test_signal_stops_the_process_cleanly(
             await asyncio.sleep(0.5)  # let the stalled flush begin before the lock goes
             assert proc.poll() is None, "the service quit while records were uncommitted"
         rc = await asyncio.to_thread(proc.wait, 60)
-        answered = await asyncio.gather(*replies, return_exceptions=True)
+        answered = await asyncio.gather(*replies)
     finally:
         await nc.close()
         if proc.poll() is None:
@@ -126,15 +123,11 @@ async def test_signal_stops_the_process_cleanly(
     assert rc == 0, log
     m = re.search(r"store-svc stopped: (\d+) records committed.*\((\d+) received\)", log)
     assert m, log
-    committed, received = int(m.group(1)), int(m.group(2))
-    stored = count(db, "trades")
-    assert stored == committed, log
-    replied = [a for a in answered if not isinstance(a, BaseException)]
-    # READY, the 100-record messages received and the requests received.
-    assert committed == 1 + 100 * (received - 1 - len(replied)) + len(replied), log
+    # READY, 100 messages of 100 records, and the 5 requests: all of it, exactly once.
+    assert (int(m.group(1)), int(m.group(2))) == (10_006, 106), log
+    assert count(db, "trades") == 10_006, log
     assert int(re.search(r"flushing (\d+) queued records", log).group(1)) > 0, log  # type: ignore[union-attr]
-    for reply in replied:
-        assert json.loads(reply.data)["accepted"] == 1
+    assert all(json.loads(a.data)["accepted"] == 1 for a in answered), answered
 
 
 async def test_grace_period_bounds_shutdown(nats_server: NatsServer, tmp_path: Path) -> None:
