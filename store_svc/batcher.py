@@ -94,7 +94,9 @@ class Batcher:
             try:
                 await self._sink.write(grouped)
                 break
-            except SinkError as exc:
+            except Exception as exc:  # any failure keeps the batch: retry, never drop
+                if not isinstance(exc, SinkError):
+                    log.exception("unexpected error committing %d records", size)
                 self._stats.sink_errors += 1
                 self._stats.last_sink_error = str(exc)
                 if self.sink_ok:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -213,3 +215,20 @@ async def test_several_nats_urls(
             "mdp.store.write.trades", json.dumps(trade()).encode(), timeout=5
         )
         assert json.loads(reply.data)["accepted"] == 1
+
+
+async def test_a_killed_writer_process_is_replaced_and_nothing_is_lost(
+    service: StoreService, client: NATS, db_path: Path
+) -> None:
+    sink: Any = service.sink
+    first = sink.pid
+    assert first is not None
+    await barrier(client, "BEFORE")
+    os.kill(first, signal.SIGKILL)
+    for i in range(20):
+        await client.publish("mdp.store.write.trades", json.dumps(trade(size=i)).encode())
+    body = await barrier(client, "AFTER")
+    assert body["accepted"] == 1
+    assert sink.pid not in (None, first)
+    assert count(db_path, "trades") == 22
+    assert service.stats.sink_errors >= 1

@@ -157,3 +157,25 @@ async def test_close_flushes_everything_left() -> None:
     await asyncio.wait_for(b.run(), 5)
     assert sum(sink.batches) == 20
     assert (await sink.counts())["trades"] == 20
+
+
+async def test_an_unexpected_sink_error_is_retried_too() -> None:
+    q = RecordQueue(capacity=100)
+
+    class Flaky(MemorySink):
+        calls = 0
+
+        async def write(self, batch):  # type: ignore[no-untyped-def]
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise TypeError("a bug in a sink")
+            await super().write(batch)
+
+    sink = Flaky()
+    b = _batcher(q, sink, batch_size=5)
+    task = asyncio.create_task(b.run())
+    await q.put(env(3))
+    await until(lambda: sink.batches == [3])
+    assert b._stats.sink_errors == 1
+    q.close()
+    await task
