@@ -270,7 +270,7 @@ def check_symbol(symbol: str, ctx: RowContext) -> str:
 
 
 def bar_row(r: BarRecord, ctx: RowContext) -> Row:
-    """Validate a bar and return its row (see ``BAR_COLUMNS``)."""
+    """Validate a bar and return its row, in ``KINDS["bars"].columns`` order."""
     return (
         check_symbol(r.symbol, ctx),
         r.resolution,
@@ -285,7 +285,7 @@ def bar_row(r: BarRecord, ctx: RowContext) -> Row:
 
 
 def trade_row(r: TradeRecord, ctx: RowContext) -> Row:
-    """Validate a trade and return its row (see ``TRADE_COLUMNS``)."""
+    """Validate a trade and return its row, in ``KINDS["trades"].columns`` order."""
     return (
         check_symbol(r.symbol, ctx),
         to_utc(r.ts, "ts", ctx.latest),
@@ -297,7 +297,7 @@ def trade_row(r: TradeRecord, ctx: RowContext) -> Row:
 
 
 def quote_row(r: QuoteRecord, ctx: RowContext) -> Row:
-    """Validate a quote and return its row (see ``QUOTE_COLUMNS``)."""
+    """Validate a quote and return its row, in ``KINDS["quotes"].columns`` order."""
     return (
         check_symbol(r.symbol, ctx),
         to_utc(r.timestamp, "timestamp", ctx.latest),
@@ -312,7 +312,7 @@ def quote_row(r: QuoteRecord, ctx: RowContext) -> Row:
 
 
 def option_row(r: OptionRecord, ctx: RowContext) -> Row:
-    """Validate an option snapshot and return its row (see ``OPTION_COLUMNS``)."""
+    """Validate an option snapshot and return its row, in ``KINDS["options"].columns`` order."""
     return (
         check_symbol(r.symbol, ctx),
         to_utc(r.expiry, "expiry", LATEST_EXPIRY),
