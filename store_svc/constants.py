@@ -48,3 +48,14 @@ MAX_DECIMAL_ADJUSTED_EXPONENT = 30
 
 #: Symbols are identifiers, not documents.
 MAX_SYMBOL_CHARS = 64
+
+#: Headers that name the schema of telemetry payloads, as the Core ecosystem expects.
+SCHEMA_ID_HEADER = "Md-Schema-Id"
+SCHEMA_TRACK_HEADER = "Md-Schema-Track"
+FEEDBACK_SCHEMA_ID = "telemetry.FeedbackEvent"
+SCHEMA_TRACK = "v1"
+
+#: Suggested wait before retrying a write refused as overloaded. Long enough for a
+#: batch or two to commit, short enough not to idle a publisher.
+OVERLOAD_RETRY_AFTER_MS = 500
+RETRY_AFTER_HEADER = "Store-Retry-After-Ms"

@@ -12,7 +12,13 @@ import warnings
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"market_data_core(\..*)?$")
 
-from market_data_core import Bar, OptionSnapshot, Quote, Trade  # noqa: E402
+from market_data_core import (  # noqa: E402
+    Bar,
+    FeedbackPublisher,
+    OptionSnapshot,
+    Quote,
+    Trade,
+)
 from market_data_core.telemetry import (  # noqa: E402
     AuditEnvelope,
     BackpressureLevel,
@@ -31,6 +37,7 @@ __all__ = [
     "ControlAction",
     "ControlResult",
     "FeedbackEvent",
+    "FeedbackPublisher",
     "HealthComponent",
     "HealthStatus",
     "OptionSnapshot",

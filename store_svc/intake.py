@@ -28,13 +28,17 @@ from .constants import (
     KINDS,
     MAX_HEADER_VALUE_CHARS,
     MAX_REPLY_ERRORS,
+    OVERLOAD_RETRY_AFTER_MS,
     REASON_HEADER,
+    RETRY_AFTER_HEADER,
     SERVICE_ERROR_CODE_HEADER,
     SERVICE_ERROR_HEADER,
     SUBJECT_HEADER,
 )
+from .core import BackpressureLevel
 from .decode import Decoded, PayloadDecoder, Reject, header
 from .errors import RejectedInput
+from .feedback import FeedbackLoop
 from .queue import Envelope, QueueClosed, RecordQueue
 from .settings import Settings
 from .stats import Stats
@@ -86,6 +90,7 @@ class CoreIntake:
         decoder: the payload decoder.
         queue: where valid records go.
         stats: counters to update.
+        feedback: the backpressure level (request-reply writes are refused at ``hard``).
     """
 
     def __init__(
@@ -95,12 +100,14 @@ class CoreIntake:
         decoder: PayloadDecoder,
         queue: RecordQueue,
         stats: Stats,
+        feedback: FeedbackLoop,
     ) -> None:
         self._nc = nc
         self._settings = settings
         self._decoder = decoder
         self._queue = queue
         self._stats = stats
+        self._feedback = feedback
         self._sub: Subscription | None = None
         self._write_prefix = settings.subject("store", "write") + "."
         self._dlq_prefix = settings.subject("store", "dlq") + "."
@@ -160,6 +167,18 @@ class CoreIntake:
 
     async def _on_msg(self, msg: Msg) -> None:
         self._stats.messages += 1
+        if msg.reply and self._feedback.level is BackpressureLevel.hard:
+            # A publisher that waits for an answer can slow down or go elsewhere:
+            # refuse now rather than make it wait behind a full queue.
+            self._stats.refused_overload += 1
+            await self._error_reply(
+                msg.reply,
+                503,
+                "overloaded",
+                "the store's queue is at its hard watermark; retry later",
+                headers={RETRY_AFTER_HEADER: str(OVERLOAD_RETRY_AFTER_MS)},
+            )
+            return
         received = self._loop.time()
         subject = msg.subject
         tail = subject[len(self._write_prefix) :]
@@ -218,13 +237,20 @@ class CoreIntake:
         await self._error_reply(msg.reply, 400, first.reason, first.detail, write_reply(0, rejects))
 
     async def _error_reply(
-        self, reply: str, code: int, reason: str, detail: str, body: bytes = b""
+        self,
+        reply: str,
+        code: int,
+        reason: str,
+        detail: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
     ) -> None:
-        headers = {
+        out = {
             SERVICE_ERROR_HEADER: header_value(f"{reason}: {detail}"),
             SERVICE_ERROR_CODE_HEADER: str(code),
+            **(headers or {}),
         }
-        await self._nc.publish(reply, body, headers=headers)
+        await self._nc.publish(reply, body, headers=out)
 
     async def _to_dlq(
         self, kind: str, subject: str, rej: Reject, headers: dict[str, str] | None

@@ -1,15 +1,17 @@
 """The service: wires intake, queue, batcher and sink, and owns the lifecycle.
 
-Start-up order: open the sink (schema) → connect NATS → start the batcher → start
-intake. Shutdown runs the other way in a fixed order, each step bounded by what is
-left of ``STORE_SHUTDOWN_GRACE_S``: stop intake (messages already delivered are still
-handled) → close the queue → the batcher flushes, commits and replies → drain the
-NATS connection → close the sink.
+Start-up order: open the sink (schema) → connect NATS → announce the feedback level
+→ start the batcher → start intake. Shutdown runs the other way in a fixed order, each
+step bounded by what is left of ``STORE_SHUTDOWN_GRACE_S``: stop intake (messages
+already delivered are still handled) → close the queue → the batcher flushes, commits
+and replies → publish the final feedback state → drain the NATS connection → close
+the sink.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 from types import TracebackType
@@ -20,8 +22,10 @@ from nats.aio.client import Client as NATS
 from nats.errors import SlowConsumerError
 
 from .batcher import Batcher
+from .core import FeedbackPublisher
 from .decode import PayloadDecoder
 from .errors import ConfigError, NatsUnavailable, ShutdownTimeout
+from .feedback import FeedbackLoop, NatsFeedbackPublisher
 from .intake import CoreIntake
 from .natsclient import OrderedFlushClient
 from .queue import RecordQueue
@@ -52,9 +56,16 @@ class StoreService:
     Args:
         settings: the service settings.
         sink: a sink to use instead of the one ``settings.database_url`` names.
+        feedback_publisher: a Core ``FeedbackPublisher`` to use instead of publishing
+            on ``<prefix>.telemetry.feedback``.
     """
 
-    def __init__(self, settings: Settings, sink: Sink | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sink: Sink | None = None,
+        feedback_publisher: FeedbackPublisher | None = None,
+    ) -> None:
         if settings.ingest_mode != "core":
             raise ConfigError(
                 "STORE_INGEST_MODE=jetstream is not available in this version; use 'core'"
@@ -62,7 +73,8 @@ class StoreService:
         self.settings = settings
         self.sink = sink if sink is not None else make_sink(settings)
         self.stats = Stats()
-        self.queue = RecordQueue(settings.queue_capacity)
+        self.feedback = FeedbackLoop(settings, settings.queue_capacity, feedback_publisher)
+        self.queue = RecordQueue(settings.queue_capacity, on_depth=self.feedback.on_depth)
         self.batcher = Batcher(
             self.queue,
             self.sink,
@@ -77,6 +89,7 @@ class StoreService:
         self.nc: NATS | None = None
         self._intake: CoreIntake | None = None
         self._batcher_task: asyncio.Task[None] | None = None
+        self._feedback_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -91,8 +104,16 @@ class StoreService:
         try:
             self.nc = OrderedFlushClient()
             await self._connect(self.nc)
+            if self.feedback.publisher is None:
+                self.feedback.publisher = NatsFeedbackPublisher(
+                    self.nc, self.settings.subject("telemetry", "feedback")
+                )
+            await self.feedback.announce()
+            self._feedback_task = asyncio.create_task(self.feedback.run(), name="feedback")
             self._batcher_task = asyncio.create_task(self.batcher.run(), name="batcher")
-            self._intake = CoreIntake(self.nc, self.settings, self.decoder, self.queue, self.stats)
+            self._intake = CoreIntake(
+                self.nc, self.settings, self.decoder, self.queue, self.stats, self.feedback
+            )
             await self._intake.start()
         except BaseException:
             await self._abort()
@@ -157,13 +178,15 @@ class StoreService:
                     self._batcher_task.cancel()
                     await asyncio.gather(self._batcher_task, return_exceptions=True)
                     log.error("grace period over: %d records were not committed", pending)
+            await self._stop_feedback()
             if self.nc is not None and not self.nc.is_closed:
                 try:
                     async with asyncio.timeout(max(0.1, deadline - loop.time())):
                         await self.nc.drain()
                 except (TimeoutError, nats.errors.Error) as exc:
                     log.warning("NATS drain did not finish (%s); closing", exc or "timeout")
-                    await self.nc.close()
+                    with contextlib.suppress(OSError, nats.errors.Error):
+                        await self.nc.close()  # a lost connection has nothing left to flush
         finally:
             await self.sink.close()
             self.status = Status.STOPPED
@@ -179,7 +202,21 @@ class StoreService:
         if pending:
             raise ShutdownTimeout(pending)
 
+    async def _stop_feedback(self) -> None:
+        task, self._feedback_task = self._feedback_task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self.feedback.close()
+        await self.feedback.announce()  # the final state, before the connection drains
+
     async def _abort(self) -> None:
+        if self._feedback_task is not None:
+            self._feedback_task.cancel()
+            await asyncio.gather(self._feedback_task, return_exceptions=True)
+            self._feedback_task = None
+        self.feedback.close()
         self.queue.close()
         if self._batcher_task is not None:
             self._batcher_task.cancel()

@@ -8,6 +8,7 @@ environment: components receive the :class:`Settings` instance they need.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -66,6 +67,29 @@ class Settings(BaseSettings):
 
     hard_watermark: float = Field(default=0.8, gt=0.0, le=1.0)
     """Queue fill fraction at which feedback goes ``hard``."""
+
+    soft_recovery_watermark: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Queue fill fraction below which ``soft`` may fall back to ``ok`` (hysteresis);
+    unset means 0.1 below ``soft_watermark``."""
+
+    hard_recovery_watermark: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Queue fill fraction below which ``hard`` may fall back to ``soft``; unset means
+    0.1 below ``hard_watermark``."""
+
+    feedback_min_dwell_ms: int = Field(default=250, ge=0, le=600_000)
+    """How long a level is held at least before it may go down, so a depth hovering
+    around a mark does not make the level flap. Going up is always immediate."""
+
+    feedback_heartbeat_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+    """The current level is re-published this often, so a late subscriber learns it."""
+
+    coordinator_id: str = Field(
+        default_factory=lambda: f"store-{socket.gethostname()}-{os.getpid()}",
+        min_length=1,
+        max_length=128,
+    )
+    """``coordinator_id`` of the feedback events; unique per instance by default
+    (``store-<host>-<pid>``)."""
 
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """Port of the Prometheus metrics endpoint; unset means no endpoint."""
@@ -141,6 +165,21 @@ class Settings(BaseSettings):
                 f"batch_size ({self.batch_size}) must not exceed "
                 f"queue_capacity ({self.queue_capacity})"
             )
+        if not 0 < self.soft_recovery < self.soft_watermark:
+            raise ValueError(
+                f"soft_recovery_watermark ({self.soft_recovery}) must be above 0 and below "
+                f"soft_watermark ({self.soft_watermark})"
+            )
+        if not self.hard_recovery < self.hard_watermark:
+            raise ValueError(
+                f"hard_recovery_watermark ({self.hard_recovery}) must be below "
+                f"hard_watermark ({self.hard_watermark})"
+            )
+        if not self.soft_recovery < self.hard_recovery:
+            raise ValueError(
+                f"soft_recovery_watermark ({self.soft_recovery}) must be below "
+                f"hard_recovery_watermark ({self.hard_recovery})"
+            )
         if not self.soft_watermark < self.hard_watermark:
             raise ValueError(
                 f"soft_watermark ({self.soft_watermark}) must be below "
@@ -149,6 +188,20 @@ class Settings(BaseSettings):
         if self.sink_retry_initial_s > self.sink_retry_max_s:
             raise ValueError("sink_retry_initial_s must not exceed sink_retry_max_s")
         return self
+
+    @property
+    def soft_recovery(self) -> float:
+        """The effective soft recovery mark (fraction of capacity)."""
+        if self.soft_recovery_watermark is not None:
+            return self.soft_recovery_watermark
+        return round(self.soft_watermark - 0.1, 6)
+
+    @property
+    def hard_recovery(self) -> float:
+        """The effective hard recovery mark (fraction of capacity)."""
+        if self.hard_recovery_watermark is not None:
+            return self.hard_recovery_watermark
+        return round(self.hard_watermark - 0.1, 6)
 
     @property
     def sqlite_path(self) -> Path | None:

@@ -19,6 +19,7 @@ class Stats:
         committed: records committed to the sink, per kind.
         rejected: records rejected, per reason.
         dropped_messages: messages the NATS client dropped as a slow consumer.
+        refused_overload: request-reply writes refused with 503 at the hard watermark.
         batches: transactions committed.
         sink_errors: failed commit attempts.
         last_sink_error: text of the most recent failed commit, cleared on success.
@@ -31,6 +32,7 @@ class Stats:
     committed: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
     dropped_messages: int = 0
+    refused_overload: int = 0
     batches: int = 0
     sink_errors: int = 0
     last_sink_error: str | None = None

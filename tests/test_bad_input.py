@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -45,11 +46,20 @@ async def small_service(make_settings: Callable[..., Settings]) -> AsyncIterator
 
 
 async def barrier(client: NATS, symbol: str = "BARRIER") -> dict[str, Any]:
-    """A request-reply write: its answer means everything sent before it is committed."""
-    reply = await client.request(
-        "mdp.store.write.trades", json.dumps(trade(symbol=symbol)).encode(), timeout=10
-    )
-    return json.loads(reply.data)  # type: ignore[no-any-return]
+    """A request-reply write: its answer means everything sent before it is committed.
+
+    Like a well-behaved publisher it waits and retries while the store answers 503
+    (overloaded), for as long as the store's retry hint says.
+    """
+    async with asyncio.timeout(30):
+        while True:
+            reply = await client.request(
+                "mdp.store.write.trades", json.dumps(trade(symbol=symbol)).encode(), timeout=10
+            )
+            if reply.headers and reply.headers.get("Nats-Service-Error-Code") == "503":
+                await asyncio.sleep(int(reply.headers["Store-Retry-After-Ms"]) / 1000)
+                continue
+            return json.loads(reply.data)  # type: ignore[no-any-return]
 
 
 async def symbols(svc: StoreService) -> list[str]:
