@@ -17,7 +17,9 @@ from typing import Any
 
 import msgspec
 import nats
+from nats.aio.msg import Msg
 
+from .core import FeedbackEvent
 from .natsserver import NatsServer
 from .service import StoreService
 from .settings import Settings
@@ -127,6 +129,13 @@ async def run_demo(settings: Settings, seconds: float = 10.0, rate: int = 20_000
     with NatsServer() as server:
         settings = settings.model_copy(update={"nats_url": server.url})
         print(f"nats-server on {server.url}; storing into {settings.database_url}")
+        watcher = await nats.connect(server.url)
+        feedback: list[FeedbackEvent] = []
+
+        async def on_feedback(msg: Msg) -> None:
+            feedback.append(FeedbackEvent.model_validate_json(msg.data))
+
+        await watcher.subscribe(settings.subject("telemetry", "feedback"), cb=on_feedback)
         async with StoreService(settings) as svc:
             feed = asyncio.create_task(_feed(server.url, settings.subject_prefix, seconds, rate))
             last, t_last = 0, time.monotonic()
@@ -137,12 +146,21 @@ async def run_demo(settings: Settings, seconds: float = 10.0, rate: int = 20_000
                 sys.stdout.write(
                     f"\rcommitted {done:>9,} rows  {(done - last) / (now - t_last):>9,.0f} rows/s"
                     f"  queue {svc.queue.depth:>7,}  rejected {svc.stats.rejected_total:>5,}"
+                    f"  feedback {feedback[-1].level.value if feedback else '-':<4}"
                 )
                 sys.stdout.flush()
                 last, t_last = done, now
             sent, bad = feed.result()
+        await watcher.flush()
+        await watcher.drain()
         counts = await _count(settings)
     print(f"\npublished {sent:,} records ({bad} deliberately bad, sent to the DLQ)")
+    if feedback:
+        print(
+            f"feedback on {settings.subject('telemetry', 'feedback')}: {len(feedback)} events, "
+            f"levels seen {sorted({e.level.value for e in feedback})}, "
+            f"last: {feedback[-1].model_dump_json()}"
+        )
     print("stored per table: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
     return 0
 

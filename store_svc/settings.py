@@ -165,6 +165,11 @@ class Settings(BaseSettings):
                 f"batch_size ({self.batch_size}) must not exceed "
                 f"queue_capacity ({self.queue_capacity})"
             )
+        if not self.soft_watermark < self.hard_watermark:
+            raise ValueError(
+                f"soft_watermark ({self.soft_watermark}) must be below "
+                f"hard_watermark ({self.hard_watermark})"
+            )
         if not 0 < self.soft_recovery < self.soft_watermark:
             raise ValueError(
                 f"soft_recovery_watermark ({self.soft_recovery}) must be above 0 and below "
@@ -179,11 +184,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"soft_recovery_watermark ({self.soft_recovery}) must be below "
                 f"hard_recovery_watermark ({self.hard_recovery})"
-            )
-        if not self.soft_watermark < self.hard_watermark:
-            raise ValueError(
-                f"soft_watermark ({self.soft_watermark}) must be below "
-                f"hard_watermark ({self.hard_watermark})"
             )
         if self.sink_retry_initial_s > self.sink_retry_max_s:
             raise ValueError("sink_retry_initial_s must not exceed sink_retry_max_s")

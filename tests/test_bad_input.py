@@ -12,6 +12,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
 
 from store_svc.service import StoreService
 from store_svc.settings import Settings
@@ -49,13 +50,17 @@ async def barrier(client: NATS, symbol: str = "BARRIER") -> dict[str, Any]:
     """A request-reply write: its answer means everything sent before it is committed.
 
     Like a well-behaved publisher it waits and retries while the store answers 503
-    (overloaded), for as long as the store's retry hint says.
+    (overloaded), for as long as the store's retry hint says, and retries a request
+    that timed out (it may have been dropped as a slow consumer; writes are idempotent).
     """
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(60):
         while True:
-            reply = await client.request(
-                "mdp.store.write.trades", json.dumps(trade(symbol=symbol)).encode(), timeout=10
-            )
+            try:
+                reply = await client.request(
+                    "mdp.store.write.trades", json.dumps(trade(symbol=symbol)).encode(), timeout=5
+                )
+            except NatsTimeout:
+                continue
             if reply.headers and reply.headers.get("Nats-Service-Error-Code") == "503":
                 await asyncio.sleep(int(reply.headers["Store-Retry-After-Ms"]) / 1000)
                 continue

@@ -91,3 +91,4 @@ def test_demo_stores_ticks(tmp_path: Path) -> None:
     # Every good record is stored, plus the ten of the closing request-reply write.
     assert sum(per_table.values()) == published - bad + 10
     assert "request-reply write answered after commit" in out.stdout
+    assert "feedback on mdp.telemetry.feedback" in out.stdout

@@ -72,6 +72,12 @@ def test_plain_admin_token_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"ingest_mode": "kafka"}, "ingest_mode"),
         ({"flush_interval_ms": 0}, "flush_interval_ms"),
         ({"sink_retry_initial_s": 10, "sink_retry_max_s": 1}, "sink_retry"),
+        ({"soft_watermark": 0.05, "hard_watermark": 0.5}, "soft_recovery_watermark"),
+        ({"soft_recovery_watermark": 0.6}, "soft_recovery_watermark"),
+        ({"hard_recovery_watermark": 0.85}, "hard_recovery_watermark"),
+        ({"soft_recovery_watermark": 0.45, "hard_recovery_watermark": 0.3}, "soft_recovery"),
+        ({"feedback_heartbeat_s": 0}, "feedback_heartbeat_s"),
+        ({"coordinator_id": ""}, "coordinator_id"),
     ],
 )
 def test_invalid_combinations_are_refused(overrides: dict[str, object], message: str) -> None:
@@ -88,3 +94,11 @@ def test_settings_are_frozen() -> None:
 def test_misspelt_variables_are_found() -> None:
     env = {"STORE_BATCH_SIZE": "5", "STORE_BACTH_SIZE": "5", "STORE_ADMIN_TOKEN": "x", "HOME": "/"}
     assert unknown_environment(env) == ["STORE_BACTH_SIZE"]
+
+
+def test_recovery_marks_default_below_their_marks() -> None:
+    s = load_settings(soft_watermark=0.6, hard_watermark=0.9)
+    assert (s.soft_recovery, s.hard_recovery) == (0.5, 0.8)
+    s = load_settings(soft_recovery_watermark=0.2, hard_recovery_watermark=0.3)
+    assert (s.soft_recovery, s.hard_recovery) == (0.2, 0.3)
+    assert load_settings().coordinator_id.startswith("store-")
