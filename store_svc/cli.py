@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import signal
 import sys
@@ -67,6 +69,45 @@ def _cmd_demo(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     return run_demo(settings, seconds=args.seconds, rate=args.rate)
 
 
+async def _probe(settings: Settings, what: str, timeout: float) -> int:
+    from .natsclient import OrderedFlushClient
+
+    nc = OrderedFlushClient()
+    try:
+        async with asyncio.timeout(timeout):
+            await nc.connect(
+                servers=[u.strip() for u in settings.nats_url.split(",") if u.strip()],
+                allow_reconnect=False,
+            )
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        print(f"store-svc {what}: cannot reach NATS at {settings.nats_url}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        reply = await nc.request(settings.subject("store", what), b"", timeout=timeout)
+    except Exception as exc:
+        print(
+            f"store-svc {what}: no answer on {settings.subject('store', what)}: {exc!r}",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        await nc.close()
+    print(reply.data.decode())
+    headers = reply.headers or {}
+    if "Nats-Service-Error-Code" in headers:
+        print(f"store-svc {what}: {headers.get('Nats-Service-Error', '')}", file=sys.stderr)
+        return 1
+    if what == "health":
+        return 0 if json.loads(reply.data).get("state") != "unhealthy" else 1
+    return 0
+
+
+def _cmd_probe(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    return _probe(load_settings(), args.command, args.timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``store-svc``.
 
@@ -95,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--database-url", default=None, help="where to store (default: STORE_DATABASE_URL)"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    for name, text in (
+        ("health", "print the service's health (Core HealthStatus); exit 1 when unhealthy"),
+        ("ready", "print readiness; exit 1 when not ready (for container health checks)"),
+    ):
+        probe = sub.add_parser(name, help=text)
+        probe.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
+        probe.set_defaults(func=_cmd_probe)
     return parser
 
 

@@ -22,6 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import SlowConsumerError
 
 from .batcher import Batcher
+from .control import ControlPlane
 from .core import FeedbackPublisher
 from .decode import PayloadDecoder
 from .errors import ConfigError, NatsUnavailable, ShutdownTimeout
@@ -90,6 +91,9 @@ class StoreService:
         self._intake: CoreIntake | None = None
         self._batcher_task: asyncio.Task[None] | None = None
         self._feedback_task: asyncio.Task[None] | None = None
+        self._rtt_task: asyncio.Task[None] | None = None
+        self.control = ControlPlane(self)
+        self.rtt_ms: float | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -104,6 +108,8 @@ class StoreService:
         try:
             self.nc = OrderedFlushClient()
             await self._connect(self.nc)
+            # Health answers from here on, so a probe sees "starting" rather than nothing.
+            await self.control.start(self.nc)
             if self.feedback.publisher is None:
                 self.feedback.publisher = NatsFeedbackPublisher(
                     self.nc, self.settings.subject("telemetry", "feedback")
@@ -115,6 +121,7 @@ class StoreService:
                 self.nc, self.settings, self.decoder, self.queue, self.stats, self.feedback
             )
             await self._intake.start()
+            self._rtt_task = asyncio.create_task(self._probe_rtt(), name="rtt")
         except BaseException:
             await self._abort()
             raise
@@ -179,6 +186,7 @@ class StoreService:
                     await asyncio.gather(self._batcher_task, return_exceptions=True)
                     log.error("grace period over: %d records were not committed", pending)
             await self._stop_feedback()
+            await self._stop_control()
             if self.nc is not None and not self.nc.is_closed:
                 try:
                     async with asyncio.timeout(max(0.1, deadline - loop.time())):
@@ -202,6 +210,25 @@ class StoreService:
         if pending:
             raise ShutdownTimeout(pending)
 
+    async def _probe_rtt(self) -> None:
+        # Health must not wait on the network, so the round-trip time is measured here.
+        while True:
+            nc = self.nc
+            if nc is not None and nc.is_connected:
+                try:
+                    self.rtt_ms = await nc.rtt(timeout=2) * 1000
+                except (TimeoutError, nats.errors.Error):
+                    self.rtt_ms = None
+            await asyncio.sleep(self.settings.feedback_heartbeat_s)
+
+    async def _stop_control(self) -> None:
+        task, self._rtt_task = self._rtt_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        with contextlib.suppress(nats.errors.Error):
+            await self.control.stop()
+
     async def _stop_feedback(self) -> None:
         task, self._feedback_task = self._feedback_task, None
         if task is None:
@@ -212,6 +239,7 @@ class StoreService:
         await self.feedback.announce()  # the final state, before the connection drains
 
     async def _abort(self) -> None:
+        await self._stop_control()
         if self._feedback_task is not None:
             self._feedback_task.cancel()
             await asyncio.gather(self._feedback_task, return_exceptions=True)

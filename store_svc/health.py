@@ -1,0 +1,134 @@
+"""Health and readiness as Core ``HealthStatus``, built from the service's own state.
+
+Only in-memory state is read, so an answer never waits on the database or on NATS
+(a hung sink shows up as a stale last commit and the batcher's error, not as a
+slow reply).
+
+Components and their states:
+
+============  =====================================================================
+``nats``      healthy when connected; unhealthy while disconnected
+``queue``     healthy at ``ok``; degraded at ``soft`` or ``hard``
+``sink``      healthy while commits succeed; unhealthy while they fail (retrying)
+``intake``    healthy while taking writes; degraded while starting or draining
+============  =====================================================================
+
+The overall state is the worst component state (unhealthy > degraded > healthy).
+*Ready* means: running (not starting, not draining), connected to NATS, and the
+sink committing; a service that is not ready answers ``ready`` with a 503 service
+error besides the status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .constants import SERVICE_NAME
+from .core import BackpressureLevel, HealthComponent, HealthStatus
+
+if TYPE_CHECKING:
+    from .service import StoreService
+
+__all__ = ["health_status", "readiness"]
+
+_RANK = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+
+
+def _worst(states: list[str]) -> str:
+    return max(states, key=_RANK.__getitem__) if states else "healthy"
+
+
+def health_status(svc: StoreService) -> HealthStatus:
+    """The service's health, component by component.
+
+    Args:
+        svc: the service.
+
+    Returns:
+        A Core ``HealthStatus`` (service ``market-data-store``).
+    """
+    from .service import Status
+
+    loop = asyncio.get_running_loop()
+    stats = svc.stats
+    nc = svc.nc
+    connected = bool(nc is not None and nc.is_connected)
+    nats_c = HealthComponent(
+        name="nats",
+        state="healthy" if connected else "unhealthy",
+        details={
+            "connected": str(connected).lower(),
+            "server": nc.connected_url.netloc if nc is not None and nc.connected_url else "",
+            "reconnects": str(nc.stats.get("reconnects", 0) if nc is not None else 0),
+            "rtt_ms": f"{svc.rtt_ms:.3f}" if svc.rtt_ms is not None else "unknown",
+        },
+    )
+    level = svc.feedback.level
+    queue_c = HealthComponent(
+        name="queue",
+        state="healthy" if level is BackpressureLevel.ok else "degraded",
+        details={
+            "depth": str(svc.queue.depth),
+            "capacity": str(svc.queue.capacity),
+            "level": level.value,
+            "in_flight": str(svc.batcher.in_flight),
+        },
+    )
+    last = stats.last_commit_monotonic
+    sink_c = HealthComponent(
+        name="sink",
+        state="healthy" if svc.batcher.sink_ok else "unhealthy",
+        details={
+            "backend": svc.sink.name,
+            "reachable": str(svc.batcher.sink_ok).lower(),
+            "last_commit_age_s": f"{loop.time() - last:.3f}" if last is not None else "never",
+            "last_error": stats.last_sink_error or "",
+            "errors": str(stats.sink_errors),
+            "rows_committed": str(stats.committed_total),
+        },
+    )
+    running = svc.status is Status.RUNNING
+    intake_c = HealthComponent(
+        name="intake",
+        state="healthy" if running else "degraded",
+        details={
+            "mode": svc.settings.ingest_mode,
+            "status": svc.status.value,
+            "messages": str(stats.messages),
+            "rejected": str(stats.rejected_total),
+            "dropped": str(stats.dropped_messages),
+            "refused_overload": str(stats.refused_overload),
+        },
+    )
+    components = [nats_c, queue_c, sink_c, intake_c]
+    return HealthStatus(
+        service=SERVICE_NAME,
+        state=_worst([c.state for c in components]),
+        components=components,
+        version=__version__,
+        ts=time.time(),
+    )
+
+
+def readiness(svc: StoreService) -> tuple[bool, str, HealthStatus]:
+    """Whether the service should be sent writes now.
+
+    Args:
+        svc: the service.
+
+    Returns:
+        ``(ready, reason, status)``; ``reason`` says why not (empty when ready).
+    """
+    from .service import Status
+
+    status = health_status(svc)
+    if svc.status is not Status.RUNNING:
+        return False, f"service is {svc.status.value}", status
+    if svc.nc is None or not svc.nc.is_connected:
+        return False, "not connected to NATS", status
+    if not svc.batcher.sink_ok:
+        return False, "the database is failing commits", status
+    return True, "", status
