@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -104,6 +105,42 @@ async def _probe(settings: Settings, what: str, timeout: float) -> int:
     return 0
 
 
+async def _control(settings: Settings, action: str, timeout: float) -> int:
+    from .natsclient import OrderedFlushClient
+
+    if settings.admin_token is None:
+        print("store-svc control: set STORE_ADMIN_TOKEN (or ADMIN_TOKEN)", file=sys.stderr)
+        return 2
+    nc = OrderedFlushClient()
+    try:
+        async with asyncio.timeout(timeout):
+            await nc.connect(
+                servers=[u.strip() for u in settings.nats_url.split(",") if u.strip()],
+                allow_reconnect=False,
+            )
+        reply = await nc.request(
+            settings.subject("store", "control", action),
+            b"",
+            timeout=timeout,
+            headers={
+                "Authorization": f"Bearer {settings.admin_token.get_secret_value()}",
+                "Md-Actor": f"store-svc-cli@{socket.gethostname()}",
+            },
+        )
+    except Exception as exc:
+        print(f"store-svc control: no answer from {settings.nats_url}: {exc!r}", file=sys.stderr)
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    print(reply.data.decode())
+    return 0 if not (reply.headers or {}).get("Nats-Service-Error-Code") else 1
+
+
+def _cmd_control(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    return _control(load_settings(), args.action, args.timeout)
+
+
 def _cmd_probe(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     return _probe(load_settings(), args.command, args.timeout)
 
@@ -144,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
         probe = sub.add_parser(name, help=text)
         probe.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
         probe.set_defaults(func=_cmd_probe)
+
+    control = sub.add_parser(
+        "control",
+        help="pause / resume intake or reload settings (needs STORE_ADMIN_TOKEN); "
+        "prints the Core ControlResult, exit 1 when refused",
+    )
+    control.add_argument("action", choices=["pause", "resume", "reload"])
+    control.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
+    control.set_defaults(func=_cmd_control)
     return parser
 
 

@@ -90,6 +90,25 @@ class FeedbackLoop:
         self._wake = asyncio.Event()
         self._recheck: asyncio.TimerHandle | None = None
 
+    def reconfigure(self, settings: Settings) -> None:
+        """Take new marks, dwell and heartbeat (``reload``); the current level stays.
+
+        Args:
+            settings: the new settings.
+        """
+        self.marks = Marks.from_fractions(
+            self.capacity,
+            settings.soft_watermark,
+            settings.hard_watermark,
+            settings.soft_recovery,
+            settings.hard_recovery,
+        )
+        self._soft = self.marks.soft
+        self._wm.marks = self.marks
+        self._wm.min_dwell = settings.feedback_min_dwell_ms / 1000
+        self.heartbeat = settings.feedback_heartbeat_s
+        self.on_depth(self.depth)
+
     @property
     def level(self) -> BackpressureLevel:
         """The current level."""

@@ -10,11 +10,11 @@ Components and their states:
 ``nats``      healthy when connected; unhealthy while disconnected
 ``queue``     healthy at ``ok``; degraded at ``soft`` or ``hard``
 ``sink``      healthy while commits succeed; unhealthy while they fail (retrying)
-``intake``    healthy while taking writes; degraded while starting or draining
+``intake``    healthy while taking writes; degraded while starting, paused or draining
 ============  =====================================================================
 
 The overall state is the worst component state (unhealthy > degraded > healthy).
-*Ready* means: running (not starting, not draining), connected to NATS, and the
+*Ready* means: running (not starting, paused or draining), connected to NATS, and the
 sink committing; a service that is not ready answers ``ready`` with a 503 service
 error besides the status.
 """
@@ -90,13 +90,13 @@ def health_status(svc: StoreService) -> HealthStatus:
             "rows_committed": str(stats.committed_total),
         },
     )
-    running = svc.status is Status.RUNNING
+    running = svc.status is Status.RUNNING and not svc.paused
     intake_c = HealthComponent(
         name="intake",
         state="healthy" if running else "degraded",
         details={
             "mode": svc.settings.ingest_mode,
-            "status": svc.status.value,
+            "status": "paused" if svc.paused else svc.status.value,
             "messages": str(stats.messages),
             "rejected": str(stats.rejected_total),
             "dropped": str(stats.dropped_messages),
@@ -127,6 +127,8 @@ def readiness(svc: StoreService) -> tuple[bool, str, HealthStatus]:
     status = health_status(svc)
     if svc.status is not Status.RUNNING:
         return False, f"service is {svc.status.value}", status
+    if svc.paused:
+        return False, "intake is paused", status
     if svc.nc is None or not svc.nc.is_connected:
         return False, "not connected to NATS", status
     if not svc.batcher.sink_ok:

@@ -18,25 +18,35 @@ from types import TracebackType
 from typing import Any, Self
 
 import nats
+import pydantic
 from nats.aio.client import Client as NATS
 from nats.errors import SlowConsumerError
 
+from .admin import AdminControl
 from .batcher import Batcher
 from .control import ControlPlane
-from .core import FeedbackPublisher
+from .core import ControlAction, FeedbackPublisher
 from .decode import PayloadDecoder
 from .errors import ConfigError, NatsUnavailable, ShutdownTimeout
 from .feedback import FeedbackLoop, NatsFeedbackPublisher
 from .intake import CoreIntake
 from .natsclient import OrderedFlushClient
 from .queue import RecordQueue
-from .settings import Settings
+from .settings import RELOADABLE, Settings, reloaded
 from .sinks import Sink, make_sink
 from .stats import Stats
 
 __all__ = ["Status", "StoreService"]
 
 log = logging.getLogger(__name__)
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, pydantic.ValidationError):
+        err = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}" if where else str(err["msg"])
+    return str(exc)
 
 
 class Status(enum.Enum):
@@ -93,6 +103,8 @@ class StoreService:
         self._feedback_task: asyncio.Task[None] | None = None
         self._rtt_task: asyncio.Task[None] | None = None
         self.control = ControlPlane(self)
+        self.admin = AdminControl(self, self._act)
+        self.paused = False
         self.rtt_ms: float | None = None
         self._stopped = asyncio.Event()
 
@@ -110,6 +122,7 @@ class StoreService:
             await self._connect(self.nc)
             # Health answers from here on, so a probe sees "starting" rather than nothing.
             await self.control.start(self.nc)
+            await self.admin.start(self.nc)
             if self.feedback.publisher is None:
                 self.feedback.publisher = NatsFeedbackPublisher(
                     self.nc, self.settings.subject("telemetry", "feedback")
@@ -221,7 +234,42 @@ class StoreService:
                     self.rtt_ms = None
             await asyncio.sleep(self.settings.feedback_heartbeat_s)
 
+    async def _act(self, action: ControlAction) -> str:
+        """Carry out an authorised control action; return what was done."""
+        intake = self._intake
+        if self.status is not Status.RUNNING or intake is None:
+            raise ValueError(f"the service is {self.status.value}")
+        if action is ControlAction.pause:
+            if self.paused:
+                return "intake was already paused"
+            self.paused = True
+            await intake.stop(self.settings.shutdown_grace_s / 2)
+            return f"intake paused; {self.queue.depth} queued records are still being committed"
+        if action is ControlAction.resume:
+            if not self.paused:
+                return "intake was not paused"
+            await intake.start()
+            self.paused = False
+            return "intake resumed"
+        try:
+            new = reloaded(self.settings)
+        except (pydantic.ValidationError, ValueError) as exc:
+            raise ValueError(f"reload refused, nothing changed: {_first_error(exc)}") from None
+        changed = [
+            f"{name} {getattr(self.settings, name)} -> {getattr(new, name)}"
+            for name in RELOADABLE
+            if getattr(self.settings, name) != getattr(new, name)
+        ]
+        self.settings = new
+        self.batcher.batch_size = new.batch_size
+        self.batcher.flush_interval = new.flush_interval_ms / 1000
+        self.feedback.reconfigure(new)
+        logging.getLogger("store_svc").setLevel(new.log_level)
+        return "changed: " + ", ".join(changed) if changed else "nothing changed"
+
     async def _stop_control(self) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await self.admin.stop()
         task, self._rtt_task = self._rtt_task, None
         if task is not None:
             task.cancel()

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "load_settings", "unknown_environment"]
+__all__ = ["RELOADABLE", "Settings", "load_settings", "reloaded", "unknown_environment"]
 
 _NATS_TOKEN = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
 
@@ -129,6 +131,10 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Level of the service's log on stderr."""
 
+    env_file: Path | None = None
+    """A file of ``STORE_*=value`` lines read at start-up and again by the ``reload``
+    control action (the process environment wins over the file)."""
+
     @field_validator("subject_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
@@ -222,6 +228,55 @@ class Settings(BaseSettings):
         return ".".join((self.subject_prefix, *tokens))
 
 
+#: Settings ``reload`` may change in a running service; the rest need a restart.
+RELOADABLE = (
+    "soft_watermark",
+    "hard_watermark",
+    "soft_recovery_watermark",
+    "hard_recovery_watermark",
+    "feedback_min_dwell_ms",
+    "feedback_heartbeat_s",
+    "batch_size",
+    "flush_interval_ms",
+    "log_level",
+)
+
+
+def reloaded(current: Settings, environ: dict[str, str] | None = None) -> Settings:
+    """``current`` with the reloadable settings read again from the environment.
+
+    Args:
+        current: the running settings.
+        environ: the environment to read (default: the process environment).
+
+    Returns:
+        New, validated settings; only fields in ``RELOADABLE`` can differ.
+
+    Raises:
+        pydantic.ValidationError: the new values are invalid or break an invariant.
+    """
+    if environ is not None:
+        env: Mapping[str, str | None] = environ
+    else:
+        env = {**_file_values(current.env_file), **os.environ}
+    values = current.model_dump()
+    for name in RELOADABLE:
+        values[name] = Settings.model_fields[name].get_default(call_default_factory=True)
+        raw = env.get(f"STORE_{name.upper()}")
+        if raw is not None:
+            values[name] = raw
+    return Settings.model_validate(values)
+
+
+def _file_values(path: Path | None) -> dict[str, str | None]:
+    if path is None:
+        return {}
+    try:
+        return dict(dotenv_values(path))
+    except OSError as exc:
+        raise ValueError(f"cannot read STORE_ENV_FILE {path}: {exc}") from exc
+
+
 def unknown_environment(environ: dict[str, str] | None = None) -> list[str]:
     """``STORE_*`` variables that name no setting (most likely misspelt).
 
@@ -249,4 +304,5 @@ def load_settings(**overrides: object) -> Settings:
     Raises:
         pydantic.ValidationError: a value is invalid or the invariants do not hold.
     """
-    return Settings(**overrides)  # type: ignore[arg-type]
+    env_file = overrides.get("env_file", os.environ.get("STORE_ENV_FILE"))
+    return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type]
