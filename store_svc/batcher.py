@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 from collections import defaultdict
+from collections.abc import Callable
 
 from .errors import SchemaError, SinkError
 from .queue import Envelope, RecordQueue
@@ -37,6 +38,7 @@ class Batcher:
         flush_interval: seconds the first record of a batch may wait for more.
         retry_initial: first back-off after a failed commit, in seconds.
         retry_max: cap of the back-off, in seconds.
+        on_commit: called with (records, seconds) after each commit (metrics).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class Batcher:
         flush_interval: float,
         retry_initial: float = 0.1,
         retry_max: float = 5.0,
+        on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
         self._queue = queue
         self._sink = sink
@@ -59,6 +62,7 @@ class Batcher:
         self._retry_max = retry_max
         self.in_flight = 0
         self.sink_ok = True
+        self.on_commit = on_commit
 
     async def run(self) -> None:
         """Commit batches until the queue is closed and empty."""
@@ -90,6 +94,7 @@ class Batcher:
             grouped[env.kind].extend(env.rows)
         self.in_flight = size
         delay = self._retry_initial
+        started = asyncio.get_running_loop().time()
         while True:
             try:
                 await self._sink.write(grouped)
@@ -114,6 +119,8 @@ class Batcher:
         stats.last_sink_error = None
         stats.batches += 1
         stats.last_commit_monotonic = asyncio.get_running_loop().time()
+        if self.on_commit is not None:
+            self.on_commit(size, stats.last_commit_monotonic - started)
         for kind, rows in grouped.items():
             stats.committed[kind] += len(rows)
         self.in_flight = 0

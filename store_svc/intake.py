@@ -257,6 +257,7 @@ class CoreIntake:
     ) -> None:
         self._stats.rejected[rej.reason] += 1
         dlq_kind = kind if kind in KINDS else "unknown"
+        self._stats.rejected_by_kind[dlq_kind] += 1
         out = {
             REASON_HEADER: rej.reason,
             DETAIL_HEADER: header_value(rej.detail),

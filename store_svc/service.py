@@ -30,6 +30,8 @@ from .decode import PayloadDecoder
 from .errors import ConfigError, NatsUnavailable, ShutdownTimeout
 from .feedback import FeedbackLoop, NatsFeedbackPublisher
 from .intake import CoreIntake
+from .metrics import Metrics
+from .records import KINDS
 from .natsclient import OrderedFlushClient
 from .queue import RecordQueue
 from .settings import RELOADABLE, Settings, reloaded
@@ -102,6 +104,8 @@ class StoreService:
         self._batcher_task: asyncio.Task[None] | None = None
         self._feedback_task: asyncio.Task[None] | None = None
         self._rtt_task: asyncio.Task[None] | None = None
+        self.metrics = Metrics(self)
+        self.batcher.on_commit = self.metrics.observe_commit
         self.control = ControlPlane(self)
         self.admin = AdminControl(self, self._act)
         self.paused = False
@@ -117,6 +121,14 @@ class StoreService:
         """
         self.status = Status.STARTING
         await self.sink.open()
+        if self.settings.metrics_port is not None:
+            try:
+                self.metrics.start(self.settings.metrics_port)
+            except OSError as exc:
+                await self.sink.close()
+                raise ConfigError(
+                    f"cannot serve metrics on port {self.settings.metrics_port}: {exc}"
+                ) from exc
         try:
             self.nc = OrderedFlushClient()
             await self._connect(self.nc)
@@ -210,6 +222,7 @@ class StoreService:
                         await self.nc.close()  # a lost connection has nothing left to flush
         finally:
             await self.sink.close()
+            self.metrics.stop()
             self.status = Status.STOPPED
             self._stopped.set()
             log.info(
@@ -300,6 +313,7 @@ class StoreService:
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.close()
         await self.sink.close()
+        self.metrics.stop()
         self.status = Status.STOPPED
         self._stopped.set()
 
@@ -318,6 +332,9 @@ class StoreService:
     async def _on_nats_error(self, exc: Exception) -> None:
         if isinstance(exc, SlowConsumerError):
             self.stats.dropped_messages += 1
+            tail = (exc.subject or "").removeprefix(self.settings.subject("store", "write") + ".")
+            kind = tail.partition(".")[0]
+            self.stats.dropped_by_kind[kind if kind in KINDS else "unknown"] += 1
             if self.stats.dropped_messages == 1 or self.stats.dropped_messages % 1000 == 0:
                 log.error(
                     "NATS client dropped write messages as a slow consumer (%d so far); "

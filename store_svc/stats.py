@@ -18,7 +18,9 @@ class Stats:
         accepted: records that passed validation and were queued, per kind.
         committed: records committed to the sink, per kind.
         rejected: records rejected, per reason.
+        rejected_by_kind: records rejected, per kind (``unknown`` for unknown kinds).
         dropped_messages: messages the NATS client dropped as a slow consumer.
+        dropped_by_kind: the same, per kind named by the subject.
         refused_overload: request-reply writes refused with 503 at the hard watermark.
         batches: transactions committed.
         sink_errors: failed commit attempts.
@@ -31,7 +33,9 @@ class Stats:
     accepted: Counter[str] = field(default_factory=Counter)
     committed: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
+    rejected_by_kind: Counter[str] = field(default_factory=Counter)
     dropped_messages: int = 0
+    dropped_by_kind: Counter[str] = field(default_factory=Counter)
     refused_overload: int = 0
     batches: int = 0
     sink_errors: int = 0

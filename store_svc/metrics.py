@@ -1,0 +1,156 @@
+"""Prometheus metrics on ``STORE_METRICS_PORT`` (prometheus-client).
+
+Counters and gauges are read from the service's own counters when scraped, so the
+hot path pays nothing for them; the two histograms (records per commit, commit
+latency) are observed once per batch. Each service has its own registry, so
+several services in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .core import BackpressureLevel
+
+if TYPE_CHECKING:
+    from .service import StoreService
+
+__all__ = ["Metrics"]
+
+_LEVEL_VALUE = {BackpressureLevel.ok: 0, BackpressureLevel.soft: 1, BackpressureLevel.hard: 2}
+
+
+class _StoreCollector(Collector):
+    def __init__(self, svc: StoreService) -> None:
+        self._svc = svc
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self._svc
+        stats = svc.stats
+
+        def per(name: str, doc: str, label: str, values: dict[str, int]) -> Metric:
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, value in sorted(values.items()):
+                family.add_metric([key], value)
+            return family
+
+        yield per(
+            "store_records_received",
+            "Records received, valid or not.",
+            "kind",
+            dict(stats.received),
+        )
+        yield per(
+            "store_records_committed",
+            "Records committed to the database.",
+            "kind",
+            dict(stats.committed),
+        )
+        yield per(
+            "store_records_rejected",
+            "Records rejected (sent to the DLQ).",
+            "kind",
+            dict(stats.rejected_by_kind),
+        )
+        yield per(
+            "store_records_rejected_by_reason",
+            "Records rejected, by reason.",
+            "reason",
+            dict(stats.rejected),
+        )
+        yield per(
+            "store_messages_dropped",
+            "Write messages the NATS client dropped as a slow consumer.",
+            "kind",
+            dict(stats.dropped_by_kind),
+        )
+        yield CounterMetricFamily(
+            "store_writes_refused_overload",
+            "Request-reply writes refused with 503 at the hard watermark.",
+            value=stats.refused_overload,
+        )
+        yield CounterMetricFamily(
+            "store_sink_errors", "Failed commit attempts.", value=stats.sink_errors
+        )
+        yield CounterMetricFamily("store_batches", "Transactions committed.", value=stats.batches)
+        yield GaugeMetricFamily("store_queue_depth", "Records queued.", value=svc.queue.depth)
+        yield GaugeMetricFamily(
+            "store_queue_capacity", "Queue capacity in records.", value=svc.queue.capacity
+        )
+        yield GaugeMetricFamily(
+            "store_backpressure_level",
+            "Backpressure level: 0 ok, 1 soft, 2 hard.",
+            value=_LEVEL_VALUE[svc.feedback.level],
+        )
+        yield GaugeMetricFamily(
+            "store_sink_up",
+            "1 while commits succeed, 0 while they fail.",
+            value=1 if svc.batcher.sink_ok else 0,
+        )
+
+
+class Metrics:
+    """The service's metrics and, when started, their HTTP endpoint.
+
+    Args:
+        svc: the service whose counters are exported.
+    """
+
+    def __init__(self, svc: StoreService) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_StoreCollector(svc))
+        self.batch_records = Histogram(
+            "store_batch_records",
+            "Records per committed batch.",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "store_commit_seconds",
+            "Time to commit one batch, retries included.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=self.registry,
+        )
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def observe_commit(self, records: int, seconds: float) -> None:
+        """Record one committed batch.
+
+        Args:
+            records: records in the batch.
+            seconds: time from the first attempt to the commit.
+        """
+        self.batch_records.observe(records)
+        self.commit_seconds.observe(seconds)
+
+    @property
+    def port(self) -> int | None:
+        """The port the endpoint listens on, once started."""
+        return self._server.server_port if self._server is not None else None
+
+    def start(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Serve ``/metrics`` on ``port`` (0 picks a free port) from a daemon thread.
+
+        Args:
+            port: TCP port.
+            addr: address to bind.
+        """
+        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+
+    def stop(self) -> None:
+        """Stop the endpoint; idempotent."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(5)
