@@ -19,7 +19,7 @@ import msgspec
 import nats
 from nats.aio.msg import Msg
 
-from .core import FeedbackEvent
+from .core import FeedbackEvent, HealthStatus
 from .natsserver import NatsServer
 from .service import StoreService
 from .settings import Settings
@@ -151,6 +151,8 @@ async def run_demo(settings: Settings, seconds: float = 10.0, rate: int = 20_000
                 sys.stdout.flush()
                 last, t_last = done, now
             sent, bad = feed.result()
+            reply = await watcher.request(settings.subject("store", "health"), b"", timeout=5)
+            health = HealthStatus.model_validate_json(reply.data)
         await watcher.flush()
         await watcher.drain()
         counts = await _count(settings)
@@ -162,6 +164,11 @@ async def run_demo(settings: Settings, seconds: float = 10.0, rate: int = 20_000
             f"last: {feedback[-1].model_dump_json()}"
         )
     print("stored per table: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    print(
+        f"health on {settings.subject('store', 'health')}: {health.state} ("
+        + ", ".join(f"{c.name} {c.state}" for c in health.components)
+        + ")"
+    )
     return 0
 
 

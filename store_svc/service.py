@@ -31,9 +31,9 @@ from .errors import ConfigError, NatsUnavailable, ShutdownTimeout
 from .feedback import FeedbackLoop, NatsFeedbackPublisher
 from .intake import CoreIntake
 from .metrics import Metrics
-from .records import KINDS
 from .natsclient import OrderedFlushClient
 from .queue import RecordQueue
+from .records import KINDS
 from .settings import RELOADABLE, Settings, reloaded
 from .sinks import Sink, make_sink
 from .stats import Stats

@@ -32,8 +32,8 @@ def run(
 def test_help_lists_the_commands() -> None:
     out = run("--help")
     assert out.returncode == 0
-    assert "run" in out.stdout
-    assert "demo" in out.stdout
+    for command in ("run", "demo", "health", "ready", "control"):
+        assert command in out.stdout
 
 
 def test_version() -> None:
@@ -92,3 +92,4 @@ def test_demo_stores_ticks(tmp_path: Path) -> None:
     assert sum(per_table.values()) == published - bad + 10
     assert "request-reply write answered after commit" in out.stdout
     assert "feedback on mdp.telemetry.feedback" in out.stdout
+    assert "health on mdp.store.health: healthy" in out.stdout
