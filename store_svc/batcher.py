@@ -73,7 +73,7 @@ class Batcher:
             if first is None:
                 return
             batch = [first]
-            size = len(first.rows)
+            size = self.in_flight = len(first.rows)
             deadline = first.received + self.flush_interval
             while size < self.batch_size:
                 env = queue.get_nowait()
@@ -86,6 +86,7 @@ class Batcher:
                         break
                 batch.append(env)
                 size += len(env.rows)
+                self.in_flight = size
             await self._commit(batch, size)
 
     async def _commit(self, batch: list[Envelope], size: int) -> None:

@@ -1,7 +1,8 @@
 """The service: wires intake, queue, batcher and sink, and owns the lifecycle.
 
-Start-up order: open the sink (schema) → connect NATS → announce the feedback level
-→ start the batcher → start intake. Shutdown runs the other way in a fixed order, each
+Start-up order: metrics endpoint → connect NATS → health, readiness and control answer
+(``starting``) → open the sink (schema) → announce the feedback level → start the
+batcher → start intake. Shutdown runs the other way in a fixed order, each
 step bounded by what is left of ``STORE_SHUTDOWN_GRACE_S``: stop intake (messages
 already delivered are still handled) → close the queue → the batcher flushes, commits
 and replies → publish the final feedback state → drain the NATS connection → close
@@ -113,28 +114,28 @@ class StoreService:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        """Open the sink, connect to NATS and start taking writes.
+        """Connect to NATS, open the sink and start taking writes.
 
         Raises:
             SinkError: the database cannot be opened.
             NatsUnavailable: NATS cannot be reached within ``STORE_NATS_CONNECT_TIMEOUT_S``.
         """
         self.status = Status.STARTING
-        await self.sink.open()
         if self.settings.metrics_port is not None:
             try:
                 self.metrics.start(self.settings.metrics_port)
             except OSError as exc:
-                await self.sink.close()
                 raise ConfigError(
                     f"cannot serve metrics on port {self.settings.metrics_port}: {exc}"
                 ) from exc
         try:
             self.nc = OrderedFlushClient()
             await self._connect(self.nc)
-            # Health answers from here on, so a probe sees "starting" rather than nothing.
+            # Health answers from here on: while the database opens (a schema check, a
+            # locked file, a slow server) a probe sees "starting" rather than nothing.
             await self.control.start(self.nc)
             await self.admin.start(self.nc)
+            await self.sink.open()
             if self.feedback.publisher is None:
                 self.feedback.publisher = NatsFeedbackPublisher(
                     self.nc, self.settings.subject("telemetry", "feedback")

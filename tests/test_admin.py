@@ -240,3 +240,40 @@ async def test_cli_control(
         assert out.returncode == 2
         assert "STORE_ADMIN_TOKEN" in out.stderr
     _: Any = client
+
+
+async def test_pause_and_resume_with_traffic_flowing(
+    make_settings: Callable[..., Settings], client: NATS, db_path: Path
+) -> None:
+    """Request-reply writes retried as documented are all stored once; nothing is
+    stored while paused."""
+    async with StoreService(make_settings(admin_token=TOKEN)) as svc:
+        done: list[int] = []
+
+        async def publisher() -> None:
+            for i in range(300):
+                payload = json.dumps(trade(symbol="FLOW", size=i)).encode()
+                while True:
+                    try:
+                        reply = await client.request("mdp.store.write.trades", payload, timeout=5)
+                    except NoRespondersError:
+                        await asyncio.sleep(0.01)  # paused: nobody takes writes; retry
+                        continue
+                    if not reply.headers:
+                        break
+                done.append(i)
+
+        task = asyncio.create_task(publisher())
+        await until(lambda: len(done) >= 50)
+        result, _ = await control(client, "pause", bearer())
+        assert result.status == "ok"
+        await until(lambda: svc.stats.committed_total == sum(svc.stats.accepted.values()))
+        stored_at_pause = count(db_path, "trades")
+        await asyncio.sleep(0.3)  # traffic keeps coming; none of it may be stored
+        assert count(db_path, "trades") == stored_at_pause
+        assert not task.done()
+        result, _ = await control(client, "resume", bearer())
+        assert result.status == "ok"
+        await asyncio.wait_for(task, 60)
+    assert count(db_path, "trades") == 300
+    assert done == list(range(300))

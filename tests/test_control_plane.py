@@ -207,3 +207,27 @@ async def test_cli_health_and_ready(
     out = await asyncio.to_thread(cli, "health", "--timeout", "1", url="nats://127.0.0.1:1")
     assert out.returncode == 1
     assert "cannot reach NATS" in out.stderr
+
+
+async def test_starting_is_answered_and_not_ready(
+    make_settings: Callable[..., Settings], client: NATS, db_path: Path
+) -> None:
+    async with StoreService(make_settings()):
+        pass  # create the database, so it can be locked below
+    svc = StoreService(make_settings())
+    with locked(db_path):  # the schema check waits for the lock: start-up hangs there
+        starting = asyncio.create_task(svc.start())
+        await until(lambda: svc.control.id is not None)
+        status, reply = await ask(client, "mdp.store.ready")
+        assert reply.headers is not None
+        assert reply.headers["Nats-Service-Error-Code"] == "503"
+        assert "starting" in reply.headers["Nats-Service-Error"]
+        assert component(status, "intake").details["status"] == "starting"
+        assert status.state == "degraded"
+    await asyncio.wait_for(starting, 20)
+    try:
+        status, reply = await ask(client, "mdp.store.ready")
+        assert not reply.headers
+        assert status.state == "healthy"
+    finally:
+        await svc.stop()
