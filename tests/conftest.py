@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
 
 from store_svc.natsclient import OrderedFlushClient
 from store_svc.natsserver import NatsServer
+from store_svc.pgserver import PostgresServer
 from store_svc.service import StoreService
 from store_svc.settings import Settings, load_settings
 
@@ -30,6 +33,44 @@ def nats_server() -> Iterator[NatsServer]:
     """A private nats-server on a random loopback port."""
     with NatsServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the session (machine's initdb/pg_ctl)."""
+    server = PostgresServer().start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+async def pg_url(pg_server: PostgresServer) -> AsyncIterator[str]:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(pg_server.dsn)
+    await conn.execute(f"CREATE DATABASE {name}")
+    await conn.close()
+    yield pg_server.url(name)
+    conn = await asyncpg.connect(pg_server.dsn)
+    await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test against both sinks, so they stay equivalent."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def store(
+    make_settings: Callable[..., Settings], database_url: str
+) -> AsyncIterator[StoreService]:
+    """A running service on each sink in turn."""
+    async with StoreService(make_settings(database_url=database_url)) as svc:
+        yield svc
 
 
 @pytest.fixture

@@ -155,24 +155,24 @@ RECORD_LEVEL: list[tuple[str, Any, str]] = [
     ("bad", "reason"), [r[1:] for r in RECORD_LEVEL], ids=[r[0] for r in RECORD_LEVEL]
 )
 async def test_bad_record_among_good_ones(
-    service: StoreService, client: NATS, dlq: list[Msg], bad: Any, reason: str
+    store: StoreService, client: NATS, dlq: list[Msg], bad: Any, reason: str
 ) -> None:
     records = [trade(symbol="GOOD1"), bad, trade(symbol="GOOD2")]
     await client.publish("mdp.store.write.trades", json.dumps(records).encode())
     await barrier(client)
-    assert await symbols(service) == ["GOOD1", "GOOD2"]
+    assert await symbols(store) == ["GOOD1", "GOOD2"]
     await until(lambda: len(dlq) == 1)
     msg = dlq[0]
     assert msg.headers is not None
     assert msg.headers["Store-Reject-Reason"] == reason
     assert msg.headers["Store-Record-Index"] == "1"
     assert json.loads(msg.data) == bad, "the DLQ carries the record's own bytes"
-    assert service.stats.rejected == {reason: 1}
-    assert service.stats.committed["trades"] == 3  # two good ones and the barrier
+    assert store.stats.rejected == {reason: 1}
+    assert store.stats.committed["trades"] == 3  # two good ones and the barrier
 
 
 async def test_bad_record_in_msgpack_array(
-    service: StoreService, client: NATS, dlq: list[Msg]
+    store: StoreService, client: NATS, dlq: list[Msg]
 ) -> None:
     records = [trade(symbol="GOOD1"), trade(price="NaN"), trade(symbol="GOOD2")]
     await client.publish(
@@ -181,18 +181,18 @@ async def test_bad_record_in_msgpack_array(
         headers={"Content-Type": "application/msgpack"},
     )
     await barrier(client)
-    assert await symbols(service) == ["GOOD1", "GOOD2"]
+    assert await symbols(store) == ["GOOD1", "GOOD2"]
     await until(lambda: len(dlq) == 1)
     assert msgspec.msgpack.decode(dlq[0].data) == records[1]
     assert dlq[0].headers is not None
     assert dlq[0].headers["Content-Type"] == "application/msgpack"
 
 
-async def test_symbol_token_must_match(service: StoreService, client: NATS, dlq: list[Msg]) -> None:
+async def test_symbol_token_must_match(store: StoreService, client: NATS, dlq: list[Msg]) -> None:
     records = [trade(symbol="BRK.B"), trade(symbol="AAPL")]
     await client.publish("mdp.store.write.trades.BRK.B", json.dumps(records).encode())
     await barrier(client)
-    assert await symbols(service) == ["BRK.B"]
+    assert await symbols(store) == ["BRK.B"]
     await until(lambda: len(dlq) == 1)
     assert dlq[0].headers is not None
     assert dlq[0].headers["Store-Reject-Reason"] == "symbol_mismatch"
@@ -219,7 +219,7 @@ async def test_hostile_header_values_are_survived(
 
 
 async def test_request_reply_write_with_bad_input_gets_400(
-    service: StoreService, client: NATS
+    store: StoreService, client: NATS
 ) -> None:
     reply = await client.request("mdp.store.write.trades", b"not json", timeout=5)
     assert reply.headers is not None
@@ -244,7 +244,7 @@ async def test_request_reply_write_with_bad_input_gets_400(
     assert body["errors"] == [
         {"index": 1, "reason": "non_finite_number", "detail": "price is NaN, not a finite number"}
     ]
-    assert await symbols(service) == ["OK"]
+    assert await symbols(store) == ["OK"]
 
 
 async def test_a_separate_publisher_connection_sees_nothing_break(

@@ -44,7 +44,7 @@ async def _stored(service: StoreService, kind: str) -> dict[tuple[Any, ...], dic
 )
 @given(data=st.data())
 async def test_records_read_back_equal(
-    service: StoreService, client: NATS, kind: str, encoding: str, data: st.DataObject
+    store: StoreService, client: NATS, kind: str, encoding: str, data: st.DataObject
 ) -> None:
     records = data.draw(st.lists(BY_KIND[kind], min_size=1, max_size=20))
     dicts = [json.loads(r.model_dump_json()) for r in records]
@@ -60,7 +60,7 @@ async def test_records_read_back_equal(
     body = json.loads(reply.data)
     assert body == {"accepted": len(records), "rejected": 0, "errors": []}
 
-    stored = await _stored(service, kind)
+    stored = await _stored(store, kind)
     spec = KINDS[kind]
     for record in records:
         expected = _normalised(record)

@@ -25,7 +25,8 @@ def make_sink(settings: Settings) -> Sink:
     path = settings.sqlite_path
     if path is not None:
         return SqliteSink(path, synchronous=settings.sqlite_synchronous)
-    raise ConfigError(
-        "PostgreSQL is not available in this version of store-svc; "
-        "use STORE_DATABASE_URL=sqlite:///path"
-    )
+    if settings.database_url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresSink
+
+        return PostgresSink(settings.database_url)
+    raise ConfigError(f"no sink for STORE_DATABASE_URL {settings.database_url.split(':')[0]}")

@@ -1,0 +1,149 @@
+"""Run a throwaway PostgreSQL server (the tests and the benchmarks use it).
+
+Uses the machine's ``initdb`` / ``pg_ctl`` (from ``/usr/lib/postgresql/<version>/bin``
+or ``$PATH``). The server refuses to run as root, so as root it runs as the ``postgres`` user. It
+listens on a random free loopback port, trusts local connections, and is removed
+with its data when stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+__all__ = ["PostgresServer", "find_pg_bin"]
+
+
+def find_pg_bin() -> Path:
+    """The folder holding ``initdb`` and ``pg_ctl``.
+
+    Returns:
+        The newest ``/usr/lib/postgresql/*/bin``, else the folder of ``pg_ctl`` on PATH.
+
+    Raises:
+        FileNotFoundError: PostgreSQL server binaries are not installed.
+    """
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: p.split("/")[4])
+    if found:
+        return Path(found[-1]).parent
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        return Path(on_path).parent
+    raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PostgresServer:
+    """A private PostgreSQL server in a temporary folder.
+
+    Args:
+        port: a fixed port (to restart on the same address); 0 picks one.
+    """
+
+    def __init__(self, port: int = 0) -> None:
+        self.bin = find_pg_bin()
+        self.port = port or _free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="store-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+        self._user = "postgres" if os.geteuid() == 0 else None
+        self._initialised = False
+
+    def _run(self, *args: str | Path) -> None:
+        cmd = [str(a) for a in args]
+        if self._user is not None:
+            cmd = ["runuser", "-u", self._user, "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+    @property
+    def dsn(self) -> str:
+        """URL of the ``postgres`` database."""
+        return self.url("postgres")
+
+    def url(self, database: str) -> str:
+        """URL of ``database`` on this server.
+
+        Args:
+            database: the database name.
+
+        Returns:
+            A ``postgresql://`` URL.
+        """
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> Self:
+        """Initialise (first time) and start the server; wait until it accepts clients.
+
+        Returns:
+            self.
+        """
+        if self._user is not None:
+            entry = pwd.getpwnam(self._user)
+            os.chown(self.root, entry.pw_uid, entry.pw_gid)
+        if not self._initialised:
+            self._run(
+                self.bin / "initdb",
+                "-D",
+                self.data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            )
+            self._initialised = True
+        self._run(
+            self.bin / "pg_ctl",
+            "-D",
+            self.data,
+            "-l",
+            self.log,
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        )
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server, keeping its data (for a restart).
+
+        Args:
+            mode: ``fast`` (clean) or ``immediate`` (like a crash).
+        """
+        if (self.data / "postmaster.pid").exists():
+            self._run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        """Stop the server and delete its folder."""
+        try:
+            self.stop("immediate")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
