@@ -19,6 +19,7 @@ from typing import Any
 
 import pydantic
 import uvloop
+from nats.aio.client import Client as NATS
 
 from . import __version__
 from .errors import StoreError
@@ -70,20 +71,28 @@ def _cmd_demo(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     return run_demo(settings, seconds=args.seconds, rate=args.rate)
 
 
-async def _probe(settings: Settings, what: str, timeout: float) -> int:
+async def _client(settings: Settings, timeout: float, command: str) -> NATS | None:
+    """A short-lived client for an operator command, or None (reported) if NATS is away."""
     from .natsclient import OrderedFlushClient
 
     nc = OrderedFlushClient()
     try:
         async with asyncio.timeout(timeout):
-            await nc.connect(
-                servers=[u.strip() for u in settings.nats_url.split(",") if u.strip()],
-                allow_reconnect=False,
-            )
+            await nc.connect(servers=settings.nats_servers, allow_reconnect=False)
     except Exception as exc:
         with contextlib.suppress(Exception):
             await nc.close()
-        print(f"store-svc {what}: cannot reach NATS at {settings.nats_url}: {exc}", file=sys.stderr)
+        print(
+            f"store-svc {command}: cannot reach NATS at {settings.nats_url}: {exc!r}",
+            file=sys.stderr,
+        )
+        return None
+    return nc
+
+
+async def _probe(settings: Settings, what: str, timeout: float) -> int:
+    nc = await _client(settings, timeout, what)
+    if nc is None:
         return 1
     try:
         reply = await nc.request(settings.subject("store", what), b"", timeout=timeout)
@@ -106,18 +115,13 @@ async def _probe(settings: Settings, what: str, timeout: float) -> int:
 
 
 async def _control(settings: Settings, action: str, timeout: float) -> int:
-    from .natsclient import OrderedFlushClient
-
     if settings.admin_token is None:
         print("store-svc control: set STORE_ADMIN_TOKEN (or ADMIN_TOKEN)", file=sys.stderr)
         return 2
-    nc = OrderedFlushClient()
+    nc = await _client(settings, timeout, "control")
+    if nc is None:
+        return 1
     try:
-        async with asyncio.timeout(timeout):
-            await nc.connect(
-                servers=[u.strip() for u in settings.nats_url.split(",") if u.strip()],
-                allow_reconnect=False,
-            )
         reply = await nc.request(
             settings.subject("store", "control", action),
             b"",

@@ -166,7 +166,7 @@ class StoreService:
         try:
             async with asyncio.timeout(limit):
                 await nc.connect(
-                    servers=[u.strip() for u in url.split(",") if u.strip()],
+                    servers=self.settings.nats_servers,
                     name=f"store-svc {self.settings.queue_group}",
                     error_cb=self._on_nats_error,
                     disconnected_cb=self._on_disconnected,

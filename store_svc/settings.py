@@ -196,6 +196,11 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def nats_servers(self) -> list[str]:
+        """The NATS URLs of ``nats_url``, one per server."""
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+    @property
     def soft_recovery(self) -> float:
         """The effective soft recovery mark (fraction of capacity)."""
         if self.soft_recovery_watermark is not None:
