@@ -1,11 +1,14 @@
 """Ingest benchmark of ``store-svc``: throughput against two ceilings, and latency.
 
-Everything runs in one invocation, on one private ``nats-server``, so the ratios
-compare like with like on the same (possibly busy) machine. Two scenarios, both of
-Core trades into a SQLite file in a fresh temporary directory:
+Everything runs in one invocation, on one private ``nats-server`` (and, when a
+PostgreSQL scenario is selected, one private PostgreSQL server started with
+:class:`~store_svc.pgserver.PostgresServer` and removed at the end), so the ratios
+compare like with like on the same (possibly busy) machine. Three scenarios, all of
+Core trades:
 
-* ``single``: one record per message;
-* ``batch500``: 500 records per message.
+* ``single``: one record per message, into a SQLite file in a fresh temporary directory;
+* ``batch500``: 500 records per message, into a SQLite file likewise;
+* ``batch500-pg``: 500 records per message, into a fresh PostgreSQL database.
 
 For each scenario, with the same pre-generated payloads (every record has its own
 ``ts``, so no two records collide on the idempotency key):
@@ -18,12 +21,23 @@ For each scenario, with the same pre-generated payloads (every record has its ow
    with plain ``sqlite3`` ``executemany(upsert_sql(spec))`` into the sink's schema
    (WAL, ``synchronous=NORMAL``), one commit per ``batch_size`` rows. The time of the
    conversion is measured too and reported as "convert+executemany".
+
+   For ``batch500-pg`` ceiling B is **raw asyncpg COPY + merge** instead: the same
+   rows, decoded outside the timed section, written with one plain asyncpg
+   connection into the sink's schema (created in a fresh database by opening and
+   closing a :class:`~store_svc.sinks.postgres.PostgresSink`), one transaction per
+   ``batch_size`` rows holding exactly what the sink's write does: create the
+   staging table, ``copy_records_to_table`` (building the ``(*row, ingested_at,
+   seq)`` records included) and the merge of
+   :func:`~store_svc.sinks.postgres.merge_sql`.
 3. **The service**: the real ``store-svc run`` console script as a subprocess with
    default settings except ``STORE_NATS_URL`` and ``STORE_DATABASE_URL``. Throughput
    is stored rows over the time from the first publish to the reply of the last
    message (a write with a reply subject is answered after its rows are committed,
    and the batcher commits in FIFO order, so that reply means everything is in).
-   The row count of the SQLite file is then checked against what was published.
+   The row count of the database (SQLite file, or PostgreSQL through asyncpg) is
+   then checked against what was published. A PostgreSQL service gets its own fresh
+   database, apart from ceiling B's.
 4. **Latency**: a paced load at half the service's measured maximum, each message a
    request; latency is reply arrival minus send time, an upper bound of
    publish-to-commit.
@@ -41,8 +55,9 @@ taking a JSON spec), started as subprocesses and released together on stdin.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_ingest.py --quick   # CI smoke run, < 1 minute
+    .venv/bin/python benchmarks/bench_ingest.py --quick   # CI smoke run, about a minute
     .venv/bin/python benchmarks/bench_ingest.py           # full run, a few minutes
+    .venv/bin/python benchmarks/bench_ingest.py --only batch500-pg   # one scenario
 
 Results: a table on stdout and JSON in ``benchmarks/results/ingest.json``.
 """
@@ -57,6 +72,7 @@ import os
 import platform
 import random
 import re
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -65,13 +81,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import asyncpg
 import msgspec
 import nats
 import uvloop
@@ -81,8 +98,10 @@ from nats.aio.msg import Msg
 from store_svc.decode import PayloadDecoder
 from store_svc.demo import synthetic_records
 from store_svc.natsserver import NatsServer, find_nats_server
+from store_svc.pgserver import PostgresServer, find_pg_bin
 from store_svc.records import KINDS, Row
 from store_svc.settings import Settings
+from store_svc.sinks.postgres import PostgresSink, merge_sql
 from store_svc.sinks.sqlite import SqliteSink, time_micros, to_sqlite_rows, upsert_sql
 
 KIND = "trades"
@@ -90,9 +109,14 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_OUTPUT = RESULTS_DIR / "ingest.json"
 
 #: Targets: service ÷ bare subscriber (single-record), service ÷ raw executemany
-#: (500-record), and p99 publish→commit latency at half the maximum rate.
+#: (500-record, SQLite), service ÷ raw COPY + merge (500-record, PostgreSQL), and p99
+#: publish→commit latency at half the maximum rate.
 TARGET_SINGLE_VS_BARE = 0.75
 TARGET_BATCH_VS_RAW = 0.8
+TARGET_BATCH_PG_VS_RAW = 0.8
+
+SQLITE = "sqlite"
+POSTGRESQL = "postgresql"
 TARGET_P99_MS = 25.0
 
 _STOPPED_LINE = re.compile(
@@ -115,6 +139,8 @@ class Scenario:
         chunk: every ``chunk``-th message is a request (flow control).
         window: unanswered requests a publisher allows before it waits.
         latency_seconds: how long the paced latency load runs.
+        sink: where the service stores: ``"sqlite"`` (a file) or ``"postgresql"``
+            (a fresh database on the run's PostgreSQL server).
     """
 
     name: str
@@ -123,6 +149,7 @@ class Scenario:
     chunk: int
     window: int
     latency_seconds: float
+    sink: str = SQLITE
 
     @property
     def records(self) -> int:
@@ -133,10 +160,12 @@ class Scenario:
 QUICK = (
     Scenario("single", 1, 20_000, chunk=2_000, window=10, latency_seconds=2.0),
     Scenario("batch500", 500, 200, chunk=4, window=25, latency_seconds=2.0),
+    Scenario("batch500-pg", 500, 200, chunk=4, window=25, latency_seconds=2.0, sink=POSTGRESQL),
 )
 FULL = (
     Scenario("single", 1, 400_000, chunk=5_000, window=10, latency_seconds=5.0),
     Scenario("batch500", 500, 4_000, chunk=10, window=10, latency_seconds=5.0),
+    Scenario("batch500-pg", 500, 4_000, chunk=10, window=10, latency_seconds=5.0, sink=POSTGRESQL),
 )
 
 
@@ -714,6 +743,62 @@ def count_rows(db_path: Path) -> int:
         return int(conn.execute(f"SELECT count(*) FROM {KIND}").fetchone()[0])
 
 
+def is_postgres_url(database_url: str) -> bool:
+    """True for a ``postgresql://`` (or ``postgres://``) database URL."""
+    return database_url.startswith(("postgresql://", "postgres://"))
+
+
+def count_rows_pg(database_url: str) -> int:
+    """Rows in the trades table of a PostgreSQL database, read with asyncpg."""
+
+    async def go() -> int:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return int(await conn.fetchval(f"SELECT count(*) FROM {KIND}"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def count_stored(database_url: str) -> int:
+    """Rows in the trades table of the database a service URL names.
+
+    Args:
+        database_url: ``sqlite:///<path>`` or ``postgresql://...``.
+
+    Returns:
+        The row count.
+    """
+    if is_postgres_url(database_url):
+        return count_rows_pg(database_url)
+    return count_rows(Path(database_url.removeprefix("sqlite:///")))
+
+
+def create_pg_database(pg: PostgresServer, label: str) -> str:
+    """Create a fresh, empty database on the run's PostgreSQL server.
+
+    Args:
+        pg: the running server.
+        label: part of the name (anything; reduced to ``[a-z0-9_]``); a random suffix
+            keeps every name unique.
+
+    Returns:
+        The new database's URL.
+    """
+    name = f"bench_{re.sub(r'[^a-z0-9]+', '_', label.lower())}_{secrets.token_hex(4)}"
+
+    async def go() -> None:
+        conn = await asyncpg.connect(pg.dsn)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+    return pg.url(name)
+
+
 # ------------------------------------------------------------------ measurements
 
 
@@ -822,6 +907,88 @@ def measure_raw_executemany(
     }
 
 
+def measure_raw_copy_merge(
+    payloads: list[bytes], database_url: str, settings: Settings
+) -> dict[str, Any]:
+    """Ceiling B for PostgreSQL: the same rows through plain asyncpg COPY + merge.
+
+    The schema is created by opening (and closing) a :class:`PostgresSink` on the
+    fresh database ``database_url``. Rows are decoded (untimed) one batch at a time;
+    then, per batch of ``batch_size`` rows, one transaction on one connection does
+    what :meth:`PostgresSink.write` does: ``CREATE TEMP TABLE IF NOT EXISTS
+    stage_trades ...``, ``copy_records_to_table`` of ``(*row, ingested_at, seq)``
+    records, and the ``INSERT ... SELECT DISTINCT ON ... ON CONFLICT`` merge. Runs
+    on uvloop, as the service does.
+
+    Args:
+        payloads: the scenario's message bodies.
+        database_url: a fresh, empty PostgreSQL database.
+        settings: supplies ``batch_size`` and the decoder limits.
+
+    Returns:
+        Rows, timings, and rows/s of the whole write (records built + transaction,
+        the ceiling) and of the transaction alone.
+    """
+    return uvloop.run(_raw_copy_merge(payloads, database_url, settings))
+
+
+async def _raw_copy_merge(
+    payloads: list[bytes], database_url: str, settings: Settings
+) -> dict[str, Any]:
+    """The body of :func:`measure_raw_copy_merge` (inside the event loop)."""
+    sink = PostgresSink(database_url)
+    await sink.open()
+    timescale = sink.timescale
+    await sink.close()
+    spec = KINDS[KIND]
+    create, merge = merge_sql(spec)
+    stage = f"stage_{KIND}"
+    columns = [*spec.columns, "ingested_at", "seq"]
+    decoder = PayloadDecoder(settings.max_payload_bytes, settings.max_future_skew_s)
+    batch_size = settings.batch_size
+    t_build = t_write = 0.0
+    rows_total = 0
+    conn = await asyncpg.connect(database_url)
+    try:
+
+        async def commit(batch: list[Row]) -> None:
+            nonlocal t_build, t_write, rows_total
+            now = datetime.now(UTC)
+            t0 = time.perf_counter()
+            records = [(*row, now, i) for i, row in enumerate(batch)]
+            t1 = time.perf_counter()
+            async with conn.transaction():
+                await conn.execute(create)
+                await conn.copy_records_to_table(stage, records=records, columns=columns)
+                await conn.execute(merge)
+            t2 = time.perf_counter()
+            t_build += t1 - t0
+            t_write += t2 - t1
+            rows_total += len(batch)
+
+        pending: list[Row] = []
+        for payload in payloads:
+            pending.extend(decoder.decode(KIND, None, payload, None, datetime.now(UTC)).rows)
+            if len(pending) >= batch_size:
+                await commit(pending[:batch_size])
+                del pending[:batch_size]
+        if pending:
+            await commit(pending)
+        stored = int(await conn.fetchval(f"SELECT count(*) FROM {KIND}"))
+    finally:
+        await conn.close()
+    return {
+        "rows": rows_total,
+        "stored": stored,
+        "batch_size": batch_size,
+        "timescaledb": timescale,
+        "build_records_s": round(t_build, 4),
+        "copy_merge_s": round(t_write, 4),
+        "rows_per_s": rows_total / (t_build + t_write),
+        "copy_merge_only_rows_per_s": rows_total / t_write,
+    }
+
+
 def _start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     """Sample the service with py-spy (if installed) until the returned process is
     sent SIGINT."""
@@ -908,7 +1075,6 @@ def measure_service(
         Throughput, stored and lost counts, the latency summary and the service's own
         shutdown counters.
     """
-    db_path = Path(settings.database_url.removeprefix("sqlite:///"))
     svc = ServiceProcess(settings, workdir / "service.log")
     svc.start()
     try:
@@ -931,7 +1097,7 @@ def measure_service(
         finally:
             _stop_py_spy(spy)
         tp = summarize(results, scenario.per_msg)
-        stored = count_rows(db_path)
+        stored = count_stored(settings.database_url)
         accepted = sum(r.accepted for r in results)
         out: dict[str, Any] = {
             **tp.as_dict(),
@@ -949,7 +1115,7 @@ def measure_service(
         first_us = ts.take(n_lat * scenario.per_msg)
         save_payloads(lat_file, make_payloads(scenario.per_msg, n_lat, first_us, seed=2))
         latency = measure_latency(url, settings.subject("store", "write", KIND), lat_file, rate)
-        after = count_rows(db_path)
+        after = count_stored(settings.database_url)
         latency["fraction_of_max"] = opts.latency_fraction
         latency["stored"] = after - stored
         latency["lost"] = n_lat * scenario.per_msg - (after - stored)
@@ -987,11 +1153,25 @@ def machine_info() -> dict[str, Any]:
         "nats_server": server,
         "packages": {
             name: metadata.version(name)
-            for name in ("market-data-store", "nats-py", "msgspec", "uvloop", "market-data-core")
+            for name in (
+                "market-data-store",
+                "nats-py",
+                "msgspec",
+                "uvloop",
+                "asyncpg",
+                "market-data-core",
+            )
         },
         "loadavg_at_start": os.getloadavg(),
         "git": _git_state(),
     }
+
+
+def _pg_version() -> str:
+    """The version of the PostgreSQL server binaries the run uses."""
+    return subprocess.run(
+        [str(find_pg_bin() / "pg_ctl"), "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
 
 
 def _git_state() -> dict[str, Any]:
@@ -1015,15 +1195,31 @@ def run_scenario(
     workdir: Path,
     ts: TsAllocator,
     opts: RunOptions,
+    pg: PostgresServer | None = None,
 ) -> dict[str, Any]:
     """All measurements of one scenario, on the same payloads.
 
+    Args:
+        scenario: the workload.
+        url: the nats-server URL.
+        workdir: a fresh temporary directory for payloads, logs and SQLite files.
+        ts: hands out the records' timestamps.
+        opts: run-wide options.
+        pg: the run's PostgreSQL server (required for a PostgreSQL scenario).
+
     Returns:
         The scenario's section of the JSON report.
+
+    Raises:
+        ValueError: a PostgreSQL scenario without a server.
     """
+    on_pg = scenario.sink == POSTGRESQL
+    if on_pg and pg is None:
+        raise ValueError(f"scenario {scenario.name} needs a PostgreSQL server")
     settings = Settings.model_construct(
         nats_url=url, database_url=f"sqlite:///{(workdir / 'service.db').resolve()}"
     )
+    ceiling = "raw COPY+merge" if on_pg else "raw executemany"
 
     def say(text: str) -> None:
         print(f"[{scenario.name}] {text}", file=sys.stderr, flush=True)
@@ -1035,30 +1231,46 @@ def run_scenario(
     save_payloads(payload_file, payloads)
     say(f"generated in {time.monotonic() - t0:.1f}s; ceiling A: bare subscriber")
     bare = measure_bare_subscriber(url, settings, payload_file, scenario, opts.publishers)
-    say(f"bare subscriber: {bare['records_per_s']:,.0f} records/s; ceiling B: raw executemany")
-    raw = measure_raw_executemany(payloads, workdir / "raw.db", settings)
+    say(f"bare subscriber: {bare['records_per_s']:,.0f} records/s; ceiling B: {ceiling}")
+    if pg is not None and on_pg:
+        raw = measure_raw_copy_merge(
+            payloads, create_pg_database(pg, f"{scenario.name}-raw"), settings
+        )
+        # The service gets a database of its own, created just before it starts.
+        settings = Settings.model_construct(
+            nats_url=url, database_url=create_pg_database(pg, f"{scenario.name}-service")
+        )
+    else:
+        raw = measure_raw_executemany(payloads, workdir / "raw.db", settings)
     del payloads
-    say(f"raw executemany: {raw['rows_per_s']:,.0f} rows/s; the service")
+    say(f"{ceiling}: {raw['rows_per_s']:,.0f} rows/s; the service")
     svc = measure_service(url, settings, workdir, payload_file, scenario, opts, ts)
     say(
         f"service: {svc['rows_per_s']:,.0f} rows/s, lost {svc['lost']}, latency p99 "
         f"{_fmt(svc['latency']['p99_ms'], '.1f')} ms"
     )
+    ratios = {"service_vs_bare_subscriber": svc["rows_per_s"] / bare["records_per_s"]}
+    if on_pg:
+        ratios["service_vs_raw_copy_merge"] = svc["rows_per_s"] / raw["rows_per_s"]
+        ratios["service_vs_raw_copy_merge_only"] = (
+            svc["rows_per_s"] / raw["copy_merge_only_rows_per_s"]
+        )
+    else:
+        ratios["service_vs_raw_executemany"] = svc["rows_per_s"] / raw["rows_per_s"]
+        ratios["service_vs_raw_convert_plus_executemany"] = (
+            svc["rows_per_s"] / raw["convert_plus_executemany_rows_per_s"]
+        )
     return {
         "name": scenario.name,
+        "sink": scenario.sink,
         "records_per_msg": scenario.per_msg,
         "messages": scenario.messages,
         "flow_control": {"chunk_msgs": scenario.chunk, "window_requests": scenario.window},
         "publishers": opts.publishers,
         "bare_subscriber": bare,
-        "raw_executemany": raw,
+        "raw_copy_merge" if on_pg else "raw_executemany": raw,
         "service": svc,
-        "ratios": {
-            "service_vs_bare_subscriber": svc["rows_per_s"] / bare["records_per_s"],
-            "service_vs_raw_executemany": svc["rows_per_s"] / raw["rows_per_s"],
-            "service_vs_raw_convert_plus_executemany": svc["rows_per_s"]
-            / raw["convert_plus_executemany_rows_per_s"],
-        },
+        "ratios": ratios,
     }
 
 
@@ -1066,13 +1278,26 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _cell(scenario: dict[str, Any], spec: str, *path: str) -> str:
+    """A table cell: the value at ``path`` in a scenario's report, formatted with
+    ``spec``, or ``-`` where the scenario has no such value (e.g. the other sink's
+    ceiling)."""
+    value: Any = scenario
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return "-"
+        value = value[key]
+    return _fmt(value, spec)
+
+
 def targets(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Check the three targets against the results."""
+    """Check the targets (ratios, and p99 latency of every scenario) against the results."""
     out: list[dict[str, Any]] = []
     by_name = {s["name"]: s for s in scenarios}
     checks = [
         ("single", "service_vs_bare_subscriber", TARGET_SINGLE_VS_BARE, ">="),
         ("batch500", "service_vs_raw_executemany", TARGET_BATCH_VS_RAW, ">="),
+        ("batch500-pg", "service_vs_raw_copy_merge", TARGET_BATCH_PG_VS_RAW, ">="),
     ]
     for name, ratio, target, op in checks:
         if name in by_name:
@@ -1113,6 +1338,7 @@ def print_table(report: dict[str, Any]) -> None:
     def add(label: str, fn: Any) -> None:
         rows.append((label, [fn(s) for s in scenarios]))
 
+    add("sink", lambda s: str(s.get("sink", SQLITE)))
     add("records per message", lambda s: f"{s['records_per_msg']}")
     add("published records", lambda s: f"{s['service']['published_records']:,}")
     add("stored records", lambda s: f"{s['service']['stored']:,}")
@@ -1127,16 +1353,28 @@ def print_table(report: dict[str, Any]) -> None:
         "A publisher msgs/s (sending only)",
         lambda s: f"{s['bare_subscriber']['publish_msgs_per_s']:,.0f}",
     )
-    add("B raw executemany rows/s", lambda s: f"{s['raw_executemany']['rows_per_s']:,.0f}")
+    add("B raw executemany rows/s", lambda s: _cell(s, ",.0f", "raw_executemany", "rows_per_s"))
     add(
         "B raw convert+executemany rows/s",
-        lambda s: f"{s['raw_executemany']['convert_plus_executemany_rows_per_s']:,.0f}",
+        lambda s: _cell(s, ",.0f", "raw_executemany", "convert_plus_executemany_rows_per_s"),
+    )
+    add("B raw COPY+merge rows/s", lambda s: _cell(s, ",.0f", "raw_copy_merge", "rows_per_s"))
+    add(
+        "B raw COPY+merge (txn only) rows/s",
+        lambda s: _cell(s, ",.0f", "raw_copy_merge", "copy_merge_only_rows_per_s"),
     )
     add("service / A bare subscriber", lambda s: f"{s['ratios']['service_vs_bare_subscriber']:.3f}")
-    add("service / B raw executemany", lambda s: f"{s['ratios']['service_vs_raw_executemany']:.3f}")
+    add(
+        "service / B raw executemany",
+        lambda s: _cell(s, ".3f", "ratios", "service_vs_raw_executemany"),
+    )
     add(
         "service / B convert+executemany",
-        lambda s: f"{s['ratios']['service_vs_raw_convert_plus_executemany']:.3f}",
+        lambda s: _cell(s, ".3f", "ratios", "service_vs_raw_convert_plus_executemany"),
+    )
+    add(
+        "service / B raw COPY+merge",
+        lambda s: _cell(s, ".3f", "ratios", "service_vs_raw_copy_merge"),
     )
     add("latency load msgs/s", lambda s: f"{s['service']['latency']['achieved_msgs_per_s']:,.0f}")
     add(
@@ -1172,14 +1410,14 @@ def print_table(report: dict[str, Any]) -> None:
         value = _fmt(t["value"], ".3f")
         margin = _fmt(t["margin"], "+.3f")
         print(
-            f"target {t['scenario']:>8} {t['metric']:<28} {value:>8} {t['op']} {t['target']:<6}"
+            f"target {t['scenario']:>11} {t['metric']:<28} {value:>8} {t['op']} {t['target']:<6}"
             f" {verdict} (margin {margin})"
         )
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run every scenario on one private nats-server and build the report."""
-    scenarios = QUICK if args.quick else FULL
+    scenarios: tuple[Scenario, ...] = QUICK if args.quick else FULL
     if args.only:
         scenarios = tuple(s for s in scenarios if s.name in args.only)
     info = machine_info()
@@ -1193,12 +1431,20 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     ts = TsAllocator()
     started = time.monotonic()
     results = []
-    with NatsServer() as server:
+    with ExitStack() as stack:
+        server = stack.enter_context(NatsServer())
         print(f"nats-server on {server.url}", file=sys.stderr)
+        pg: PostgresServer | None = None
+        if any(s.sink == POSTGRESQL for s in scenarios):
+            pg = PostgresServer()
+            stack.callback(pg.remove)  # also after a failed start: the folder goes
+            pg.start()
+            print(f"PostgreSQL on {pg.dsn}", file=sys.stderr)
+            info["postgresql"] = _pg_version()
         for scenario in scenarios:
             workdir = Path(tempfile.mkdtemp(prefix=f"bench-ingest-{scenario.name}-"))
             try:
-                results.append(run_scenario(scenario, server.url, workdir, ts, opts))
+                results.append(run_scenario(scenario, server.url, workdir, ts, opts, pg))
             finally:
                 if args.keep:
                     print(f"kept {workdir}", file=sys.stderr)
@@ -1227,10 +1473,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options (the internal roles are hidden from ``--help``)."""
     parser = argparse.ArgumentParser(
         description="Benchmark store-svc ingest: throughput vs a bare NATS subscriber and "
-        "raw sqlite3 executemany, and publish→commit latency at half the maximum rate.",
+        "raw sqlite3 executemany (or raw asyncpg COPY + merge for PostgreSQL), and "
+        "publish→commit latency at half the maximum rate.",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="small counts, under a minute (CI smoke run)"
+        "--quick", action="store_true", help="small counts, about a minute (CI smoke run)"
     )
     parser.add_argument(
         "--publishers", type=int, default=1, help="publisher processes per run (default 1)"

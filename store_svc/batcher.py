@@ -89,6 +89,28 @@ class Batcher:
                 self.in_flight = size
             await self._commit(batch, size)
 
+    async def _isolate(self, batch: list[Envelope], exc: SinkError) -> None:
+        """Commit the envelopes of a refused batch one by one; drop only the refused."""
+        if len(batch) == 1:
+            env = batch[0]
+            self._stats.rejected["sink_refused"] += len(env.rows)
+            self._stats.rejected_by_kind[env.kind] += len(env.rows)
+            log.error(
+                "the database refused a %s message of %d records; it is dropped: %s",
+                env.kind,
+                len(env.rows),
+                exc,
+            )
+            if env.fail is not None:
+                try:
+                    await env.fail(f"the database refused these records: {exc}")
+                except Exception as err:
+                    log.warning("reporting a refused %s message failed: %s", env.kind, err)
+            self.in_flight = 0
+            return
+        for env in batch:
+            await self._commit([env], len(env.rows))
+
     async def _commit(self, batch: list[Envelope], size: int) -> None:
         grouped: defaultdict[str, list[Row]] = defaultdict(list)
         for env in batch:
@@ -100,7 +122,16 @@ class Batcher:
             try:
                 await self._sink.write(grouped)
                 break
-            except Exception as exc:  # any failure keeps the batch: retry, never drop
+            except Exception as exc:  # a failure keeps the batch: retried, never dropped
+                if (
+                    isinstance(exc, SinkError)
+                    and not exc.retryable
+                    and not isinstance(exc, SchemaError)
+                ):
+                    # The database refuses the data itself: retrying cannot help, and
+                    # waiting would stall every later record. Find the message at fault.
+                    await self._isolate(batch, exc)
+                    return
                 if not isinstance(exc, SinkError):
                     log.exception("unexpected error committing %d records", size)
                 self._stats.sink_errors += 1

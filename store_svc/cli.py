@@ -210,7 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         coro = args.func(args)
     except pydantic.ValidationError as exc:
-        print(f"store-svc: invalid settings:\n{exc}", file=sys.stderr)
+        # Never print the input: it can hold the admin token or a database password.
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors(include_input=False, include_url=False)
+        ]
+        print("store-svc: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         return 2
     try:
         return int(uvloop.run(coro))

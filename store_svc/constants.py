@@ -30,6 +30,10 @@ SERVICE_ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 #: payload cannot make the DLQ message larger than the record it carries.
 MAX_HEADER_VALUE_CHARS = 512
 
+#: Rejected records of one message published to the DLQ one by one; the rest are
+#: counted only, so a hostile payload of half a million bad records cannot flood it.
+MAX_DLQ_PER_MESSAGE = 1000
+
 #: How many per-record errors a write reply lists; the counts stay exact.
 MAX_REPLY_ERRORS = 100
 
@@ -45,6 +49,7 @@ INT64_MAX = 2**63 - 1
 #: produces; beyond that a value is a unit or encoding bug (and "1e100000" would
 #: make a huge row). The number of digits is bounded by the payload size.
 MAX_DECIMAL_ADJUSTED_EXPONENT = 30
+MAX_DECIMAL_DIGITS = 38
 
 #: Symbols are identifiers, not documents.
 MAX_SYMBOL_CHARS = 64

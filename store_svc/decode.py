@@ -161,10 +161,15 @@ class PayloadDecoder:
         try:
             whole = codec.whole.decode(payload)
         except msgspec.ValidationError:
-            self._decode_each(spec, codec, payload, ctx, out)
+            try:
+                self._decode_each(spec, codec, payload, ctx, out)
+            except RecursionError:
+                raise RejectedInput("malformed_payload", "the body is nested too deeply") from None
             return out
         except msgspec.DecodeError as exc:
             raise RejectedInput("malformed_payload", _decode_detail(exc, codec)) from None
+        except RecursionError:
+            raise RejectedInput("malformed_payload", "the body is nested too deeply") from None
         records = whole if isinstance(whole, list) else [whole]
         if not records:
             raise RejectedInput("empty_payload", "the array holds no records")

@@ -26,6 +26,7 @@ from .constants import (
     DETAIL_HEADER,
     INDEX_HEADER,
     KINDS,
+    MAX_DLQ_PER_MESSAGE,
     MAX_HEADER_VALUE_CHARS,
     MAX_REPLY_ERRORS,
     OVERLOAD_RETRY_AFTER_MS,
@@ -197,15 +198,22 @@ class CoreIntake:
             )
             return
         self._stats.received[kind] += len(decoded.rows) + len(decoded.rejects)
-        for reject in decoded.rejects:
-            await self._to_dlq(kind, subject, reject, msg.headers)
+        for n, reject in enumerate(decoded.rejects):
+            if n < MAX_DLQ_PER_MESSAGE:
+                await self._to_dlq(kind, subject, reject, msg.headers)
+            else:  # counted, not republished one by one: one message cannot flood the DLQ
+                self._stats.rejected[reject.reason] += 1
+                self._stats.rejected_by_kind[kind] += 1
         if not decoded.rows:
             await self._refuse(msg, decoded.rejects)
             return
-        ack = self._reply_after_commit(msg, decoded) if msg.reply else None
+        ack = fail = None
+        if msg.reply:
+            ack = self._reply_after_commit(msg, decoded)
+            fail = self._reply_refused(msg.reply)
         self._stats.accepted[kind] += len(decoded.rows)
         try:
-            await self._queue.put(Envelope(kind, decoded.rows, received, ack))
+            await self._queue.put(Envelope(kind, decoded.rows, received, ack, fail))
         except QueueClosed:
             # Only reachable when shutdown cut a drain short; say so, never silently.
             self._stats.accepted[kind] -= len(decoded.rows)
@@ -221,6 +229,12 @@ class CoreIntake:
 
         async def send() -> None:
             await self._nc.publish(reply, body)
+
+        return send
+
+    def _reply_refused(self, reply: str) -> Any:
+        async def send(reason: str) -> None:
+            await self._error_reply(reply, 500, "sink_refused", reason)
 
         return send
 
@@ -250,7 +264,10 @@ class CoreIntake:
             SERVICE_ERROR_CODE_HEADER: str(code),
             **(headers or {}),
         }
-        await self._nc.publish(reply, body, headers=out)
+        try:
+            await self._nc.publish(reply, body, headers=out)
+        except NatsError as exc:
+            log.warning("could not send an error reply: %s", exc)
 
     async def _to_dlq(
         self, kind: str, subject: str, rej: Reject, headers: dict[str, str] | None
@@ -269,4 +286,8 @@ class CoreIntake:
         if ctype:
             out["Content-Type"] = header_value(ctype)
         log.debug("rejected a %s record on %s: %s", kind, subject, rej.reason)
-        await self._nc.publish(self._dlq_prefix + dlq_kind, rej.raw, headers=out)
+        try:
+            await self._nc.publish(self._dlq_prefix + dlq_kind, rej.raw, headers=out)
+        except NatsError as exc:  # e.g. the reconnect buffer is full: count, go on
+            self._stats.dlq_failed += 1
+            log.warning("could not publish a rejected record to the DLQ: %s", exc)

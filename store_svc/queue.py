@@ -28,12 +28,14 @@ class Envelope:
         rows: validated rows.
         received: loop time at which the message arrived.
         ack: awaited after the rows are committed (reply or JetStream ack), if any.
+        fail: awaited with a reason when the database refuses the rows for good.
     """
 
     kind: str
     rows: list[Row]
     received: float
     ack: Callable[[], Awaitable[None]] | None = None
+    fail: Callable[[str], Awaitable[None]] | None = None
 
 
 class QueueClosed(StoreError):
@@ -117,6 +119,11 @@ class RecordQueue:
                     break
                 fut = asyncio.get_running_loop().create_future()
                 self._putters.appendleft(fut)
+        except BaseException:
+            # Woken but leaving without the room (cancelled): pass the wake-up on.
+            if fut.done() and not fut.cancelled():
+                self._wake_putter()
+            raise
         finally:
             if not fut.done():
                 fut.cancel()

@@ -9,11 +9,12 @@ store accepts exactly what Core accepts, plus the checks below.
 Checks the store adds on top of Core (each with its reject reason):
 
 * ``non_finite_number``: NaN or infinite Decimal (Core refuses these too);
-* ``number_out_of_range``: a Decimal with an exponent beyond +-30, or an integer
-  outside the signed 64-bit range (the database cannot hold it);
+* ``number_out_of_range``: a Decimal with more than 38 digits or a magnitude or
+  precision beyond 1e+-30, or an integer outside the signed 64-bit range;
+* ``invalid_text``: a text field with a NUL character (databases refuse it);
 * ``timestamp_out_of_range``: a time before 1900 or more than
   ``STORE_MAX_FUTURE_SKEW_S`` in the future (expiries: before 1900 or after 2199);
-* ``invalid_symbol``: an empty or overlong symbol;
+* ``invalid_symbol``: an empty, overlong, padded or non-printable symbol;
 * ``symbol_mismatch``: the record's symbol differs from the subject's symbol token.
 
 A validated record becomes a *row*: a tuple in the table's column order holding
@@ -38,6 +39,7 @@ from .constants import (
     INT64_MAX,
     INT64_MIN,
     MAX_DECIMAL_ADJUSTED_EXPONENT,
+    MAX_DECIMAL_DIGITS,
     MAX_SYMBOL_CHARS,
 )
 from .errors import RejectedInput
@@ -168,7 +170,12 @@ def to_utc(value: Time, field: str, latest: datetime) -> datetime:
         elif value.tzinfo is UTC:
             when = value
         else:
-            when = value.astimezone(UTC)
+            try:
+                when = value.astimezone(UTC)
+            except OverflowError:  # 0001-01-01T00:00+01:00 has no UTC time
+                raise RejectedInput(
+                    "timestamp_out_of_range", f"{field} {value.isoformat()} has no UTC time"
+                ) from None
     else:
         when = _from_epoch(value, field)
     if not EARLIEST <= when <= latest:
@@ -209,11 +216,16 @@ def check_decimal(value: Decimal, field: str) -> Decimal:
     """
     if not value.is_finite():
         raise RejectedInput("non_finite_number", f"{field} is {value}, not a finite number")
-    if value and not -MAX_DECIMAL_ADJUSTED_EXPONENT <= value.adjusted() <= (
-        MAX_DECIMAL_ADJUSTED_EXPONENT
+    _, digits, exponent = value.as_tuple()
+    if not (
+        exponent >= -MAX_DECIMAL_ADJUSTED_EXPONENT  # type: ignore[operator]
+        and len(digits) + exponent <= MAX_DECIMAL_ADJUSTED_EXPONENT + 1  # type: ignore[operator]
+        and len(digits) <= MAX_DECIMAL_DIGITS
     ):
         raise RejectedInput(
-            "number_out_of_range", f"{field} {value} is outside 1e-30 .. 1e30 in magnitude"
+            "number_out_of_range",
+            f"{field} {str(value)[:40]} has more than {MAX_DECIMAL_DIGITS} digits or a "
+            f"magnitude outside 1e-30 .. 1e30",
         )
     return value
 
@@ -257,10 +269,15 @@ def check_symbol(symbol: str, ctx: RowContext) -> str:
     Raises:
         RejectedInput: ``invalid_symbol`` or ``symbol_mismatch``.
     """
-    if not symbol or len(symbol) > MAX_SYMBOL_CHARS or symbol.strip() != symbol:
+    if (
+        not symbol
+        or len(symbol) > MAX_SYMBOL_CHARS
+        or symbol.strip() != symbol
+        or not symbol.isprintable()
+    ):
         raise RejectedInput(
             "invalid_symbol",
-            f"symbol must be 1..{MAX_SYMBOL_CHARS} characters without surrounding spaces",
+            f"symbol must be 1..{MAX_SYMBOL_CHARS} printable characters without surrounding spaces",
         )
     if ctx.symbol is not None and symbol != ctx.symbol:
         raise RejectedInput(
@@ -269,11 +286,39 @@ def check_symbol(symbol: str, ctx: RowContext) -> str:
     return symbol
 
 
+def check_text(value: str, field: str) -> str:
+    """Refuse text a database cannot hold (a NUL character).
+
+    Args:
+        value: the text.
+        field: the field name, for the error.
+
+    Returns:
+        ``value`` unchanged.
+
+    Raises:
+        RejectedInput: ``invalid_text``.
+    """
+    if "\x00" in value:
+        raise RejectedInput("invalid_text", f"{field} contains a NUL character")
+    return value
+
+
+def _opt_text(value: str | None, field: str) -> str | None:
+    return None if value is None else check_text(value, field)
+
+
+def _conditions(values: list[str]) -> tuple[str, ...]:
+    for value in values:
+        check_text(value, "conditions")
+    return tuple(values)
+
+
 def bar_row(r: BarRecord, ctx: RowContext) -> Row:
     """Validate a bar and return its row, in ``KINDS["bars"].columns`` order."""
     return (
         check_symbol(r.symbol, ctx),
-        r.resolution,
+        check_text(r.resolution, "resolution"),
         to_utc(r.ts, "ts", ctx.latest),
         check_decimal(r.open, "open"),
         check_decimal(r.high, "high"),
@@ -291,8 +336,8 @@ def trade_row(r: TradeRecord, ctx: RowContext) -> Row:
         to_utc(r.ts, "ts", ctx.latest),
         check_decimal(r.price, "price"),
         check_int64(r.size, "size"),
-        r.exchange,
-        tuple(r.conditions),
+        _opt_text(r.exchange, "exchange"),
+        _conditions(r.conditions),
     )
 
 

@@ -135,6 +135,15 @@ class Settings(BaseSettings):
     """A file of ``STORE_*=value`` lines read at start-up and again by the ``reload``
     control action (the process environment wins over the file)."""
 
+    @field_validator("admin_token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None  # empty means unset: control stays disabled
+        if len(value.get_secret_value()) < 16:
+            raise ValueError("the admin token must be at least 16 characters")
+        return value
+
     @field_validator("subject_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:

@@ -22,6 +22,7 @@ class Stats:
         dropped_messages: messages the NATS client dropped as a slow consumer.
         dropped_by_kind: the same, per kind named by the subject.
         refused_overload: request-reply writes refused with 503 at the hard watermark.
+        dlq_failed: rejected records that could not be published to the DLQ.
         batches: transactions committed.
         sink_errors: failed commit attempts.
         last_sink_error: text of the most recent failed commit, cleared on success.
@@ -37,6 +38,7 @@ class Stats:
     dropped_messages: int = 0
     dropped_by_kind: Counter[str] = field(default_factory=Counter)
     refused_overload: int = 0
+    dlq_failed: int = 0
     batches: int = 0
     sink_errors: int = 0
     last_sink_error: str | None = None

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from store_svc.core import Bar, OptionSnapshot, Quote, Trade
 
 symbols = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Zs", "Zl", "Zp")),
+    alphabet=st.characters(
+        codec="utf-8", exclude_categories=("Cs", "Cc", "Cf", "Co", "Cn", "Zs", "Zl", "Zp")
+    ),
     min_size=1,
     max_size=12,
 )

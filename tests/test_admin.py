@@ -230,7 +230,7 @@ async def test_cli_control(
         assert out.returncode == 0, out.stderr
         assert ControlResult.model_validate_json(out.stdout).status == "ok"
         assert svc.paused
-        out = await asyncio.to_thread(cli, "resume", token="wrong")
+        out = await asyncio.to_thread(cli, "resume", token="wrong-token-0123456789")
         assert out.returncode == 1
         assert svc.paused
         out = await asyncio.to_thread(cli, "resume", token=TOKEN)

@@ -97,6 +97,7 @@ MESSAGE_LEVEL: list[tuple[str, str, bytes, dict[str, str] | None, str]] = [
     ("garbage Md-Ts", "options", b"{}", {"Md-Ts": "next tuesday"}, "bad_header"),
     ("absurd Md-Ts", "options", b"{}", {"Md-Ts": "99999999999999"}, "bad_header"),
     ("NaN Md-Ts", "options", b"{}", {"Md-Ts": "nan"}, "bad_header"),
+    ("nested too deeply", "trades", b"[" * 4000, None, "malformed_payload"),
 ]
 
 
@@ -146,6 +147,12 @@ RECORD_LEVEL: list[tuple[str, Any, str]] = [
     ("size beyond 64 bits", trade(size=2**70), "number_out_of_range"),
     ("price 1e400", trade(price="1e400"), "number_out_of_range"),
     ("empty symbol", trade(symbol=""), "invalid_symbol"),
+    ("NUL in symbol", trade(symbol="A\u0000B"), "invalid_symbol"),
+    ("NUL in exchange", trade(exchange="X\u0000"), "invalid_text"),
+    ("NUL in a condition", trade(conditions=["@", "\u0000"]), "invalid_text"),
+    ("zero with a huge scale", trade(price="0E-100000"), "number_out_of_range"),
+    ("too many digits", trade(price="1." + "0" * 100), "number_out_of_range"),
+    ("offset time before year 1", trade(ts="0001-01-01T00:00:00+01:00"), "timestamp_out_of_range"),
     ("not an object", 17, "not_an_object"),
     ("null record", None, "not_an_object"),
 ]

@@ -42,10 +42,21 @@ def test_version() -> None:
 
 
 def test_invalid_settings_exit_2_with_a_clear_message() -> None:
-    out = run("run", env={"STORE_BATCH_SIZE": "10", "STORE_QUEUE_CAPACITY": "5"})
+    secret = "do-not-print-this-token-ever"
+    out = run(
+        "run",
+        env={
+            "STORE_BATCH_SIZE": "10",
+            "STORE_QUEUE_CAPACITY": "5",
+            "STORE_ADMIN_TOKEN": secret,
+            "STORE_DATABASE_URL": "postgresql://u:hunter2pass@db/x",
+        },
+    )
     assert out.returncode == 2
     assert "invalid settings" in out.stderr
     assert "batch_size" in out.stderr
+    assert secret not in out.stderr
+    assert "hunter2pass" not in out.stderr
 
 
 def test_unreachable_nats_fails_fast(tmp_path: Path) -> None:

@@ -30,7 +30,12 @@ from .contracts.update import HERE, MODELS, schema_text
 from .strategies import BY_KIND, as_utc
 
 # Checks the store adds on top of Core; a record Core accepts may fail only these.
-STORE_ONLY_REASONS = {"invalid_symbol", "timestamp_out_of_range", "number_out_of_range"}
+STORE_ONLY_REASONS = {
+    "invalid_symbol",
+    "invalid_text",
+    "timestamp_out_of_range",
+    "number_out_of_range",
+}
 RECEIVED = datetime(2026, 6, 1, tzinfo=UTC)
 
 

@@ -179,3 +179,40 @@ async def test_an_unexpected_sink_error_is_retried_too() -> None:
     assert b._stats.sink_errors == 1
     q.close()
     await task
+
+
+async def test_a_batch_the_database_refuses_is_split_and_only_the_culprit_dropped() -> None:
+    from store_svc.errors import SinkError
+
+    class Picky(MemorySink):
+        async def write(self, batch):  # type: ignore[no-untyped-def]
+            if any(row[0] == "POISON" for rows in batch.values() for row in rows):
+                raise SinkError("value refused", retryable=False)
+            await super().write(batch)
+
+    q = RecordQueue(capacity=100)
+    sink = Picky()
+    b = _batcher(q, sink, batch_size=100, flush_interval=10.0)
+    acked: list[str] = []
+    failed: list[str] = []
+
+    def make(symbol: str) -> Envelope:
+        e = Envelope("trades", [(symbol, None, None, None, None, ())], 0.0)
+
+        async def ack() -> None:
+            acked.append(symbol)
+
+        async def fail(reason: str) -> None:
+            failed.append(f"{symbol}: {reason}")
+
+        e.ack, e.fail = ack, fail
+        return e
+
+    for symbol in ("A", "B", "POISON", "C"):
+        await q.put(make(symbol))
+    q.close()
+    await asyncio.wait_for(b.run(), 5)
+    assert acked == ["A", "B", "C"]
+    assert failed == ["POISON: the database refused these records: value refused"]
+    assert b._stats.rejected["sink_refused"] == 1
+    assert (await sink.counts())["trades"] == 3

@@ -31,7 +31,7 @@ def test_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
         "STORE_SOFT_WATERMARK": "0.4",
         "STORE_HARD_WATERMARK": "0.9",
         "STORE_METRICS_PORT": "9108",
-        "STORE_ADMIN_TOKEN": "s3cret",
+        "STORE_ADMIN_TOKEN": "s3cret-0123456789",
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -44,15 +44,15 @@ def test_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.soft_watermark, s.hard_watermark) == (0.4, 0.9)
     assert s.metrics_port == 9108
     assert s.admin_token is not None
-    assert s.admin_token.get_secret_value() == "s3cret"
+    assert s.admin_token.get_secret_value() == "s3cret-0123456789"
     assert "s3cret" not in repr(s)
 
 
 def test_plain_admin_token_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ADMIN_TOKEN", "plain")
+    monkeypatch.setenv("ADMIN_TOKEN", "plain-token-0123456789")
     s = Settings()
     assert s.admin_token is not None
-    assert s.admin_token.get_secret_value() == "plain"
+    assert s.admin_token.get_secret_value() == "plain-token-0123456789"
 
 
 @pytest.mark.parametrize(
@@ -102,3 +102,9 @@ def test_recovery_marks_default_below_their_marks() -> None:
     s = load_settings(soft_recovery_watermark=0.2, hard_recovery_watermark=0.3)
     assert (s.soft_recovery, s.hard_recovery) == (0.2, 0.3)
     assert load_settings().coordinator_id.startswith("store-")
+
+
+def test_empty_admin_token_means_unset_and_short_ones_are_refused() -> None:
+    assert load_settings(admin_token="").admin_token is None
+    with pytest.raises(pydantic.ValidationError, match="at least 16"):
+        load_settings(admin_token="short")

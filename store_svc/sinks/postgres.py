@@ -100,6 +100,15 @@ def merge_sql(spec: KindSpec) -> tuple[str, str]:
 
 
 _RETRYABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+#: Errors about the data, not the server: client-side encoding errors and SQL
+#: classes 22 (data exception) and 23 (integrity constraint violation).
+_REFUSED = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    ValueError,
+    TypeError,
+    OverflowError,
+)
 
 
 class PostgresSink(Sink):
@@ -167,7 +176,12 @@ class PostgresSink(Sink):
         )
         if not available:
             return False
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        try:
+            async with conn.transaction():  # a savepoint: a refusal keeps plain tables
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        except asyncpg.PostgresError as exc:
+            log.warning("timescaledb is installed but cannot be enabled (%s); plain tables", exc)
+            return False
         for table, column in _TIME_COLUMN.items():
             await conn.execute(
                 "SELECT create_hypertable($1::regclass, $2::name, if_not_exists => TRUE, "
@@ -202,6 +216,11 @@ class PostgresSink(Sink):
                         columns=[*spec.columns, "ingested_at", "seq"],
                     )
                     await conn.execute(merge)
+        except _REFUSED as exc:
+            # The data itself is refused (bad value, constraint): retrying cannot help.
+            raise SinkError(
+                f"PostgreSQL refused the data: {type(exc).__name__}: {exc}", retryable=False
+            ) from exc
         except _RETRYABLE as exc:
             raise SinkError(f"PostgreSQL write failed: {type(exc).__name__}: {exc}") from exc
 

@@ -192,6 +192,9 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         op, arg = decode(frame)
         try:
             reply = [True, handlers[op](arg), False]
+        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError) as exc:
+            # The data itself is refused: trying the same batch again cannot help.
+            reply = [False, f"{type(exc).__name__}: {exc}", False]
         except sqlite3.Error as exc:
             reply = [False, f"{type(exc).__name__}: {exc}", True]
         except SchemaTooNew as exc:
