@@ -125,6 +125,7 @@ class PostgresSink(Sink):
         self.dsn = dsn
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
+        self._writer: asyncpg.Connection | None = None
         self._sql = {kind: merge_sql(spec) for kind, spec in KINDS.items()}
         self.timescale = False
 
@@ -198,31 +199,50 @@ class PostgresSink(Sink):
         Raises:
             SinkError: nothing was committed (retryable: connection lost, server down).
         """
-        pool = self._pool
-        if pool is None:
+        if self._pool is None:
             raise SinkError("the PostgreSQL sink is not open")
         now = datetime.now(UTC)
         try:
-            async with pool.acquire() as conn, conn.transaction():
+            conn = await self._writer_connection()
+            async with conn.transaction():
                 for kind, rows in batch.items():
                     if not rows:
                         continue
                     spec = KINDS[kind]
-                    create, merge = self._sql[kind]
-                    await conn.execute(create)
                     await conn.copy_records_to_table(
                         f"stage_{kind}",
                         records=[(*row, now, i) for i, row in enumerate(rows)],
                         columns=[*spec.columns, "ingested_at", "seq"],
                     )
-                    await conn.execute(merge)
+                    await conn.execute(self._sql[kind][1])
         except _REFUSED as exc:
             # The data itself is refused (bad value, constraint): retrying cannot help.
+            await self._drop_writer()  # a COPY cut short may leave the session unusable
             raise SinkError(
                 f"PostgreSQL refused the data: {type(exc).__name__}: {exc}", retryable=False
             ) from exc
         except _RETRYABLE as exc:
+            await self._drop_writer()  # reconnect on the next attempt
             raise SinkError(f"PostgreSQL write failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _writer_connection(self) -> asyncpg.Connection:
+        # One connection for all writes (there is one writer), with the staging
+        # tables made once: no pool reset and no DDL round trip per batch.
+        if self._writer is None or self._writer.is_closed():
+            conn = await asyncpg.connect(self.dsn, command_timeout=60)
+            try:
+                for create, _ in self._sql.values():
+                    await conn.execute(create)
+            except BaseException:
+                await conn.close()
+                raise
+            self._writer = conn
+        return self._writer
+
+    async def _drop_writer(self) -> None:
+        conn, self._writer = self._writer, None
+        if conn is not None:
+            conn.terminate()
 
     async def rows(self, kind: str) -> list[Row]:
         """Every row of ``kind`` in key order."""
@@ -252,7 +272,13 @@ class PostgresSink(Sink):
         return {k: int(await pool.fetchval(f"SELECT count(*) FROM {k}")) for k in KINDS}
 
     async def close(self) -> None:
-        """Close the pool; idempotent."""
+        """Close the writer connection and the pool; idempotent."""
+        conn, self._writer = self._writer, None
+        if conn is not None:
+            try:
+                await conn.close(timeout=5)
+            except (*_RETRYABLE, asyncpg.InterfaceError):
+                conn.terminate()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
