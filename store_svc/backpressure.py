@@ -11,6 +11,9 @@ and says which level changes happen. The rules:
   dwell time, and it goes one step at a time: ``hard → soft → ok``.
 
 So a depth that oscillates around a mark produces one change, not one per crossing.
+While :attr:`Watermarks.forced` is set (the database is failing commits) the level
+goes to ``hard`` at once, through ``soft``, and stays there; when it is cleared the
+usual rules bring it down.
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ class Watermarks:
         self.min_dwell = min_dwell
         self.level = OK
         self.since = now
+        #: While set (the database is failing), the level is ``hard`` whatever the depth.
+        self.forced = False
 
     def update(self, depth: int, now: float) -> list[BackpressureLevel]:
         """Apply a depth reading.
@@ -102,6 +107,8 @@ class Watermarks:
 
     def _step(self, depth: int, now: float, m: Marks) -> BackpressureLevel | None:
         level = self.level
+        if self.forced:
+            return None if level is HARD else (SOFT if level is OK else HARD)
         if level is OK:
             return SOFT if depth >= m.soft else None
         if level is SOFT:

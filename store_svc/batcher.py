@@ -39,6 +39,8 @@ class Batcher:
         retry_initial: first back-off after a failed commit, in seconds.
         retry_max: cap of the back-off, in seconds.
         on_commit: called with (records, seconds) after each commit (metrics).
+        on_sink_state: called with True when commits start failing, False when they
+            succeed again (feedback).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class Batcher:
         retry_initial: float = 0.1,
         retry_max: float = 5.0,
         on_commit: Callable[[int, float], None] | None = None,
+        on_sink_state: Callable[[bool], None] | None = None,
     ) -> None:
         self._queue = queue
         self._sink = sink
@@ -63,6 +66,7 @@ class Batcher:
         self.in_flight = 0
         self.sink_ok = True
         self.on_commit = on_commit
+        self.on_sink_state = on_sink_state
 
     async def run(self) -> None:
         """Commit batches until the queue is closed and empty."""
@@ -138,6 +142,8 @@ class Batcher:
                 self._stats.last_sink_error = str(exc)
                 if self.sink_ok:
                     log.error("commit of %d records failed, will retry: %s", size, exc)
+                    if self.on_sink_state is not None:
+                        self.on_sink_state(True)
                 self.sink_ok = False
                 if isinstance(exc, SchemaError):
                     log.critical("the database schema cannot be used: %s", exc)
@@ -146,6 +152,8 @@ class Batcher:
                 delay = min(delay * 2, self._retry_max)
         if not self.sink_ok:
             log.warning("commits succeed again; %d records committed", size)
+            if self.on_sink_state is not None:
+                self.on_sink_state(False)
         self.sink_ok = True
         stats = self._stats
         stats.last_sink_error = None

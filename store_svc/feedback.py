@@ -125,7 +125,20 @@ class FeedbackLoop:
             ts=time.time(),
         )
 
-    def on_depth(self, depth: int) -> None:
+    def set_sink_down(self, down: bool) -> None:
+        """Hold the level at ``hard`` while the database fails commits.
+
+        Upstream must slow down during an outage even when traffic is light and the
+        queue is far from its marks. Called by the batcher when commits start or
+        stop failing.
+
+        Args:
+            down: whether commits are failing.
+        """
+        self._wm.forced = down
+        self.on_depth(self.depth, force=True)
+
+    def on_depth(self, depth: int, force: bool = False) -> None:
         """Take a new queue depth (called by the queue on every change).
 
         Args:
@@ -133,7 +146,7 @@ class FeedbackLoop:
         """
         self.depth = depth
         wm = self._wm
-        if depth < self._soft and wm.level is BackpressureLevel.ok:
+        if depth < self._soft and wm.level is BackpressureLevel.ok and not force:
             return
         now = time.monotonic()
         for level in wm.update(depth, now):
@@ -181,6 +194,12 @@ class FeedbackLoop:
                 return
             self._pending.popleft()
             self.published += 1
+
+    def settle(self) -> None:
+        """Apply the marks without the dwell (at shutdown, so the last word is true)."""
+        self._wm.forced = False
+        self._wm.min_dwell = 0.0
+        self.on_depth(self.depth, force=True)
 
     async def announce(self) -> None:
         """Publish the current state now, after any pending events (start-up, shutdown)."""

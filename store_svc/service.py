@@ -107,6 +107,7 @@ class StoreService:
         self._rtt_task: asyncio.Task[None] | None = None
         self.metrics = Metrics(self)
         self.batcher.on_commit = self.metrics.observe_commit
+        self.batcher.on_sink_state = self.feedback.set_sink_down
         self.control = ControlPlane(self)
         self.admin = AdminControl(self, self._act)
         self.paused = False
@@ -298,6 +299,7 @@ class StoreService:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         self.feedback.close()
+        self.feedback.settle()
         await self.feedback.announce()  # the final state, before the connection drains
 
     async def _abort(self) -> None:

@@ -56,3 +56,12 @@ def test_oscillation_between_the_marks_changes_nothing() -> None:
     for i, depth in enumerate([55, 45, 55, 45, 79, 41, 60]):
         changes += wm.update(depth, float(i))
     assert changes == [SOFT], "between recovery and mark the level holds"
+
+
+def test_forced_hard_goes_through_soft_and_holds() -> None:
+    wm = Watermarks(MARKS, min_dwell=0.0, now=0.0)
+    wm.forced = True
+    assert wm.update(0, 0.0) == [SOFT, HARD]
+    assert wm.update(0, 5.0) == [], "held while forced"
+    wm.forced = False
+    assert wm.update(0, 6.0) == [SOFT, OK]

@@ -69,6 +69,8 @@ async def test_sink_down_is_unhealthy_and_not_ready_and_health_stays_fast(
             assert reply.headers["Nats-Service-Error-Code"] == "503"
             assert "database" in reply.headers["Nats-Service-Error"]
         await until(lambda: svc.batcher.sink_ok, timeout=20)
+        # The outage held feedback at hard; it steps down once the dwell has passed.
+        await until(lambda: svc.feedback.level.value == "ok", timeout=20)
         status, reply = await ask(client, "mdp.store.ready")
         assert not reply.headers
         assert status.state == "healthy"

@@ -241,3 +241,30 @@ async def test_the_documented_consumer_turns_feedback_into_rate_adjustments(
         (OK, 1.0),
     ]
     assert all(isinstance(a, RateAdjustment) and a.provider == "synthetic" for a in adjustments)
+
+
+async def test_a_failing_database_holds_feedback_at_hard_until_it_recovers(
+    make_settings: Callable[..., Settings],
+    client: NATS,
+    feedback: list[FeedbackEvent],
+    db_path: Path,
+) -> None:
+    settings = make_settings(
+        sink_retry_initial_s=0.05,
+        sink_retry_max_s=0.2,
+        feedback_min_dwell_ms=50,
+        feedback_heartbeat_s=600,
+    )
+    async with StoreService(settings) as svc:
+        with locked(db_path):
+            await client.publish("mdp.store.write.trades", json.dumps(trade()).encode())
+            await until(lambda: svc.stats.sink_errors >= 1, timeout=20)
+            await until(lambda: HARD in levels(feedback))
+            assert svc.queue.depth < svc.feedback.marks.soft, "hard from the outage, not depth"
+            reply = await client.request(
+                "mdp.store.write.trades", json.dumps(trade(symbol="X")).encode(), timeout=5
+            )
+            assert reply.headers is not None
+            assert reply.headers["Nats-Service-Error-Code"] == "503"
+        await until(lambda: levels(feedback)[-1] is OK, timeout=20)
+    assert levels(feedback) == [OK, SOFT, HARD, SOFT, OK, OK]
