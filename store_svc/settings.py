@@ -264,7 +264,8 @@ def reloaded(current: Settings, environ: dict[str, str] | None = None) -> Settin
         environ: the environment to read (default: the process environment).
 
     Returns:
-        New, validated settings; only fields in ``RELOADABLE`` can differ.
+        New, validated settings; only fields in ``RELOADABLE`` can differ, and one
+        that is set nowhere keeps its current value.
 
     Raises:
         pydantic.ValidationError: the new values are invalid or break an invariant.
@@ -273,10 +274,11 @@ def reloaded(current: Settings, environ: dict[str, str] | None = None) -> Settin
         env: Mapping[str, str | None] = environ
     else:
         env = {**_file_values(current.env_file), **os.environ}
+    # Names are matched without regard to case, as at start-up.
+    by_name = {key.upper(): value for key, value in env.items()}
     values = current.model_dump()
     for name in RELOADABLE:
-        values[name] = Settings.model_fields[name].get_default(call_default_factory=True)
-        raw = env.get(f"STORE_{name.upper()}")
+        raw = by_name.get(f"STORE_{name.upper()}")
         if raw is not None:
             values[name] = raw
     return Settings.model_validate(values)

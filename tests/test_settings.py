@@ -108,3 +108,14 @@ def test_empty_admin_token_means_unset_and_short_ones_are_refused() -> None:
     assert load_settings(admin_token="").admin_token is None
     with pytest.raises(pydantic.ValidationError, match="at least 16"):
         load_settings(admin_token="short")
+
+
+def test_reload_reads_names_in_any_case_and_keeps_what_is_not_set() -> None:
+    from store_svc.settings import reloaded
+
+    current = load_settings(batch_size=10, queue_capacity=100, flush_interval_ms=7)
+    new = reloaded(current, {"store_batch_size": "50", "STORE_LOG_LEVEL": "DEBUG"})
+    assert (new.batch_size, new.log_level, new.flush_interval_ms) == (50, "DEBUG", 7)
+    assert new.queue_capacity == 100, "only run-time settings change"
+    with pytest.raises(pydantic.ValidationError, match="batch_size"):
+        reloaded(current, {"STORE_BATCH_SIZE": "500"})
