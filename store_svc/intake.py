@@ -110,6 +110,7 @@ class CoreIntake:
         self._stats = stats
         self._feedback = feedback
         self._sub: Subscription | None = None
+        self._draining: asyncio.Future[None] | None = None
         self._write_prefix = settings.subject("store", "write") + "."
         self._dlq_prefix = settings.subject("store", "dlq") + "."
         self._loop = asyncio.get_running_loop()
@@ -141,12 +142,22 @@ class CoreIntake:
     async def stop(self, timeout: float) -> None:
         """Stop intake: no new messages; those already delivered are still handled.
 
+        A second call while a drain is under way (a shutdown during a pause) waits
+        for that drain instead of returning early.
+
         Args:
             timeout: seconds to wait for the delivered messages to be handled.
         """
         sub, self._sub = self._sub, None
-        if sub is None:
-            return
+        if sub is not None:
+            self._draining = asyncio.ensure_future(self._drain(sub, timeout))
+        draining = self._draining
+        if draining is not None:
+            await asyncio.shield(draining)
+            if self._draining is draining:
+                self._draining = None
+
+    async def _drain(self, sub: Subscription, timeout: float) -> None:
         try:
             async with asyncio.timeout(timeout):
                 await sub.drain()  # type: ignore[no-untyped-call]

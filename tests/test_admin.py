@@ -277,3 +277,24 @@ async def test_pause_and_resume_with_traffic_flowing(
         await asyncio.wait_for(task, 60)
     assert count(db_path, "trades") == 300
     assert done == list(range(300))
+
+
+async def test_a_shutdown_during_a_pause_waits_for_the_pause_drain(
+    make_settings: Callable[..., Settings], client: NATS, db_path: Path
+) -> None:
+    svc = StoreService(make_settings(admin_token=TOKEN, queue_capacity=20, batch_size=10))
+    await svc.start()
+    with locked(db_path):  # the queue fills and the pause drain has to wait for room
+        for i in range(60):
+            await client.publish("mdp.store.write.trades", json.dumps(trade(size=i)).encode())
+        await client.flush()
+        await until(lambda: svc.queue.depth >= 10)
+        pausing = asyncio.ensure_future(control(client, "pause", bearer()))
+        await until(lambda: svc.paused)  # the pause drain has begun
+        stopping = asyncio.create_task(svc.stop())
+        await asyncio.sleep(0.2)
+        assert not stopping.done()
+    await asyncio.wait_for(stopping, 30)
+    result, _ = await pausing
+    assert result.status == "ok"
+    assert count(db_path, "trades") == 60, "nothing the pause was still delivering is lost"
