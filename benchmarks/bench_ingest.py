@@ -80,7 +80,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -839,6 +839,23 @@ def measure_bare_subscriber(
     }
 
 
+def row_batches(
+    decoder: PayloadDecoder, payloads: Sequence[bytes], batch_size: int
+) -> Iterator[list[Row]]:
+    """Validated rows of ``payloads`` in batches of ``batch_size`` (the last may be short).
+
+    Decoding happens as the batches are drawn, outside the timed writes of the ceilings.
+    """
+    pending: list[Row] = []
+    for payload in payloads:
+        pending.extend(decoder.decode(KIND, None, payload, None, datetime.now(UTC)).rows)
+        while len(pending) >= batch_size:
+            yield pending[:batch_size]
+            del pending[:batch_size]
+    if pending:
+        yield pending
+
+
 def _open_schema(db_path: Path) -> None:
     """Create the sink's schema by opening and closing a :class:`SqliteSink`."""
 
@@ -887,14 +904,8 @@ def measure_raw_executemany(
             t_insert += t2 - t1
             rows_total += len(batch)
 
-        pending: list[Row] = []
-        for payload in payloads:
-            pending.extend(decoder.decode(KIND, None, payload, None, datetime.now(UTC)).rows)
-            if len(pending) >= batch_size:
-                commit(pending[:batch_size])
-                del pending[:batch_size]
-        if pending:
-            commit(pending)
+        for batch in row_batches(decoder, payloads, batch_size):
+            commit(batch)
     stored = count_rows(db_path)
     return {
         "rows": rows_total,
@@ -966,14 +977,8 @@ async def _raw_copy_merge(
             t_write += t2 - t1
             rows_total += len(batch)
 
-        pending: list[Row] = []
-        for payload in payloads:
-            pending.extend(decoder.decode(KIND, None, payload, None, datetime.now(UTC)).rows)
-            if len(pending) >= batch_size:
-                await commit(pending[:batch_size])
-                del pending[:batch_size]
-        if pending:
-            await commit(pending)
+        for batch in row_batches(decoder, payloads, batch_size):
+            await commit(batch)
         stored = int(await conn.fetchval(f"SELECT count(*) FROM {KIND}"))
     finally:
         await conn.close()
