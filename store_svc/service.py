@@ -44,6 +44,13 @@ __all__ = ["Status", "StoreService"]
 log = logging.getLogger(__name__)
 
 
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` and wait until it has ended (a task is never left behind)."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def _first_error(exc: Exception) -> str:
     if isinstance(exc, pydantic.ValidationError):
         err = exc.errors(include_url=False, include_input=False)[0]
@@ -209,8 +216,7 @@ class StoreService:
                 )
                 if not done:
                     pending = self.queue.depth + self.batcher.in_flight
-                    self._batcher_task.cancel()
-                    await asyncio.gather(self._batcher_task, return_exceptions=True)
+                    await _cancel(self._batcher_task)
                     log.error("grace period over: %d records were not committed", pending)
             await self._stop_feedback()
             await self._stop_control()
@@ -286,9 +292,7 @@ class StoreService:
         with contextlib.suppress(nats.errors.Error):
             await self.admin.stop()
         task, self._rtt_task = self._rtt_task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await _cancel(task)
         with contextlib.suppress(nats.errors.Error):
             await self.control.stop()
 
@@ -296,23 +300,18 @@ class StoreService:
         task, self._feedback_task = self._feedback_task, None
         if task is None:
             return
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await _cancel(task)
         self.feedback.close()
         self.feedback.settle()
         await self.feedback.announce()  # the final state, before the connection drains
 
     async def _abort(self) -> None:
         await self._stop_control()
-        if self._feedback_task is not None:
-            self._feedback_task.cancel()
-            await asyncio.gather(self._feedback_task, return_exceptions=True)
-            self._feedback_task = None
+        task, self._feedback_task = self._feedback_task, None
+        await _cancel(task)
         self.feedback.close()
         self.queue.close()
-        if self._batcher_task is not None:
-            self._batcher_task.cancel()
-            await asyncio.gather(self._batcher_task, return_exceptions=True)
+        await _cancel(self._batcher_task)
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.close()
         await self.sink.close()

@@ -133,8 +133,12 @@ def to_sqlite_rows(spec: KindSpec, rows: list[Row], ingested_at: int) -> list[Ro
     Returns:
         Parameter tuples for :func:`upsert_sql`.
     """
-    convert = compile_converter(_PLANS[spec.kind])
+    convert = _CONVERTERS[spec.kind]
     return [convert(row, ingested_at) for row in _decode(_encode(rows))]
+
+
+#: The writer process's full conversion, for :func:`to_sqlite_rows` (compiled once).
+_CONVERTERS = {kind: compile_converter(plan) for kind, plan in _PLANS.items()}
 
 
 def _from_sqlite(spec: KindSpec, row: list[Any]) -> Row:
