@@ -6,11 +6,16 @@ batch; the sink groups rows per table. While one batch is being written, intake
 keeps filling the queue, so under load the next batch is ready when the commit
 returns. A failed commit is retried with capped exponential back-off and jitter;
 the batch is kept, never dropped. Acks and replies go out only after the commit.
+
+A sink that overlaps writes (PostgreSQL: a second connection) gets the next batch
+while the one ahead commits, and stages it; the staged batch commits only after the
+one ahead, so the order of corrections to one key is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import defaultdict
@@ -19,7 +24,7 @@ from collections.abc import Callable
 from .errors import SchemaError, SinkError
 from .queue import Envelope, RecordQueue
 from .records import Row
-from .sinks.base import Sink
+from .sinks.base import Batch, Prepared, Sink
 from .stats import Stats
 
 __all__ = ["Batcher"]
@@ -69,29 +74,72 @@ class Batcher:
         self.on_sink_state = on_sink_state
 
     async def run(self) -> None:
-        """Commit batches until the queue is closed and empty."""
+        """Commit batches until the queue is closed and empty.
+
+        With a sink that overlaps writes, the next batch is collected and prepared
+        while the one ahead commits; its commit starts only when the one ahead has
+        finished (committed, or its culprits dropped), so batches commit in order.
+        """
+        sink = self._sink
+        ahead: asyncio.Task[None] | None = None
+        try:
+            while True:
+                if ahead is not None and not sink.overlaps_writes:
+                    await ahead
+                    ahead = None
+                batch = await self._collect()
+                if batch is None:
+                    break
+                grouped: defaultdict[str, list[Row]] = defaultdict(list)
+                for env in batch:
+                    grouped[env.kind].extend(env.rows)
+                prepared: Prepared | None = None
+                if ahead is not None and not ahead.done():
+                    try:
+                        prepared = await sink.prepare(grouped)
+                    except Exception as exc:  # the commit below writes it the ordinary way
+                        log.debug("preparing a batch ahead failed: %s", exc)
+                if ahead is not None:
+                    try:
+                        await ahead
+                    except BaseException:
+                        if prepared is not None:
+                            await prepared.abort()
+                        raise
+                ahead = asyncio.create_task(self._commit(batch, grouped, prepared))
+            if ahead is not None:
+                await ahead
+                ahead = None
+        finally:
+            if ahead is not None and not ahead.done():
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ahead
+
+    async def _collect(self) -> list[Envelope] | None:
+        """The next batch off the queue, or ``None`` once it is closed and empty."""
         loop = asyncio.get_running_loop()
         queue = self._queue
-        while True:
-            first = await queue.get()
-            if first is None:
-                return
-            batch = [first]
-            size = self.in_flight = len(first.rows)
-            deadline = first.received + self.flush_interval
-            while size < self.batch_size:
-                env = queue.get_nowait()
+        first = await queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        size = len(first.rows)
+        self.in_flight += size
+        deadline = first.received + self.flush_interval
+        while size < self.batch_size:
+            env = queue.get_nowait()
+            if env is None:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or queue.closed:
+                    break
+                env = await queue.get(timeout=remaining)
                 if env is None:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0 or queue.closed:
-                        break
-                    env = await queue.get(timeout=remaining)
-                    if env is None:
-                        break
-                batch.append(env)
-                size += len(env.rows)
-                self.in_flight = size
-            await self._commit(batch, size)
+                    break
+            batch.append(env)
+            size += len(env.rows)
+            self.in_flight += len(env.rows)
+        return batch
 
     async def _isolate(self, batch: list[Envelope], exc: SinkError) -> None:
         """Commit the envelopes of a refused batch one by one; drop only the refused."""
@@ -110,21 +158,25 @@ class Batcher:
                     await env.fail(f"the database refused these records: {exc}")
                 except Exception as err:
                     log.warning("reporting a refused %s message failed: %s", env.kind, err)
-            self.in_flight = 0
+            self.in_flight -= len(env.rows)
             return
         for env in batch:
-            await self._commit([env], len(env.rows))
+            await self._commit([env], {env.kind: env.rows}, None)
 
-    async def _commit(self, batch: list[Envelope], size: int) -> None:
-        grouped: defaultdict[str, list[Row]] = defaultdict(list)
-        for env in batch:
-            grouped[env.kind].extend(env.rows)
-        self.in_flight = size
+    async def _commit(
+        self, batch: list[Envelope], grouped: Batch, prepared: Prepared | None
+    ) -> None:
+        size = sum(len(rows) for rows in grouped.values())
         delay = self._retry_initial
         started = asyncio.get_running_loop().time()
         while True:
             try:
-                await self._sink.write(grouped)
+                if prepared is not None:
+                    # The first attempt commits what was prepared; a retry starts over.
+                    ready, prepared = prepared, None
+                    await ready.commit()
+                else:
+                    await self._sink.write(grouped)
                 break
             except Exception as exc:  # a failure keeps the batch: retried, never dropped
                 if (
@@ -163,7 +215,7 @@ class Batcher:
             self.on_commit(size, stats.last_commit_monotonic - started)
         for kind, rows in grouped.items():
             stats.committed[kind] += len(rows)
-        self.in_flight = 0
+        self.in_flight -= size
         for env in batch:
             if env.ack is not None:
                 try:

@@ -216,6 +216,12 @@ def check_decimal(value: Decimal, field: str) -> Decimal:
     """
     if not value.is_finite():
         raise RejectedInput("non_finite_number", f"{field} is {value}, not a finite number")
+    # Fast path: a plain text of at most 31 characters has at most 29 digits after
+    # the point and 31 before it, so every bound below holds (``str`` is ~8 times
+    # cheaper than ``as_tuple``, which builds a named tuple of digits).
+    text = str(value)
+    if len(text) <= 31 and "E" not in text:
+        return value
     _, digits, exponent = value.as_tuple()
     if not (
         exponent >= -MAX_DECIMAL_ADJUSTED_EXPONENT  # type: ignore[operator]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -64,6 +65,33 @@ async def test_values_come_back_exactly(
     assert str(rec["t"]) == "numeric"
     assert rec["ts"].isoformat() == "2024-05-01T13:30:00.500000+00:00"
     assert rec["conditions"] == ["@", "T", "ünï"]
+
+
+async def test_times_come_back_to_the_microsecond(
+    pg_url: str, make_settings: Callable[..., Settings], client: NATS
+) -> None:
+    # Times travel to the staging table as integer microseconds and are turned
+    # back in SQL: the edges (before the epoch, odd microseconds) must survive.
+    times = [
+        "1900-01-01T00:00:00.000001+00:00",
+        "1969-12-31T23:59:59.999999+00:00",
+        "1970-01-01T00:00:00+00:00",
+        "2024-02-29T12:34:56.789012+00:00",
+    ]
+    async with StoreService(make_settings(database_url=pg_url)):
+        reply = await client.request(
+            "mdp.store.write.trades",
+            json.dumps([trade(ts=t) for t in times]).encode(),
+            timeout=5,
+        )
+        assert json.loads(reply.data)["accepted"] == len(times)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        recs = await conn.fetch("SELECT ts, ingested_at, now() - ingested_at AS age FROM trades")
+    finally:
+        await conn.close()
+    assert sorted(r["ts"].isoformat() for r in recs) == times
+    assert all(timedelta(0) <= r["age"] < timedelta(minutes=5) for r in recs)
 
 
 async def test_a_newer_schema_is_refused(pg_url: str) -> None:

@@ -216,3 +216,44 @@ async def test_a_batch_the_database_refuses_is_split_and_only_the_culprit_droppe
     assert failed == ["POISON: the database refused these records: value refused"]
     assert b._stats.rejected["sink_refused"] == 1
     assert (await sink.counts())["trades"] == 3
+
+
+async def test_an_overlapping_sink_stages_the_next_batch_but_commits_in_order() -> None:
+    from store_svc.errors import SinkError
+
+    commits: list[str] = []
+
+    class Flaky(MemorySink):
+        failures = 3
+
+        async def write(self, batch):  # type: ignore[no-untyped-def]
+            await self.gate.wait()
+            symbol = next(iter(batch["bars"]))[0]
+            if symbol == "FIRST" and Flaky.failures:
+                Flaky.failures -= 1
+                raise SinkError("connection lost")
+            commits.append(f"{symbol}={next(iter(batch['bars']))[3]}")
+            await super().write(batch)
+
+    def bar(symbol: str, close: int) -> Envelope:
+        # Same key (symbol, resolution, ts) for the two SAME bars: the later must win.
+        row = (symbol, "1m", 0, close, None, None, None, None, False)
+        return Envelope("bars", [row], asyncio.get_running_loop().time())
+
+    q = RecordQueue(capacity=100)
+    sink = Flaky(overlap=True)
+    sink.gate.clear()
+    b = _batcher(q, sink, batch_size=1, flush_interval=10.0)
+    task = asyncio.create_task(b.run())
+    await q.put(bar("FIRST", 0))
+    await q.put(bar("SAME", 1))
+    await q.put(bar("SAME", 2))
+    await until(lambda: sink.prepared == 1)  # the second batch is staged, held behind the first
+    assert b.in_flight == 2 and q.depth == 1
+    sink.gate.set()
+    q.close()
+    await asyncio.wait_for(task, 5)
+    assert commits == ["FIRST=0", "SAME=1", "SAME=2"]
+    assert [r[3] for r in await sink.rows("bars")] == [0, 2]
+    assert b._stats.sink_errors == 3
+    assert b.in_flight == 0

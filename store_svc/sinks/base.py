@@ -9,10 +9,27 @@ from typing import Self
 
 from ..records import Row
 
-__all__ = ["Batch", "Sink"]
+__all__ = ["Batch", "Prepared", "Sink"]
 
 #: Rows to commit in one transaction, grouped by kind (``bars`` ...).
 Batch = Mapping[str, Sequence[Row]]
+
+
+class Prepared(abc.ABC):
+    """A batch sent to the database ahead of its commit (see :meth:`Sink.prepare`)."""
+
+    @abc.abstractmethod
+    async def commit(self) -> None:
+        """Make the batch durable in one transaction.
+
+        Raises:
+            SinkError: nothing of the batch was committed; the sink has released
+                whatever the preparation held.
+        """
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Give the batch up without committing it. Safe to call more than once."""
 
 
 class Sink(abc.ABC):
@@ -25,6 +42,8 @@ class Sink(abc.ABC):
 
     #: Short name shown in health and logs.
     name: str = "sink"
+    #: Whether :meth:`prepare` overlaps a batch with the commit of the one ahead.
+    overlaps_writes: bool = False
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -45,6 +64,26 @@ class Sink(abc.ABC):
         Raises:
             SinkError: nothing of the batch was committed.
         """
+
+    async def prepare(self, batch: Batch) -> Prepared | None:
+        """Start writing ``batch`` while the batch ahead of it is still committing.
+
+        A sink that can overlap work (send and stage rows on a second connection)
+        returns a :class:`Prepared` whose ``commit`` the batcher calls only after the
+        batch ahead has committed or been given up, so corrections to one key land
+        in the order they arrived. The default cannot, and returns ``None``.
+
+        Args:
+            batch: rows per kind.
+
+        Returns:
+            The prepared batch, or ``None`` when the sink does not overlap writes.
+
+        Raises:
+            SinkError: the batch could not be prepared (the batcher then writes it
+                the ordinary way).
+        """
+        return None
 
     @abc.abstractmethod
     async def rows(self, kind: str) -> list[Row]:

@@ -6,9 +6,24 @@ import asyncio
 
 from ..errors import SinkError
 from ..records import KINDS, Row
-from .base import Batch, Sink
+from .base import Batch, Prepared, Sink
 
 __all__ = ["MemorySink"]
+
+
+class _Ahead(Prepared):
+    def __init__(self, sink: MemorySink, batch: Batch) -> None:
+        self._sink = sink
+        self._batch: Batch | None = batch
+
+    async def commit(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None:
+            raise SinkError("already committed or given up")
+        await self._sink.write(batch)
+
+    async def abort(self) -> None:
+        self._batch = None
 
 
 class MemorySink(Sink):
@@ -18,12 +33,15 @@ class MemorySink(Sink):
         delay: seconds each ``write`` takes.
         fail: when set, ``write`` raises a retryable :class:`SinkError`.
         batches: the size of every committed batch, in order.
+        prepared: batches handed over ahead of their commit (with ``overlap``).
     """
 
     name = "memory"
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, overlap: bool = False) -> None:
         self.delay = delay
+        self.overlaps_writes = overlap
+        self.prepared = 0
         self.fail = False
         self.batches: list[int] = []
         self._tables: dict[str, dict[tuple[object, ...], Row]] = {k: {} for k in KINDS}
@@ -53,6 +71,13 @@ class MemorySink(Sink):
                 if spec.on_conflict == "update" or key not in table:
                     table[key] = row
         self.batches.append(sum(len(r) for r in batch.values()))
+
+    async def prepare(self, batch: Batch) -> Prepared | None:
+        """With ``overlap``, a batch whose ``commit`` writes it; otherwise ``None``."""
+        if not self.overlaps_writes:
+            return None
+        self.prepared += 1
+        return _Ahead(self, batch)
 
     async def rows(self, kind: str) -> list[Row]:
         """Rows of ``kind`` in insertion order of their keys."""

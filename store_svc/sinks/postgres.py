@@ -9,6 +9,9 @@ options), the first for trades. NUMERIC holds Decimals exactly, ``timestamptz``
 the times, ``text[]`` the trade conditions; the trades key treats a NULL exchange
 as a value (``NULLS NOT DISTINCT``, PostgreSQL 15+).
 
+Two writer connections take turns: while one batch merges and commits, the next
+is copied into staging on the other; the batcher commits them in order.
+
 The schema is versioned in ``store_meta``; it is created or checked at start-up
 under an advisory lock, so instances starting together do not race. When the
 ``timescaledb`` extension is available the four tables become hypertables on their
@@ -18,16 +21,17 @@ time column; plain PostgreSQL works without it.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
 
 from ..errors import SchemaError, SinkError
 from ..records import KINDS, KindSpec, Row
-from .base import Batch, Sink
+from .base import Batch, Prepared, Sink
+from .sqlite_worker import compile_converter
 
-__all__ = ["SCHEMA_VERSION", "PostgresSink"]
+__all__ = ["SCHEMA_VERSION", "PostgresSink", "merge_sql", "staging_records"]
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +83,63 @@ def merge_sql(spec: KindSpec) -> tuple[str, str]:
         spec: the record kind.
 
     Returns:
-        ``(create_staging, merge)``; the staging table is ``stage_<kind>`` with the
-        target's columns plus ``seq`` (the row's position in the batch).
+        ``(create_staging, merge)``. The staging table is ``stage_<kind>`` with the
+        kind's record columns, times as ``bigint`` microseconds since the Unix epoch
+        (asyncpg encodes an int several times faster than a datetime, and the
+        encoding runs on the event loop), plus ``seq``, the row's position in the
+        batch. The merge turns the times back exactly and sets ``ingested_at`` to
+        the transaction's time.
     """
-    cols = [*spec.columns, "ingested_at"]
-    collist = ", ".join(_q(c) for c in cols)
-    key = ", ".join(_q(c) for c in spec.key)
-    create = (
-        f"CREATE TEMP TABLE IF NOT EXISTS stage_{spec.kind} "
-        f"(LIKE {spec.table} INCLUDING DEFAULTS, seq bigint NOT NULL) ON COMMIT DELETE ROWS"
+    columns = ", ".join(
+        f"0::bigint AS {_q(c)}" if c in spec.time_columns else _q(c) for c in spec.columns
     )
-    order = "seq DESC" if spec.on_conflict == "update" else "seq"
-    select = f"SELECT DISTINCT ON ({key}) {collist} FROM stage_{spec.kind} ORDER BY {key}, {order}"
+    create = (
+        f"CREATE TEMP TABLE IF NOT EXISTS stage_{spec.kind} ON COMMIT DELETE ROWS AS "
+        f"SELECT {columns}, 0::bigint AS seq FROM {spec.table} WITH NO DATA"
+    )
+    values = ", ".join(
+        f"timestamptz 'epoch' + {_q(c)} * interval '1 microsecond'"
+        if c in spec.time_columns
+        else _q(c)
+        for c in spec.columns
+    )
+    key = ", ".join(_q(c) for c in spec.key)
+    targets = [*spec.columns, "ingested_at"]
+    collist = ", ".join(_q(c) for c in targets)
     if spec.on_conflict == "ignore":
+        # No sort needed: DO NOTHING skips a second row with the same key within the
+        # statement too, and the staging table is read in the order it was filled.
+        select = f"SELECT {values}, now() FROM stage_{spec.kind}"
         conflict = "ON CONFLICT DO NOTHING"
     else:
-        updates = ", ".join(f"{_q(c)} = EXCLUDED.{_q(c)}" for c in cols if c not in spec.key)
+        select = (
+            f"SELECT DISTINCT ON ({key}) {values}, now() FROM stage_{spec.kind} "
+            f"ORDER BY {key}, seq DESC"
+        )
+        updates = ", ".join(f"{_q(c)} = EXCLUDED.{_q(c)}" for c in targets if c not in spec.key)
         conflict = f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
     return create, f"INSERT INTO {spec.table} ({collist}) {select} {conflict}"
+
+
+def _staging_converter(spec: KindSpec) -> Callable[[Row, int], tuple[Any, ...]]:
+    return compile_converter("".join("t" if c in spec.time_columns else "-" for c in spec.columns))
+
+
+_TO_STAGE = {kind: _staging_converter(spec) for kind, spec in KINDS.items()}
+
+
+def staging_records(kind: str, rows: Sequence[Row]) -> list[tuple[Any, ...]]:
+    """The records COPY sends to ``stage_<kind>``: times as µs ints, then ``seq``.
+
+    Args:
+        kind: the record kind.
+        rows: the batch's rows of that kind, in arrival order.
+
+    Returns:
+        One tuple per row, in the staging table's column order.
+    """
+    convert = _TO_STAGE[kind]
+    return [convert(row, seq) for seq, row in enumerate(rows)]
 
 
 _RETRYABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
@@ -111,6 +154,51 @@ _REFUSED = (
 )
 
 
+def _sink_error(exc: BaseException) -> BaseException:
+    """The SinkError for a failed write (other exceptions, e.g. cancellation, as they are)."""
+    if isinstance(exc, _REFUSED):
+        # The data itself is refused (bad value, constraint): retrying cannot help.
+        return SinkError(
+            f"PostgreSQL refused the data: {type(exc).__name__}: {exc}", retryable=False
+        )
+    if isinstance(exc, _RETRYABLE):
+        return SinkError(f"PostgreSQL write failed: {type(exc).__name__}: {exc}")
+    return exc
+
+
+class _Staged(Prepared):
+    """A batch in the staging tables of an open transaction, waiting to merge."""
+
+    def __init__(
+        self, sink: PostgresSink, conn: asyncpg.Connection, tx: Any, kinds: list[str]
+    ) -> None:
+        self._sink = sink
+        self._conn: asyncpg.Connection | None = conn
+        self._tx = tx
+        self._kinds = kinds
+
+    async def commit(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise SinkError("this staged batch was already committed or given up")
+        try:
+            for kind in self._kinds:
+                await conn.execute(self._sink._sql[kind][1])
+            await self._tx.commit()
+        except BaseException as exc:
+            self._sink._drop(conn)
+            err = _sink_error(exc)
+            if err is exc:
+                raise
+            raise err from exc
+        self._sink._release(conn)
+
+    async def abort(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._sink._drop(conn)  # the server rolls the transaction back
+
+
 class PostgresSink(Sink):
     """Stores rows in PostgreSQL (optionally TimescaleDB).
 
@@ -120,12 +208,14 @@ class PostgresSink(Sink):
     """
 
     name = "postgresql"
+    overlaps_writes = True
 
     def __init__(self, dsn: str, pool_size: int = 4) -> None:
         self.dsn = dsn
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
-        self._writer: asyncpg.Connection | None = None
+        self._writers: set[asyncpg.Connection] = set()
+        self._idle: list[asyncpg.Connection] = []
         self._sql = {kind: merge_sql(spec) for kind, spec in KINDS.items()}
         self.timescale = False
 
@@ -199,50 +289,68 @@ class PostgresSink(Sink):
         Raises:
             SinkError: nothing was committed (retryable: connection lost, server down).
         """
+        prepared = await self.prepare(batch)
+        await prepared.commit()
+
+    async def prepare(self, batch: Batch) -> _Staged:
+        """Open a transaction on a free writer connection and COPY the batch into staging.
+
+        The merge runs in :meth:`_Staged.commit`; meanwhile the batch ahead can merge
+        and commit on the other connection.
+
+        Raises:
+            SinkError: nothing is held (retryable unless the data was refused).
+        """
         if self._pool is None:
             raise SinkError("the PostgreSQL sink is not open")
-        now = datetime.now(UTC)
+        conn: asyncpg.Connection | None = None
         try:
-            conn = await self._writer_connection()
-            async with conn.transaction():
-                for kind, rows in batch.items():
-                    if not rows:
-                        continue
-                    spec = KINDS[kind]
-                    await conn.copy_records_to_table(
-                        f"stage_{kind}",
-                        records=[(*row, now, i) for i, row in enumerate(rows)],
-                        columns=[*spec.columns, "ingested_at", "seq"],
-                    )
-                    await conn.execute(self._sql[kind][1])
-        except _REFUSED as exc:
-            # The data itself is refused (bad value, constraint): retrying cannot help.
-            await self._drop_writer()  # a COPY cut short may leave the session unusable
-            raise SinkError(
-                f"PostgreSQL refused the data: {type(exc).__name__}: {exc}", retryable=False
-            ) from exc
-        except _RETRYABLE as exc:
-            await self._drop_writer()  # reconnect on the next attempt
-            raise SinkError(f"PostgreSQL write failed: {type(exc).__name__}: {exc}") from exc
-
-    async def _writer_connection(self) -> asyncpg.Connection:
-        # One connection for all writes (there is one writer), with the staging
-        # tables made once: no pool reset and no DDL round trip per batch.
-        if self._writer is None or self._writer.is_closed():
-            conn = await asyncpg.connect(self.dsn, command_timeout=60)
-            try:
-                for create, _ in self._sql.values():
-                    await conn.execute(create)
-            except BaseException:
-                await conn.close()
+            conn = await self._acquire()
+            tx = conn.transaction()
+            await tx.start()
+            kinds = []
+            for kind, rows in batch.items():
+                if not rows:
+                    continue
+                await conn.copy_records_to_table(
+                    f"stage_{kind}", records=staging_records(kind, rows)
+                )
+                kinds.append(kind)
+        except BaseException as exc:
+            if conn is not None:
+                self._drop(conn)  # a COPY cut short may leave the session unusable
+            err = _sink_error(exc)
+            if err is exc:
                 raise
-            self._writer = conn
-        return self._writer
+            raise err from exc
+        return _Staged(self, conn, tx, kinds)
 
-    async def _drop_writer(self) -> None:
-        conn, self._writer = self._writer, None
-        if conn is not None:
+    async def _acquire(self) -> asyncpg.Connection:
+        # Writer connections live outside the pool, with their staging tables made
+        # once: no pool reset and no DDL round trip per batch. Two are in use while
+        # one batch merges and the next is staged.
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.is_closed():
+                return conn
+            self._writers.discard(conn)
+        conn = await asyncpg.connect(self.dsn, command_timeout=60)
+        try:
+            for create, _ in self._sql.values():
+                await conn.execute(create)
+        except BaseException:
             conn.terminate()
+            raise
+        self._writers.add(conn)
+        return conn
+
+    def _release(self, conn: asyncpg.Connection) -> None:
+        if conn in self._writers:
+            self._idle.append(conn)
+
+    def _drop(self, conn: asyncpg.Connection) -> None:
+        self._writers.discard(conn)
+        conn.terminate()
 
     async def rows(self, kind: str) -> list[Row]:
         """Every row of ``kind`` in key order."""
@@ -272,9 +380,9 @@ class PostgresSink(Sink):
         return {k: int(await pool.fetchval(f"SELECT count(*) FROM {k}")) for k in KINDS}
 
     async def close(self) -> None:
-        """Close the writer connection and the pool; idempotent."""
-        conn, self._writer = self._writer, None
-        if conn is not None:
+        """Close the writer connections and the pool; idempotent."""
+        writers, self._writers, self._idle = self._writers, set(), []
+        for conn in writers:
             try:
                 await conn.close(timeout=5)
             except (*_RETRYABLE, asyncpg.InterfaceError):
