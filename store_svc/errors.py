@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "JetStreamUnavailable",
     "NatsUnavailable",
     "RejectedInput",
     "SchemaError",
@@ -37,6 +38,10 @@ class ConfigError(StoreError):
 
 class NatsUnavailable(StoreError):
     """The NATS server could not be reached at start-up."""
+
+
+class JetStreamUnavailable(StoreError):
+    """JetStream mode, but the server has no JetStream or it does not answer."""
 
 
 class RejectedInput(StoreError):

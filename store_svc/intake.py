@@ -157,6 +157,9 @@ class CoreIntake:
             if self._draining is draining:
                 self._draining = None
 
+    async def close(self) -> None:
+        """Release what intake still holds once the batcher has finished (nothing here)."""
+
     async def _drain(self, sub: Subscription, timeout: float) -> None:
         try:
             async with asyncio.timeout(timeout):
@@ -192,31 +195,8 @@ class CoreIntake:
             )
             return
         received = self._loop.time()
-        subject = msg.subject
-        tail = subject[len(self._write_prefix) :]
-        kind, _, symbol = tail.partition(".")
-        try:
-            decoded = self._decoder.decode(
-                kind, symbol or None, msg.data, msg.headers, datetime.now(UTC)
-            )
-        except RejectedInput as rej:
-            await self._reject_message(msg, kind, rej)
-            return
-        except Exception:  # a decoder bug must cost one message, not the service
-            log.exception("unexpected error decoding a message on %s", subject)
-            await self._reject_message(
-                msg, kind, RejectedInput("internal_error", "the message could not be processed")
-            )
-            return
-        self._stats.received[kind] += len(decoded.rows) + len(decoded.rejects)
-        for n, reject in enumerate(decoded.rejects):
-            if n < MAX_DLQ_PER_MESSAGE:
-                await self._to_dlq(kind, subject, reject, msg.headers)
-            else:  # counted, not republished one by one: one message cannot flood the DLQ
-                self._stats.rejected[reject.reason] += 1
-                self._stats.rejected_by_kind[kind] += 1
-        if not decoded.rows:
-            await self._refuse(msg, decoded.rejects)
+        kind, decoded = await self._examine(msg)
+        if decoded is None:
             return
         ack = fail = None
         if msg.reply:
@@ -233,6 +213,41 @@ class CoreIntake:
             )
             if msg.reply:
                 await self._error_reply(msg.reply, 503, "shutting_down", "the service is stopping")
+
+    async def _examine(self, msg: Msg) -> tuple[str, Decoded | None]:
+        """Decode and validate a write message; send its rejects to the DLQ.
+
+        Returns:
+            ``(kind, decoded)`` with at least one valid row, or ``(kind, None)`` when
+            nothing in the message is usable (already refused with :meth:`_refuse`).
+        """
+        subject = msg.subject
+        tail = subject[len(self._write_prefix) :]
+        kind, _, symbol = tail.partition(".")
+        try:
+            decoded = self._decoder.decode(
+                kind, symbol or None, msg.data, msg.headers, datetime.now(UTC)
+            )
+        except RejectedInput as rej:
+            await self._reject_message(msg, kind, rej)
+            return kind, None
+        except Exception:  # a decoder bug must cost one message, not the service
+            log.exception("unexpected error decoding a message on %s", subject)
+            await self._reject_message(
+                msg, kind, RejectedInput("internal_error", "the message could not be processed")
+            )
+            return kind, None
+        self._stats.received[kind] += len(decoded.rows) + len(decoded.rejects)
+        for n, reject in enumerate(decoded.rejects):
+            if n < MAX_DLQ_PER_MESSAGE:
+                await self._to_dlq(kind, subject, reject, msg.headers)
+            else:  # counted, not republished one by one: one message cannot flood the DLQ
+                self._stats.rejected[reject.reason] += 1
+                self._stats.rejected_by_kind[kind] += 1
+        if not decoded.rows:
+            await self._refuse(msg, decoded.rejects)
+            return kind, None
+        return kind, decoded
 
     def _reply_after_commit(self, msg: Msg, decoded: Decoded) -> Any:
         reply = msg.reply
@@ -281,11 +296,17 @@ class CoreIntake:
             log.warning("could not send an error reply: %s", exc)
 
     async def _to_dlq(
-        self, kind: str, subject: str, rej: Reject, headers: dict[str, str] | None
+        self,
+        kind: str,
+        subject: str,
+        rej: Reject,
+        headers: dict[str, str] | None,
+        count: bool = True,
     ) -> None:
-        self._stats.rejected[rej.reason] += 1
         dlq_kind = kind if kind in KINDS else "unknown"
-        self._stats.rejected_by_kind[dlq_kind] += 1
+        if count:
+            self._stats.rejected[rej.reason] += 1
+            self._stats.rejected_by_kind[dlq_kind] += 1
         out = {
             REASON_HEADER: rej.reason,
             DETAIL_HEADER: header_value(rej.detail),

@@ -31,6 +31,7 @@ from .decode import PayloadDecoder
 from .errors import ConfigError, NatsUnavailable, ShutdownTimeout
 from .feedback import FeedbackLoop, NatsFeedbackPublisher
 from .intake import CoreIntake
+from .jsintake import JetStreamIntake
 from .metrics import Metrics
 from .natsclient import OrderedFlushClient
 from .queue import RecordQueue
@@ -87,10 +88,6 @@ class StoreService:
         sink: Sink | None = None,
         feedback_publisher: FeedbackPublisher | None = None,
     ) -> None:
-        if settings.ingest_mode != "core":
-            raise ConfigError(
-                "STORE_INGEST_MODE=jetstream is not available in this version; use 'core'"
-            )
         self.settings = settings
         self.sink = sink if sink is not None else make_sink(settings)
         self.stats = Stats()
@@ -151,7 +148,10 @@ class StoreService:
             await self.feedback.announce()
             self._feedback_task = asyncio.create_task(self.feedback.run(), name="feedback")
             self._batcher_task = asyncio.create_task(self.batcher.run(), name="batcher")
-            self._intake = CoreIntake(
+            intake_type = (
+                JetStreamIntake if self.settings.ingest_mode == "jetstream" else CoreIntake
+            )
+            self._intake = intake_type(
                 self.nc, self.settings, self.decoder, self.queue, self.stats, self.feedback
             )
             await self._intake.start()
@@ -218,6 +218,8 @@ class StoreService:
                     pending = self.queue.depth + self.batcher.in_flight
                     await _cancel(self._batcher_task)
                     log.error("grace period over: %d records were not committed", pending)
+            if self._intake is not None:
+                await self._intake.close()  # JetStream: hand back what was not committed
             await self._stop_feedback()
             await self._stop_control()
             if self.nc is not None and not self.nc.is_closed:

@@ -48,6 +48,50 @@ class Settings(BaseSettings):
     """``core``: plain NATS subscriptions (at-most-once, request-reply writes acked
     after commit). ``jetstream``: durable pull consumer, ack after commit."""
 
+    js_stream: str = Field(default="STORE_WRITES", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """JetStream mode: the stream over ``<prefix>.store.write.>``."""
+
+    js_durable: str = Field(default="store", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """JetStream mode: the durable pull consumer every instance shares."""
+
+    js_create: bool = True
+    """JetStream mode: create the stream and the consumer at start-up when they do not
+    exist. Turn off when operators manage them; a missing one then stops start-up."""
+
+    js_retention: Literal["workqueue", "limits", "interest"] = "workqueue"
+    """Retention of a stream the service creates: ``workqueue`` deletes a message once
+    the store has acked it (the stream is a durable buffer in front of the store);
+    ``limits`` keeps messages until ``js_max_age_s`` for other consumers or replay."""
+
+    js_storage: Literal["file", "memory"] = "file"
+    """Storage of a stream the service creates (``file`` survives a server restart)."""
+
+    js_replicas: int = Field(default=1, ge=1, le=5)
+    """Replicas of a stream and consumer the service creates (3 in a cluster)."""
+
+    js_max_age_s: float = Field(default=0.0, ge=0.0)
+    """Oldest message a stream the service creates keeps; 0 means no age limit."""
+
+    js_ack_wait_s: float = Field(default=30.0, ge=1.0, le=3600.0)
+    """How long the server waits for an ack before redelivering a message. Messages
+    held longer (queued behind a slow commit) are kept alive with ``in_progress``."""
+
+    js_max_ack_pending: int = Field(default=20_000, ge=1)
+    """Most messages the consumer hands out unacked, over all instances; at least
+    ``2 * batch_size + js_fetch_batch`` so a batch can fill while two commit."""
+
+    js_fetch_batch: int = Field(default=256, ge=2, le=10_000)
+    """Messages asked for per pull request (a new request goes out when half of the
+    last one has arrived, so delivery does not stop between pulls)."""
+
+    js_fetch_expires_s: float = Field(default=2.0, ge=0.1, le=60.0)
+    """Lifetime of one pull request; the server sends idle heartbeats at a quarter of
+    it, and a request that goes quiet for longer (server restart) is replaced."""
+
+    js_nak_delay_s: float = Field(default=0.0, ge=0.0, le=3600.0)
+    """Redelivery delay of messages the service hands back unprocessed (stopping with
+    the grace period exhausted, or arriving after intake stopped)."""
+
     subject_prefix: str = "mdp"
     """First token(s) of every subject the service uses."""
 
@@ -199,6 +243,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"soft_recovery_watermark ({self.soft_recovery}) must be below "
                 f"hard_recovery_watermark ({self.hard_recovery})"
+            )
+        if (
+            self.ingest_mode == "jetstream"
+            and self.js_max_ack_pending < 2 * self.batch_size + self.js_fetch_batch
+        ):
+            raise ValueError(
+                f"js_max_ack_pending ({self.js_max_ack_pending}) must be at least "
+                f"2 * batch_size + js_fetch_batch ({2 * self.batch_size + self.js_fetch_batch})"
             )
         if self.sink_retry_initial_s > self.sink_retry_max_s:
             raise ValueError("sink_retry_initial_s must not exceed sink_retry_max_s")

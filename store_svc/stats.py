@@ -27,6 +27,14 @@ class Stats:
         sink_errors: failed commit attempts.
         last_sink_error: text of the most recent failed commit, cleared on success.
         last_commit_monotonic: loop time of the last successful commit.
+        js_acked: JetStream messages acked after their commit.
+        js_naked: JetStream messages handed back for redelivery (stopping).
+        js_termed: JetStream messages terminated (nothing usable, or refused by the
+            database; on the DLQ).
+        js_in_progress: ``in_progress`` signals sent for messages held long.
+        js_redelivered: JetStream messages received more than once.
+        js_pull_requests: pull requests sent.
+        js_pull_resets: pull requests given up as forgotten by the server.
     """
 
     messages: int = 0
@@ -43,6 +51,13 @@ class Stats:
     sink_errors: int = 0
     last_sink_error: str | None = None
     last_commit_monotonic: float | None = None
+    js_acked: int = 0
+    js_naked: int = 0
+    js_termed: int = 0
+    js_in_progress: int = 0
+    js_redelivered: int = 0
+    js_pull_requests: int = 0
+    js_pull_resets: int = 0
 
     @property
     def committed_total(self) -> int:

@@ -1,0 +1,203 @@
+"""JetStream mode in process: ack after commit, term and DLQ, no pulls at hard or paused,
+two instances on one consumer, start-up checks. Real nats-server with a file store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from store_svc.errors import ConfigError, JetStreamUnavailable
+from store_svc.natsclient import OrderedFlushClient
+from store_svc.natsserver import NatsServer
+from store_svc.service import StoreService
+from store_svc.settings import Settings, load_settings
+
+from .conftest import until, until_async
+from .test_bad_input import trade
+from .test_ingest import count, locked
+
+WRITE = "mdp.store.write.trades"
+
+
+@pytest.fixture
+def js_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server with JetStream and its file store under the test's folder."""
+    with NatsServer(store_dir=tmp_path / "jetstream") as server:
+        yield server
+
+
+@pytest.fixture
+def js_settings(js_server: NatsServer, db_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "nats_url": js_server.url,
+            "database_url": f"sqlite:///{db_path}",
+            "ingest_mode": "jetstream",
+            "js_ack_wait_s": 2.0,
+            "js_fetch_expires_s": 0.5,
+            "shutdown_grace_s": 10.0,
+        }
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make
+
+
+@pytest.fixture
+async def js_client(js_server: NatsServer) -> AsyncIterator[NATS]:
+    nc = OrderedFlushClient()
+    await nc.connect(js_server.url)
+    yield nc
+    await nc.close()
+
+
+def trades(n: int, symbol: str = "JS", start: int = 0) -> list[dict[str, Any]]:
+    """``n`` trades with distinct keys (one second apart from ``start``)."""
+    out = []
+    for i in range(start, start + n):
+        ts = f"2024-05-01T{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}Z"
+        out.append(trade(symbol=symbol, ts=ts, size=i + 1))
+    return out
+
+
+async def publish(js: JetStreamContext, records: list[dict[str, Any]], per_msg: int = 1) -> None:
+    """Publish through JetStream, one message per ``per_msg`` records, each pub-acked."""
+    for i in range(0, len(records), per_msg):
+        await js.publish(WRITE, json.dumps(records[i : i + per_msg]).encode(), timeout=5)
+
+
+async def consumer_state(js: JetStreamContext, settings: Settings) -> tuple[int, int, int]:
+    """(pending, ack_pending, redelivered) of the store's consumer."""
+    info = await js.consumer_info(settings.js_stream, settings.js_durable)
+    return info.num_pending or 0, info.num_ack_pending or 0, info.num_redelivered or 0
+
+
+async def test_records_are_stored_and_acked_only_after_commit(
+    js_settings: Callable[..., Settings], js_client: NATS, db_path: Path
+) -> None:
+    settings = js_settings()
+    js = js_client.jetstream()
+    async with StoreService(settings) as svc:
+        with locked(db_path):  # commits stall: messages are taken but must stay unacked
+            await publish(js, trades(40), per_msg=4)
+            await until(lambda: svc.stats.accepted["trades"] == 40)
+            await asyncio.sleep(0.3)
+            pending, ack_pending, _ = await consumer_state(js, settings)
+            assert (pending, ack_pending) == (0, 10), "taken, not acked before the commit"
+            assert svc.stats.js_acked == 0
+        await until(lambda: svc.stats.js_acked == 10)
+        assert count(db_path, "trades") == 40
+        await until_async(lambda: _settled(js, settings))
+        stream = await js.stream_info(settings.js_stream)
+        assert stream.state.messages == 0, "workqueue retention: acked messages leave the stream"
+
+
+async def _settled(js: JetStreamContext, settings: Settings) -> bool:
+    pending, ack_pending, _ = await consumer_state(js, settings)
+    return pending == 0 and ack_pending == 0
+
+
+async def test_a_message_with_nothing_usable_is_terminated_and_on_the_dlq(
+    js_settings: Callable[..., Settings], js_client: NATS, db_path: Path
+) -> None:
+    settings = js_settings()
+    js = js_client.jetstream()
+    dlq: list[Msg] = []
+
+    async def collect(msg: Msg) -> None:
+        dlq.append(msg)
+
+    await js_client.subscribe("mdp.store.dlq.>", cb=collect)
+    async with StoreService(settings) as svc:
+        await publish(js, trades(5, start=0))
+        await js.publish(WRITE, b'{"symbol": "POISON", not json', timeout=5)
+        await js.publish(WRITE, json.dumps([trade(price="abc"), *trades(2, start=10)]).encode())
+        await publish(js, trades(5, start=20))
+        await until(lambda: count(db_path, "trades") == 12)
+        await until(lambda: len(dlq) == 2)
+        await asyncio.sleep(settings.js_ack_wait_s + 1)  # past the ack wait: no redelivery
+        assert svc.stats.js_termed == 1
+        assert svc.stats.js_redelivered == 0
+        assert await _settled(js, settings)
+    reasons = sorted(m.headers["Store-Reject-Reason"] for m in dlq if m.headers)
+    assert reasons == ["invalid_number", "malformed_payload"]
+    assert count(db_path, "trades") == 12
+
+
+async def test_no_pulls_at_the_hard_watermark(
+    js_settings: Callable[..., Settings], js_client: NATS, db_path: Path
+) -> None:
+    settings = js_settings(queue_capacity=100, batch_size=10, js_fetch_batch=8)
+    js = js_client.jetstream()
+    async with StoreService(settings) as svc:
+        with locked(db_path):
+            await publish(js, trades(2000), per_msg=10)  # 200 messages, 2,000 records
+            await until(lambda: svc.feedback.level.value == "hard")
+            await asyncio.sleep(1.0)
+            pending, _, _ = await consumer_state(js, settings)
+            delivered = 200 - pending
+            # The queue holds 10 messages of 10 records; beyond that, only what open
+            # pull requests had already asked for (two at most) may have come out.
+            assert delivered <= 10 + 2 * settings.js_fetch_batch, "the rest stays in the stream"
+            assert svc.stats.accepted["trades"] <= 10 * delivered
+        await until(lambda: count(db_path, "trades") == 2000, timeout=30)
+        await until_async(lambda: _settled(js, settings))
+
+
+async def test_pause_stops_pulling_and_resume_starts_again(
+    js_settings: Callable[..., Settings], js_client: NATS, db_path: Path
+) -> None:
+    settings = js_settings()
+    js = js_client.jetstream()
+    async with StoreService(settings) as svc:
+        await svc._act(_action("pause"))
+        await publish(js, trades(30))
+        await asyncio.sleep(1.0)
+        assert count(db_path, "trades") == 0
+        pending, _, _ = await consumer_state(js, settings)
+        assert pending == 30
+        await svc._act(_action("resume"))
+        await until(lambda: count(db_path, "trades") == 30)
+
+
+def _action(name: str) -> Any:
+    from store_svc.core import ControlAction
+
+    return ControlAction(name)
+
+
+async def test_two_instances_share_one_consumer(
+    js_settings: Callable[..., Settings], js_client: NATS, tmp_path: Path
+) -> None:
+    both = [js_settings(database_url=f"sqlite:///{tmp_path}/shared.db") for _ in range(2)]
+    js = js_client.jetstream()
+    async with StoreService(both[0]) as a, StoreService(both[1]) as b:
+        await publish(js, trades(600), per_msg=3)
+        await until(lambda: a.stats.js_acked + b.stats.js_acked == 200, timeout=30)
+        assert a.stats.js_acked > 0, "both instances took messages"
+        assert b.stats.js_acked > 0, "both instances took messages"
+    assert count(tmp_path / "shared.db", "trades") == 600
+
+
+async def test_missing_stream_without_create_stops_start_up(
+    js_settings: Callable[..., Settings],
+) -> None:
+    with pytest.raises(ConfigError, match="STORE_JS_CREATE"):
+        async with StoreService(js_settings(js_create=False)):
+            pass
+
+
+async def test_a_server_without_jetstream_is_named_at_start_up(
+    make_settings: Callable[..., Settings],
+) -> None:
+    with pytest.raises(JetStreamUnavailable, match="JetStream"):
+        async with StoreService(make_settings(ingest_mode="jetstream")):
+            pass
