@@ -101,6 +101,17 @@ def health_status(svc: StoreService) -> HealthStatus:
             "rejected": str(stats.rejected_total),
             "dropped": str(stats.dropped_messages),
             "refused_overload": str(stats.refused_overload),
+            **(
+                {
+                    "js_acked": str(stats.js_acked),
+                    "js_redelivered": str(stats.js_redelivered),
+                    "js_terminated": str(stats.js_termed),
+                    "js_handed_back": str(stats.js_naked),
+                    "js_pull_resets": str(stats.js_pull_resets),
+                }
+                if svc.settings.ingest_mode == "jetstream"
+                else {}
+            ),
         },
     )
     components = [nats_c, queue_c, sink_c, intake_c]

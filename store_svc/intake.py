@@ -157,6 +157,9 @@ class CoreIntake:
             if self._draining is draining:
                 self._draining = None
 
+    def reconnected(self) -> None:
+        """The NATS connection came back (the client re-subscribes by itself)."""
+
     async def close(self) -> None:
         """Release what intake still holds once the batcher has finished (nothing here)."""
 

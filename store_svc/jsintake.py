@@ -106,6 +106,13 @@ class JetStreamIntake(CoreIntake):
         """The subject pulled messages arrive on."""
         return self._inbox
 
+    def reconnected(self) -> None:
+        """Open pull requests may be gone with the old connection: ask again now."""
+        if self._outstanding:
+            self._outstanding = 0
+            self._stats.js_pull_resets += 1
+        self._wake.set()
+
     async def start(self) -> None:
         """Make sure the stream and consumer exist, then start pulling.
 

@@ -243,6 +243,16 @@ class StoreService:
                 self.stats.dropped_messages,
                 self.stats.messages,
             )
+            if self.settings.ingest_mode == "jetstream":
+                st = self.stats
+                log.info(
+                    "JetStream: %d messages acked, %d redelivered to this instance, "
+                    "%d terminated, %d handed back",
+                    st.js_acked,
+                    st.js_redelivered,
+                    st.js_termed,
+                    st.js_naked,
+                )
         if pending:
             raise ShutdownTimeout(pending)
 
@@ -356,3 +366,5 @@ class StoreService:
     async def _on_reconnected(self) -> None:
         url: Any = self.nc.connected_url if self.nc else None
         log.info("reconnected to NATS at %s", url.netloc if url else "?")
+        if self._intake is not None:
+            self._intake.reconnected()

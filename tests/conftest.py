@@ -122,3 +122,15 @@ async def until_async(predicate: Callable[[], Awaitable[bool]], timeout: float =
     async with asyncio.timeout(timeout):
         while not await predicate():
             await asyncio.sleep(0.01)
+
+
+#: Lines the fault tests report (published, stored, duplicates, lost), printed at the end.
+FAULT_REPORT: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault tests' counts, so CI output shows them."""
+    if FAULT_REPORT:
+        terminalreporter.section("fault tests: records published / stored / duplicates / lost")
+        for line in FAULT_REPORT:
+            terminalreporter.write_line(line)

@@ -172,6 +172,13 @@ async def test_slow_consumer_drops_are_counted(
         stored = count(db_path, "trades") - 1
         assert stored + svc.stats.dropped_messages == 300, "every message is stored or counted"
         assert stored == svc.stats.accepted["trades"] - 1
+        # Visible to operators: in health and in the micro service's stats.
+        health = json.loads((await client.request("mdp.store.health", b"", timeout=2)).data)
+        (intake,) = [c for c in health["components"] if c["name"] == "intake"]
+        assert intake["details"]["dropped"] == str(svc.stats.dropped_messages)
+        stats = json.loads((await client.request("$SRV.STATS.market-data-store", b"", 2)).data)
+        (endpoint,) = [e for e in stats["endpoints"] if e["name"] == "health"]
+        assert str(endpoint["data"]["dropped"]) == str(svc.stats.dropped_messages)
     assert "slow consumer" in caplog.text
 
 

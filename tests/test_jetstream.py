@@ -201,3 +201,43 @@ async def test_a_server_without_jetstream_is_named_at_start_up(
     with pytest.raises(JetStreamUnavailable, match="JetStream"):
         async with StoreService(make_settings(ingest_mode="jetstream")):
             pass
+
+
+async def test_stop_commits_and_acks_everything_taken(
+    js_settings: Callable[..., Settings], js_client: NATS, db_path: Path
+) -> None:
+    settings = js_settings()
+    js = js_client.jetstream()
+    svc = StoreService(settings)
+    await svc.start()
+    with locked(db_path):
+        await publish(js, trades(300), per_msg=10)
+        await until(lambda: svc.stats.accepted["trades"] == 300)
+        stopping = asyncio.create_task(svc.stop())
+        await asyncio.sleep(0.5)  # the stop waits on the stalled commit
+        assert not stopping.done()
+    await asyncio.wait_for(stopping, 20)
+    assert count(db_path, "trades") == 300
+    assert svc.stats.js_acked == 30
+    assert await _settled(js, settings)
+
+
+async def test_what_the_grace_period_cuts_off_is_handed_back_at_once(
+    js_settings: Callable[..., Settings], js_client: NATS, db_path: Path
+) -> None:
+    from store_svc.errors import ShutdownTimeout
+
+    settings = js_settings(shutdown_grace_s=1.0, js_ack_wait_s=60.0)
+    js = js_client.jetstream()
+    svc = StoreService(settings)
+    await svc.start()
+    with locked(db_path):
+        await publish(js, trades(100), per_msg=10)
+        await until(lambda: svc.stats.accepted["trades"] == 100)
+        with pytest.raises(ShutdownTimeout):
+            await svc.stop()
+    assert svc.stats.js_naked == 10, "nak'd, not left to the 60 s ack wait"
+    # A new instance gets them at once, long before the ack wait would run out.
+    async with StoreService(js_settings(js_ack_wait_s=60.0)):
+        await until(lambda: count(db_path, "trades") == 100, timeout=10)
+    assert await _settled(js, settings)

@@ -249,7 +249,8 @@ async def test_an_overlapping_sink_stages_the_next_batch_but_commits_in_order() 
     await q.put(bar("SAME", 1))
     await q.put(bar("SAME", 2))
     await until(lambda: sink.prepared == 1)  # the second batch is staged, held behind the first
-    assert b.in_flight == 2 and q.depth == 1
+    assert b.in_flight == 2
+    assert q.depth == 1
     sink.gate.set()
     q.close()
     await asyncio.wait_for(task, 5)

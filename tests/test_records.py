@@ -28,9 +28,11 @@ def accepted(value: Decimal) -> bool:
     try:
         check_decimal(value, "price")
     except RejectedInput as exc:
-        assert exc.reason == "number_out_of_range"
-        return False
-    return True
+        reason = exc.reason
+    else:
+        return True
+    assert reason == "number_out_of_range"
+    return False
 
 
 EDGES = [
