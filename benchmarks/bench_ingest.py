@@ -1,14 +1,21 @@
 """Ingest benchmark of ``store-svc``: throughput against two ceilings, and latency.
 
-Everything runs in one invocation, on one private ``nats-server`` (and, when a
+Everything runs in one invocation, on one private ``nats-server`` with JetStream
+enabled (its store in a temporary directory removed at the end; and, when a
 PostgreSQL scenario is selected, one private PostgreSQL server started with
 :class:`~store_svc.pgserver.PostgresServer` and removed at the end), so the ratios
-compare like with like on the same (possibly busy) machine. Three scenarios, all of
+compare like with like on the same (possibly busy) machine. Five scenarios, all of
 Core trades:
 
 * ``single``: one record per message, into a SQLite file in a fresh temporary directory;
+* ``single-js``: the same in JetStream mode (see below);
 * ``batch500``: 500 records per message, into a SQLite file likewise;
+* ``batch500-js``: the same in JetStream mode;
 * ``batch500-pg``: 500 records per message, into a fresh PostgreSQL database.
+
+The core scenarios (the three without ``-js``) use plain NATS: no stream captures the
+write subjects while they run (the stream is deleted before every scenario and after
+every JetStream one), so JetStream being enabled on the server does not touch them.
 
 For each scenario, with the same pre-generated payloads (every record has its own
 ``ts``, so no two records collide on the idempotency key):
@@ -44,7 +51,38 @@ For each scenario, with the same pre-generated payloads (every record has its ow
    request; latency is reply arrival minus send time, an upper bound of
    publish-to-commit.
 
-Flow control: core NATS has no back-pressure, so a publisher sending flat out can
+**JetStream scenarios** (``single-js``, ``batch500-js``): the service runs with
+``STORE_INGEST_MODE=jetstream``, so it creates the stream ``STORE_WRITES`` over the
+write subjects (workqueue retention, file storage) and the durable pull consumer
+``store``, and acks each message after its records are committed. The stream is
+deleted just before the scenario's service starts (a fresh stream, so no scenario sees
+another's messages) and again after it stops. Differences from the core scenarios:
+
+* **Ceilings**: the same as the core twin's (``single`` for ``single-js``,
+  ``batch500`` for ``batch500-js``): reused from the twin when it ran earlier in the
+  same invocation, otherwise measured in the scenario exactly as for the twin (core
+  publishers, before the stream exists). The ratios are service ÷ those ceilings,
+  plus service ÷ the core twin's service where the twin ran.
+* **Publishing**: JetStream publishes (nats-py ``publish_async``), at most
+  ``window`` PubAcks outstanding per publisher, so the publisher is flow-controlled
+  by the stream. A request to a stream subject is answered by the stream's PubAck,
+  not by the store, so PubAcks say nothing about commits.
+* **Throughput** is stored rows over the time from the first publish to the moment
+  the last record is visible as committed in the SQLite file: the benchmark polls
+  ``max(rowid)`` of the trades table every 5 ms from a reader connection (on the
+  fresh table it equals the row count; rows become visible at commit, WAL mode), and
+  confirms with ``count(*)`` at the end. "stream ingest rows/s" is the publishers'
+  rate up to the last PubAck (how fast the stream took the messages).
+* **Latency**: the paced load is JetStream publishes; the paced process also
+  subscribes to the consumer's ack subjects (``$JS.ACK.STORE_WRITES.store.>``; a
+  plain subscriber gets a copy of every ack the service sends) and matches each ack
+  to its message by the stream sequence the PubAck returned. Latency is ack arrival
+  minus send time, the same upper bound of publish-to-commit as the core reply
+  (the service acks after commit), measured for every message rather than a sample.
+  There is no p99 target for JetStream scenarios; their latency is for information.
+* JetStream scenarios use the SQLite sink only.
+
+Flow control (core scenarios): core NATS has no back-pressure, so a publisher sending flat out can
 overrun a subscriber (slow-consumer drops). Each publisher therefore sends every
 ``chunk``-th message as a request and keeps at most ``window`` such requests
 unanswered; the same scheme feeds the bare subscriber (which answers requests on
@@ -60,6 +98,7 @@ Usage::
     .venv/bin/python benchmarks/bench_ingest.py --quick   # CI smoke run, about a minute
     .venv/bin/python benchmarks/bench_ingest.py           # full run, a few minutes
     .venv/bin/python benchmarks/bench_ingest.py --only batch500-pg   # one scenario
+    .venv/bin/python benchmarks/bench_ingest.py --only single --only single-js
 
 Results: a table on stdout and JSON in ``benchmarks/results/ingest.json``.
 """
@@ -68,6 +107,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import os
@@ -81,14 +121,15 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Final, TypeVar
 
 import asyncpg
 import msgspec
@@ -96,6 +137,7 @@ import nats
 import uvloop
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError as JsNotFoundError
 
 from store_svc.decode import PayloadDecoder
 from store_svc.demo import synthetic_records
@@ -104,7 +146,8 @@ from store_svc.pgserver import PostgresServer, find_pg_bin
 from store_svc.records import KINDS, Row
 from store_svc.settings import Settings
 from store_svc.sinks.postgres import PostgresSink, merge_sql, staging_records
-from store_svc.sinks.sqlite import SqliteSink, time_micros, to_sqlite_rows, upsert_sql
+from store_svc.sinks.sqlite import SqliteSink, to_sqlite_rows, upsert_sql
+from store_svc.sinks.sqlite_worker import time_micros
 
 KIND = "trades"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -121,13 +164,29 @@ SQLITE = "sqlite"
 POSTGRESQL = "postgresql"
 TARGET_P99_MS = 25.0
 
+#: Ingest modes of the service (``STORE_INGEST_MODE``).
+CORE: Final = "core"
+JETSTREAM: Final = "jetstream"
+#: The ``-js`` scenarios' suffix; the name without it is the core twin.
+JS_SUFFIX = "-js"
+
 _STOPPED_LINE = re.compile(
     r"store-svc stopped: (\d+) records committed, (\d+) rejected, (\d+) messages dropped"
     r"(?: \((\d+) received\))?"
 )
+_JS_STOPPED_LINE = re.compile(
+    r"JetStream: (\d+) messages acked, (\d+) redelivered to this instance, "
+    r"(\d+) terminated, (\d+) handed back"
+)
 
 
 # --------------------------------------------------------------------------- config
+
+#: JetStream scenarios: outstanding PubAcks per publisher (one-record messages, and
+#: 500-record messages of about 60 kB). They bound what a publisher has in flight to
+#: the server, not what the stream holds for the service.
+JS_WINDOW_SINGLE = 1_000
+JS_WINDOW_BATCH = 20
 
 
 @dataclass(frozen=True)
@@ -138,11 +197,14 @@ class Scenario:
         name: short name used in the table and the JSON.
         per_msg: records per message.
         messages: messages published in each throughput run.
-        chunk: every ``chunk``-th message is a request (flow control).
-        window: unanswered requests a publisher allows before it waits.
+        chunk: core mode: every ``chunk``-th message is a request (flow control);
+            unused in JetStream mode (every message gets a PubAck).
+        window: core mode: unanswered requests a publisher allows before it waits;
+            JetStream mode: outstanding PubAcks a publisher allows.
         latency_seconds: how long the paced latency load runs.
         sink: where the service stores: ``"sqlite"`` (a file) or ``"postgresql"``
             (a fresh database on the run's PostgreSQL server).
+        mode: the service's ingest mode: ``"core"`` or ``"jetstream"``.
     """
 
     name: str
@@ -152,21 +214,64 @@ class Scenario:
     window: int
     latency_seconds: float
     sink: str = SQLITE
+    mode: str = CORE
 
     @property
     def records(self) -> int:
         """Records published in each throughput run."""
         return self.messages * self.per_msg
 
+    @property
+    def core_twin(self) -> str | None:
+        """The core scenario whose ceilings a JetStream scenario shares (None for core)."""
+        return self.name.removesuffix(JS_SUFFIX) if self.mode == JETSTREAM else None
 
+
+# A JetStream scenario runs after its core twin, so it can reuse the twin's ceilings.
 QUICK = (
     Scenario("single", 1, 20_000, chunk=2_000, window=10, latency_seconds=2.0),
+    Scenario(
+        "single-js",
+        1,
+        20_000,
+        chunk=2_000,
+        window=JS_WINDOW_SINGLE,
+        latency_seconds=2.0,
+        mode=JETSTREAM,
+    ),
     Scenario("batch500", 500, 200, chunk=4, window=25, latency_seconds=2.0),
+    Scenario(
+        "batch500-js",
+        500,
+        200,
+        chunk=4,
+        window=JS_WINDOW_BATCH,
+        latency_seconds=2.0,
+        mode=JETSTREAM,
+    ),
     Scenario("batch500-pg", 500, 200, chunk=4, window=25, latency_seconds=2.0, sink=POSTGRESQL),
 )
 FULL = (
     Scenario("single", 1, 400_000, chunk=5_000, window=10, latency_seconds=5.0),
+    Scenario(
+        "single-js",
+        1,
+        400_000,
+        chunk=5_000,
+        window=JS_WINDOW_SINGLE,
+        latency_seconds=5.0,
+        mode=JETSTREAM,
+    ),
     Scenario("batch500", 500, 4_000, chunk=10, window=10, latency_seconds=5.0),
+    Scenario(
+        "batch500-js",
+        500,
+        4_000,
+        chunk=10,
+        window=JS_WINDOW_BATCH,
+        latency_seconds=5.0,
+        mode=JETSTREAM,
+    ),
     Scenario("batch500-pg", 500, 4_000, chunk=10, window=10, latency_seconds=5.0, sink=POSTGRESQL),
 )
 
@@ -200,10 +305,16 @@ class PublisherSpec(msgspec.Struct, frozen=True):
     chunk: int
     window: int
     timeout: float
+    mode: str = CORE
 
 
 class PacedSpec(msgspec.Struct, frozen=True):
-    """What the paced latency publisher sends (``--paced``)."""
+    """What the paced latency publisher sends (``--paced``).
+
+    In JetStream mode every message is a JetStream publish (``sample_every`` is
+    unused), at most ``window`` PubAcks outstanding, and ``ack_subject`` is where the
+    service's acks are watched.
+    """
 
     url: str
     subject: str
@@ -211,6 +322,9 @@ class PacedSpec(msgspec.Struct, frozen=True):
     rate: float
     timeout: float
     sample_every: int = 1
+    mode: str = CORE
+    ack_subject: str = ""
+    window: int = 1_000
 
 
 class SubscriberSpec(msgspec.Struct, frozen=True):
@@ -340,6 +454,7 @@ async def publisher_role(spec: PublisherSpec) -> PublishResult:
     Every ``chunk``-th message and the last one carry a reply subject; at most
     ``window`` of them may be unanswered. The last reply marks the end: NATS keeps
     the order of one publisher's messages and the service commits in FIFO order.
+    In JetStream mode, see :func:`_publish_jetstream`.
 
     Args:
         spec: what and where to publish.
@@ -348,6 +463,8 @@ async def publisher_role(spec: PublisherSpec) -> PublishResult:
         Counts and times.
     """
     payloads = load_payloads(spec.payloads)[spec.start : spec.stop]
+    if spec.mode == JETSTREAM:
+        return await _publish_jetstream(spec, payloads)
     n = len(payloads)
     nc: NATS = await nats.connect(spec.url, name="bench-publisher")
     loop = asyncio.get_running_loop()
@@ -393,6 +510,135 @@ async def publisher_role(spec: PublisherSpec) -> PublishResult:
     return result
 
 
+async def _publish_jetstream(spec: PublisherSpec, payloads: list[bytes]) -> PublishResult:
+    """Publish flat out with JetStream publishes, at most ``window`` PubAcks outstanding.
+
+    Every message gets a PubAck from the stream once stored; the PubAcks are the flow
+    control and say nothing about the service. The result's ``requests`` and
+    ``replies`` count PubAcks owed and received, ``last_reply`` is the last PubAck;
+    the orchestrator watches the database for the end of the run.
+
+    Args:
+        spec: what and where to publish.
+        payloads: this publisher's slice.
+
+    Returns:
+        Counts and times.
+    """
+    n = len(payloads)
+    nc: NATS = await nats.connect(spec.url, name="bench-publisher-js")
+    js = nc.jetstream(publish_async_max_pending=spec.window)
+    result = PublishResult(n, n, 0, 0, 0, 0, 0.0, 0.0, 0.0, False)
+
+    def on_puback(fut: asyncio.Future[Any]) -> None:
+        result.last_reply = time.monotonic()
+        result.replies += 1
+        if fut.cancelled() or fut.exception() is not None:
+            result.error_replies += 1
+
+    await _wait_for_go()
+    subject = spec.subject
+    publish = js.publish_async
+    result.first_publish = time.monotonic()
+    for payload in payloads:
+        fut = await publish(subject, payload)
+        fut.add_done_callback(on_puback)
+    result.last_publish = time.monotonic()
+    try:
+        await asyncio.wait_for(js.publish_async_completed(), spec.timeout)
+    except TimeoutError:
+        result.timed_out = True
+    await nc.close()
+    return result
+
+
+def _ack_stream_seq(subject: str) -> int:
+    """The stream sequence in a JetStream ack subject (v1 ``$JS.ACK.<stream>.<consumer>.
+    <delivered>.<sseq>...``, 9 tokens, or v2 with domain and account hash first)."""
+    tokens = subject.split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+async def _paced_jetstream(spec: PacedSpec, payloads: list[bytes]) -> PacedResult:
+    """The paced load in JetStream mode: latency is the service's ack of each message.
+
+    Every message is a JetStream publish; its PubAck gives its stream sequence. A
+    subscriber on ``spec.ack_subject`` gets a copy of every ack the service sends
+    (after the commit), and its sequence ties it to the message. Latency is ack
+    arrival minus send time (taken just before the publish), for every message.
+
+    Args:
+        spec: what, where and how fast.
+        payloads: the messages.
+
+    Returns:
+        Per-message latencies in ms (acked messages only) and counts.
+    """
+    n = len(payloads)
+    nc: NATS = await nats.connect(spec.url, name="bench-paced-js")
+    js = nc.jetstream(publish_async_max_pending=spec.window)
+    loop = asyncio.get_running_loop()
+    sent = [0.0] * n
+    seq_of = [0] * n
+    acked_at: dict[int, float] = {}
+    counts = {"pubacks": 0, "errors": 0}
+    wanted: set[int] = set()
+    waiting = False
+    done: asyncio.Future[None] = loop.create_future()
+
+    async def on_ack(msg: Msg) -> None:
+        now = time.monotonic()
+        if msg.data:  # +WPI, -NAK, +TERM: not an ack
+            return
+        seq = _ack_stream_seq(msg.subject)
+        acked_at.setdefault(seq, now)
+        if waiting:
+            wanted.discard(seq)
+            if not wanted and not done.done():
+                done.set_result(None)
+
+    def on_puback(i: int, fut: asyncio.Future[Any]) -> None:
+        counts["pubacks"] += 1
+        if fut.cancelled() or fut.exception() is not None:
+            counts["errors"] += 1
+        else:
+            seq_of[i] = fut.result().seq
+
+    await nc.subscribe(spec.ack_subject, cb=on_ack)
+    await nc.flush()
+    await _wait_for_go()
+    subject = spec.subject
+    rate = spec.rate
+    t0 = time.monotonic()
+    i = 0
+    while i < n:
+        due = min(n, int((time.monotonic() - t0) * rate) + 1)
+        while i < due:
+            sent[i] = time.monotonic()
+            fut = await js.publish_async(subject, payloads[i])
+            fut.add_done_callback(functools.partial(on_puback, i))
+            i += 1
+        await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+    t_end = time.monotonic()
+    timed_out = False
+    deadline = t_end + spec.timeout
+    try:
+        await asyncio.wait_for(js.publish_async_completed(), spec.timeout)
+        wanted.update(s for s in seq_of if s and s not in acked_at)
+        waiting = True
+        if wanted:
+            await asyncio.wait_for(done, max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        timed_out = True
+    await nc.close()
+    latencies = [
+        (acked_at[q] - s) * 1000 for s, q in zip(sent, seq_of, strict=True) if q in acked_at
+    ]
+    replies = sum(1 for q in seq_of if q in acked_at)
+    achieved = n / (t_end - t0) if t_end > t0 else math.nan
+    return PacedResult(n, replies, counts["errors"], achieved, latencies, timed_out)
+
+
 async def paced_role(spec: PacedSpec) -> PacedResult:
     """Send the payloads at a fixed rate; every ``sample_every``-th one as a request.
 
@@ -410,6 +656,8 @@ async def paced_role(spec: PacedSpec) -> PacedResult:
         Per-message latencies in ms (replied messages only) and counts.
     """
     payloads = load_payloads(spec.payloads)
+    if spec.mode == JETSTREAM:
+        return await _paced_jetstream(spec, payloads)
     n = len(payloads)
     every = max(1, spec.sample_every)
     # The last message is always sampled: its reply means every message is committed.
@@ -549,7 +797,8 @@ def run_publishers(
     url: str, subject: str, payload_file: Path, n_msgs: int, scenario: Scenario, publishers: int
 ) -> list[PublishResult]:
     """Start ``publishers`` throughput publishers on contiguous slices, release them
-    together and collect their results.
+    together and collect their results. A JetStream scenario's publishers use
+    JetStream publishes (see :func:`_publish_jetstream`).
     """
     bounds = [n_msgs * k // publishers for k in range(publishers + 1)]
     procs = [
@@ -564,6 +813,7 @@ def run_publishers(
                 scenario.chunk,
                 scenario.window,
                 timeout=300.0,
+                mode=scenario.mode,
             ),
         )
         for k in range(publishers)
@@ -632,9 +882,9 @@ class ServiceProcess:
     """``store-svc run`` as a subprocess, with its log in a file.
 
     Args:
-        settings: the settings it runs with (only the two URLs are passed; every other
-            ``STORE_*`` variable is removed from its environment, so it runs with the
-            defaults).
+        settings: the settings it runs with (only the two URLs, and the ingest mode when
+            it is not ``core``, are passed; every other ``STORE_*`` variable is removed
+            from its environment, so it runs with the defaults).
         log_path: where its stderr goes.
     """
 
@@ -664,6 +914,8 @@ class ServiceProcess:
         }
         env["STORE_NATS_URL"] = self.settings.nats_url
         env["STORE_DATABASE_URL"] = self.settings.database_url
+        if self.settings.ingest_mode != CORE:
+            env["STORE_INGEST_MODE"] = self.settings.ingest_mode
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [self.executable(), "run"], env=env, stdout=subprocess.DEVNULL, stderr=self._log
@@ -716,6 +968,9 @@ class ServiceProcess:
         if m := _STOPPED_LINE.search(text):
             keys = ("committed", "rejected", "dropped_messages", "received_messages")
             out.update({k: int(v) for k, v in zip(keys, m.groups(), strict=True) if v is not None})
+        if m := _JS_STOPPED_LINE.search(text):
+            keys = ("js_acked", "js_redelivered", "js_terminated", "js_handed_back")
+            out.update({k: int(v) for k, v in zip(keys, m.groups(), strict=True)})
         problems = [ln for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln]
         out["warnings_and_errors"] = problems[:10]
         return out
@@ -737,6 +992,135 @@ async def _probe(url: str, subject: str, timeout: float) -> None:
                 await asyncio.sleep(0.05)
     finally:
         await nc.close()
+
+
+async def _probe_jetstream(url: str, settings: Settings, timeout: float) -> None:
+    """Wait until the service's consumer has a pull request waiting (a probe write
+    would be stored by the stream, so JetStream mode is probed this way)."""
+    nc: NATS = await nats.connect(url, name="bench-probe-js")
+    try:
+        jsm = nc.jsm()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                info = await jsm.consumer_info(settings.js_stream, settings.js_durable)
+                if info.num_waiting:
+                    return
+            except JsNotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no pull request on {settings.js_stream}/{settings.js_durable}")
+            await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+
+
+def delete_stream(url: str, name: str) -> bool:
+    """Delete a JetStream stream (and its consumers) if it exists.
+
+    Returns:
+        Whether there was one.
+    """
+
+    async def go() -> bool:
+        nc: NATS = await nats.connect(url, name="bench-admin")
+        try:
+            return bool(await nc.jsm().delete_stream(name))
+        except JsNotFoundError:
+            return False
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def jetstream_state(url: str, settings: Settings) -> dict[str, Any]:
+    """What the service's stream and consumer hold (after the service stopped)."""
+
+    async def go() -> dict[str, Any]:
+        nc: NATS = await nats.connect(url, name="bench-admin")
+        try:
+            jsm = nc.jsm()
+            stream = await jsm.stream_info(settings.js_stream)
+            consumer = await jsm.consumer_info(settings.js_stream, settings.js_durable)
+            return {
+                "stream_messages_left": stream.state.messages,
+                "stream_last_seq": stream.state.last_seq,
+                "consumer_ack_pending": consumer.num_ack_pending,
+                "consumer_redelivered": consumer.num_redelivered,
+                "consumer_pending": consumer.num_pending,
+            }
+        except JsNotFoundError as exc:
+            return {"error": str(exc)}
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+class CommitWatcher:
+    """Polls a SQLite file until its trades table holds ``target`` rows, and notes when.
+
+    A thread reads ``max(rowid)`` of the trades table every ``interval`` seconds on
+    its own connection (an index-free, O(log n) read; on a fresh table that is never
+    deleted from it equals the row count, and a WAL reader sees rows once committed).
+
+    Args:
+        db_path: the service's SQLite file.
+        target: the row count that ends the run.
+        interval: seconds between polls.
+    """
+
+    def __init__(self, db_path: Path, target: int, interval: float = 0.005) -> None:
+        self.db_path = db_path
+        self.target = target
+        self.interval = interval
+        self.rows = 0
+        self.reached_at: float | None = None
+        self.last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="commit-watcher", daemon=True)
+
+    def start(self) -> None:
+        """Start polling."""
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(self.db_path, isolation_level=None)
+                    row = conn.execute(f"SELECT max(rowid) FROM {KIND}").fetchone()
+                    rows = int(row[0] or 0)
+                except sqlite3.Error:
+                    rows = self.rows  # not created yet, or busy: try again
+                if rows != self.rows:
+                    self.rows = rows
+                    self.last_progress = now
+                if rows >= self.target:
+                    self.reached_at = now
+                    return
+                self._stop.wait(self.interval)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def wait(self, stall_timeout: float) -> float | None:
+        """Wait until the target is reached, or no new row was seen for ``stall_timeout``.
+
+        Returns:
+            The ``time.monotonic`` of the first poll that saw the target, or None.
+        """
+        while self._thread.is_alive():
+            self._thread.join(0.1)
+            if time.monotonic() - self.last_progress > stall_timeout:
+                break
+        self._stop.set()
+        self._thread.join()
+        return self.reached_at
 
 
 def count_rows(db_path: Path) -> int:
@@ -816,12 +1200,14 @@ def measure_bare_subscriber(
     sub = _spawn("--bare-subscriber", SubscriberSpec(url, subject, settings.queue_group))
     try:
         _await_ready(sub)
+        # Core publishers even for a JetStream scenario: ceiling A is its core twin's.
+        core = replace(scenario, mode=CORE)
         results = run_publishers(
             url,
             settings.subject("store", "write", KIND),
             payload_file,
             scenario.messages,
-            scenario,
+            core,
             publishers,
         )
         _send_line(sub, "STOP")
@@ -1042,18 +1428,48 @@ def _stop_py_spy(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait()
 
 
-def measure_latency(url: str, subject: str, payload_file: Path, rate: float) -> dict[str, Any]:
+def measure_latency(
+    url: str,
+    subject: str,
+    payload_file: Path,
+    rate: float,
+    settings: Settings | None = None,
+    window: int = 1_000,
+) -> dict[str, Any]:
     """Run the paced request load and summarise its latencies.
+
+    Args:
+        url: the nats-server URL.
+        subject: the write subject.
+        payload_file: the paced load's messages.
+        rate: messages a second.
+        settings: given in JetStream mode (``ingest_mode``): the stream and consumer
+            whose acks are watched.
+        window: JetStream mode: outstanding PubAcks allowed.
 
     Returns:
         Rate asked and achieved, replies, and latency percentiles in ms.
     """
-    # About a thousand sampled requests a second, whatever the message rate.
-    every = max(1, int(rate // 1000))
-    proc = _spawn(
-        "--paced",
-        PacedSpec(url, subject, str(payload_file), rate, timeout=60.0, sample_every=every),
-    )
+    if settings is not None and settings.ingest_mode == JETSTREAM:
+        every = 1
+        ack_subject = f"$JS.ACK.{settings.js_stream}.{settings.js_durable}.>"
+        spec = PacedSpec(
+            url,
+            subject,
+            str(payload_file),
+            rate,
+            timeout=60.0,
+            mode=JETSTREAM,
+            ack_subject=ack_subject,
+            window=window,
+        )
+        measured_by = f"ack seen on {ack_subject} minus send time, every message"
+    else:
+        # About a thousand sampled requests a second, whatever the message rate.
+        every = max(1, int(rate // 1000))
+        spec = PacedSpec(url, subject, str(payload_file), rate, timeout=60.0, sample_every=every)
+        measured_by = "reply to a request minus send time, sampled"
+    proc = _spawn("--paced", spec)
     try:
         _await_ready(proc)
         _send_line(proc, _GO)
@@ -1064,6 +1480,7 @@ def measure_latency(url: str, subject: str, payload_file: Path, rate: float) -> 
             proc.wait()
     lat = sorted(res.latencies_ms)
     return {
+        "measured_by": measured_by,
         "rate_msgs_per_s": rate,
         "sampled_every": every,
         "achieved_msgs_per_s": res.achieved_rate,
@@ -1099,42 +1516,78 @@ def measure_service(
     """The real ``store-svc run``: throughput, row-count check, then latency at a
     fraction (default half) of the measured maximum.
 
+    In JetStream mode (``settings.ingest_mode``) the stream is deleted first, so the
+    service creates a fresh one, and again after the service stopped; the run ends
+    when the database holds every published record (see :class:`CommitWatcher`).
+
     Returns:
         Throughput, stored and lost counts, the latency summary and the service's own
         shutdown counters.
     """
+    on_js = settings.ingest_mode == JETSTREAM
+    write_subject = settings.subject("store", "write", KIND)
+    out_js: dict[str, Any] = {}
+    if on_js:
+        delete_stream(url, settings.js_stream)
     svc = ServiceProcess(settings, workdir / "service.log")
-    svc.start()
     try:
-        asyncio.run(_probe(url, settings.subject("store", "write", KIND), timeout=30.0))
+        svc.start()
+        if on_js:
+            asyncio.run(_probe_jetstream(url, settings, timeout=30.0))
+        else:
+            asyncio.run(_probe(url, write_subject, timeout=30.0))
         spy = None
         if opts.profile_dir is not None:
             out_file = opts.profile_dir / f"service-{scenario.name}.speedscope.json"
             spy = _start_py_spy(svc.pid, out_file)
         if spy is not None:
             time.sleep(1.0)  # let py-spy attach before the load starts
+        watcher: CommitWatcher | None = None
+        if on_js:
+            watcher = CommitWatcher(
+                Path(settings.database_url.removeprefix("sqlite:///")), scenario.records
+            )
+            watcher.start()
         try:
             results = run_publishers(
-                url,
-                settings.subject("store", "write", KIND),
-                payload_file,
-                scenario.messages,
-                scenario,
-                opts.publishers,
+                url, write_subject, payload_file, scenario.messages, scenario, opts.publishers
             )
+            committed_at = watcher.wait(stall_timeout=60.0) if watcher is not None else None
         finally:
             _stop_py_spy(spy)
         tp = summarize(results, scenario.per_msg)
         stored = count_stored(settings.database_url)
-        accepted = sum(r.accepted for r in results)
-        out: dict[str, Any] = {
-            **tp.as_dict(),
-            "stored": stored,
-            "lost": tp.published_records - stored,
-            "rows_per_s": stored / tp.duration_s,
-            "msgs_per_s": stored / scenario.per_msg / tp.duration_s,
-            "accepted_in_flow_control_replies": accepted,
-        }
+        out: dict[str, Any] = tp.as_dict()
+        if watcher is not None:
+            # The PubAcks end the publishers' part; the run ends at the last commit.
+            start = min(r.first_publish for r in results)
+            end = committed_at if committed_at is not None else time.monotonic()
+            del out["flow_control_requests"], out["flow_control_replies"]
+            out.update(
+                {
+                    "duration_s": round(end - start, 4),
+                    "end": "all records committed (polled)"
+                    if committed_at is not None
+                    else "stalled (no new rows for 60 s)",
+                    "pub_acks_owed": tp.requests,
+                    "pub_acks": tp.replies,
+                    "pub_ack_errors": tp.error_replies,
+                    "stream_ingest_s": round(tp.duration_s, 4),
+                    "stream_ingest_rows_per_s": tp.published_records / tp.duration_s,
+                }
+            )
+            duration = end - start
+        else:
+            out["accepted_in_flow_control_replies"] = sum(r.accepted for r in results)
+            duration = tp.duration_s
+        out.update(
+            {
+                "stored": stored,
+                "lost": tp.published_records - stored,
+                "rows_per_s": stored / duration,
+                "msgs_per_s": stored / scenario.per_msg / duration,
+            }
+        )
 
         # Latency at a fraction of the measured maximum, on fresh records.
         rate = max(1.0, out["msgs_per_s"] * opts.latency_fraction)
@@ -1142,7 +1595,12 @@ def measure_service(
         lat_file = workdir / "latency.msgpack"
         first_us = ts.take(n_lat * scenario.per_msg)
         save_payloads(lat_file, make_payloads(scenario.per_msg, n_lat, first_us, seed=2))
-        latency = measure_latency(url, settings.subject("store", "write", KIND), lat_file, rate)
+        latency = measure_latency(
+            url, write_subject, lat_file, rate, settings=settings, window=scenario.window
+        )
+        if on_js and latency["timed_out"]:
+            # Not every ack was seen; the last rows may still be committing.
+            _wait_rows(settings.database_url, stored + n_lat * scenario.per_msg, 10.0)
         after = count_stored(settings.database_url)
         latency["fraction_of_max"] = opts.latency_fraction
         latency["stored"] = after - stored
@@ -1150,8 +1608,20 @@ def measure_service(
         out["latency"] = latency
     finally:
         shutdown = svc.stop()
+        if on_js:
+            out_js = jetstream_state(url, settings)
+            delete_stream(url, settings.js_stream)
     out["service_shutdown"] = shutdown
+    if on_js:
+        out["jetstream"] = out_js
     return out
+
+
+def _wait_rows(database_url: str, target: int, timeout: float) -> None:
+    """Wait (at most ``timeout`` seconds) until the database holds ``target`` rows."""
+    deadline = time.monotonic() + timeout
+    while count_stored(database_url) < target and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 # ------------------------------------------------------------------- orchestration
@@ -1224,6 +1694,7 @@ def run_scenario(
     ts: TsAllocator,
     opts: RunOptions,
     pg: PostgresServer | None = None,
+    twin: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """All measurements of one scenario, on the same payloads.
 
@@ -1234,20 +1705,31 @@ def run_scenario(
         ts: hands out the records' timestamps.
         opts: run-wide options.
         pg: the run's PostgreSQL server (required for a PostgreSQL scenario).
+        twin: for a JetStream scenario, the report of its core twin when that ran
+            earlier in this invocation: its ceilings are reused.
 
     Returns:
         The scenario's section of the JSON report.
 
     Raises:
-        ValueError: a PostgreSQL scenario without a server.
+        ValueError: a PostgreSQL scenario without a server, or a JetStream scenario
+            on PostgreSQL.
     """
     on_pg = scenario.sink == POSTGRESQL
+    on_js = scenario.mode == JETSTREAM
     if on_pg and pg is None:
         raise ValueError(f"scenario {scenario.name} needs a PostgreSQL server")
+    if on_pg and on_js:
+        raise ValueError(f"scenario {scenario.name}: JetStream scenarios use SQLite only")
     settings = Settings.model_construct(
-        nats_url=url, database_url=f"sqlite:///{(workdir / 'service.db').resolve()}"
+        nats_url=url,
+        database_url=f"sqlite:///{(workdir / 'service.db').resolve()}",
+        ingest_mode=JETSTREAM if on_js else CORE,
     )
     ceiling = "raw COPY+merge" if on_pg else "raw executemany"
+    raw_key = "raw_copy_merge" if on_pg else "raw_executemany"
+    # No stream may capture the write subjects outside a JetStream service's run.
+    delete_stream(url, settings.js_stream)
 
     def say(text: str) -> None:
         print(f"[{scenario.name}] {text}", file=sys.stderr, flush=True)
@@ -1257,27 +1739,37 @@ def run_scenario(
     payloads = make_payloads(scenario.per_msg, scenario.messages, ts.take(scenario.records), 1)
     payload_file = workdir / "throughput.msgpack"
     save_payloads(payload_file, payloads)
-    say(f"generated in {time.monotonic() - t0:.1f}s; ceiling A: bare subscriber")
-    bare = measure_bare_subscriber(url, settings, payload_file, scenario, opts.publishers)
-    say(f"bare subscriber: {bare['records_per_s']:,.0f} records/s; ceiling B: {ceiling}")
+    ceilings_from = scenario.name
+    if twin is not None and raw_key in twin:
+        # The core twin's ceilings, measured earlier in this run on payloads alike.
+        ceilings_from = twin["name"]
+        bare, raw = twin["bare_subscriber"], twin[raw_key]
+        say(f"generated in {time.monotonic() - t0:.1f}s; ceilings of {ceilings_from}")
+    else:
+        say(f"generated in {time.monotonic() - t0:.1f}s; ceiling A: bare subscriber")
+        bare = measure_bare_subscriber(url, settings, payload_file, scenario, opts.publishers)
+        say(f"bare subscriber: {bare['records_per_s']:,.0f} records/s; ceiling B: {ceiling}")
+        if pg is not None and on_pg:
+            raw = measure_raw_copy_merge(
+                payloads, create_pg_database(pg, f"{scenario.name}-raw"), settings
+            )
+        else:
+            raw = measure_raw_executemany(payloads, workdir / "raw.db", settings)
     if pg is not None and on_pg:
-        raw = measure_raw_copy_merge(
-            payloads, create_pg_database(pg, f"{scenario.name}-raw"), settings
-        )
         # The service gets a database of its own, created just before it starts.
         settings = Settings.model_construct(
             nats_url=url, database_url=create_pg_database(pg, f"{scenario.name}-service")
         )
-    else:
-        raw = measure_raw_executemany(payloads, workdir / "raw.db", settings)
     del payloads
-    say(f"{ceiling}: {raw['rows_per_s']:,.0f} rows/s; the service")
+    say(f"{ceiling}: {raw['rows_per_s']:,.0f} rows/s; the service ({scenario.mode} mode)")
     svc = measure_service(url, settings, workdir, payload_file, scenario, opts, ts)
     say(
         f"service: {svc['rows_per_s']:,.0f} rows/s, lost {svc['lost']}, latency p99 "
         f"{_fmt(svc['latency']['p99_ms'], '.1f')} ms"
     )
     ratios = {"service_vs_bare_subscriber": svc["rows_per_s"] / bare["records_per_s"]}
+    if twin is not None:
+        ratios["service_vs_core_twin_service"] = svc["rows_per_s"] / twin["service"]["rows_per_s"]
     if on_pg:
         ratios["service_vs_raw_copy_merge"] = svc["rows_per_s"] / raw["rows_per_s"]
         ratios["service_vs_raw_copy_merge_one_connection"] = (
@@ -1288,15 +1780,22 @@ def run_scenario(
         ratios["service_vs_raw_convert_plus_executemany"] = (
             svc["rows_per_s"] / raw["convert_plus_executemany_rows_per_s"]
         )
+    flow_control: dict[str, Any] = (
+        {"pub_ack_window_msgs": scenario.window}
+        if on_js
+        else {"chunk_msgs": scenario.chunk, "window_requests": scenario.window}
+    )
     return {
         "name": scenario.name,
+        "mode": scenario.mode,
         "sink": scenario.sink,
         "records_per_msg": scenario.per_msg,
         "messages": scenario.messages,
-        "flow_control": {"chunk_msgs": scenario.chunk, "window_requests": scenario.window},
+        "flow_control": flow_control,
         "publishers": opts.publishers,
+        "ceilings_from": ceilings_from,
         "bare_subscriber": bare,
-        "raw_copy_merge" if on_pg else "raw_executemany": raw,
+        raw_key: raw,
         "service": svc,
         "ratios": ratios,
     }
@@ -1319,7 +1818,8 @@ def _cell(scenario: dict[str, Any], spec: str, *path: str) -> str:
 
 
 def targets(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Check the targets (ratios, and p99 latency of every scenario) against the results."""
+    """Check the targets (ratios, and p99 latency of every core scenario) against the
+    results. JetStream scenarios have no targets: their numbers are for information."""
     out: list[dict[str, Any]] = []
     by_name = {s["name"]: s for s in scenarios}
     checks = [
@@ -1342,6 +1842,8 @@ def targets(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 }
             )
     for s in scenarios:
+        if s.get("mode", CORE) != CORE:
+            continue
         p99 = s["service"]["latency"]["p99_ms"]
         out.append(
             {
@@ -1366,7 +1868,9 @@ def print_table(report: dict[str, Any]) -> None:
     def add(label: str, fn: Any) -> None:
         rows.append((label, [fn(s) for s in scenarios]))
 
+    add("mode", lambda s: str(s.get("mode", CORE)))
     add("sink", lambda s: str(s.get("sink", SQLITE)))
+    add("ceilings measured in", lambda s: str(s.get("ceilings_from", s["name"])))
     add("records per message", lambda s: f"{s['records_per_msg']}")
     add("published records", lambda s: f"{s['service']['published_records']:,}")
     add("stored records", lambda s: f"{s['service']['stored']:,}")
@@ -1374,6 +1878,10 @@ def print_table(report: dict[str, Any]) -> None:
     add("service duration s", lambda s: f"{s['service']['duration_s']:.2f}")
     add("service msgs/s", lambda s: f"{s['service']['msgs_per_s']:,.0f}")
     add("service rows/s", lambda s: f"{s['service']['rows_per_s']:,.0f}")
+    add(
+        "JS stream ingest rows/s (to last PubAck)",
+        lambda s: _cell(s, ",.0f", "service", "stream_ingest_rows_per_s"),
+    )
     add("A bare subscriber msgs/s", lambda s: f"{s['bare_subscriber']['msgs_per_s']:,.0f}")
     add("A bare subscriber records/s", lambda s: f"{s['bare_subscriber']['records_per_s']:,.0f}")
     add("A lost msgs", lambda s: f"{s['bare_subscriber']['lost_msgs']:,}")
@@ -1408,6 +1916,10 @@ def print_table(report: dict[str, Any]) -> None:
         "service / B raw COPY+merge",
         lambda s: _cell(s, ".3f", "ratios", "service_vs_raw_copy_merge"),
     )
+    add(
+        "service / core twin's service",
+        lambda s: _cell(s, ".3f", "ratios", "service_vs_core_twin_service"),
+    )
     add("latency load msgs/s", lambda s: f"{s['service']['latency']['achieved_msgs_per_s']:,.0f}")
     add(
         "latency load rows/s",
@@ -1416,6 +1928,10 @@ def print_table(report: dict[str, Any]) -> None:
     for p in ("p50", "p95", "p99", "max"):
         add(f"latency {p} ms", lambda s, p=p: _fmt(s["service"]["latency"][f"{p}_ms"], ".2f"))
     add("latency lost records", lambda s: f"{s['service']['latency']['lost']:,}")
+    add(
+        "latency measured by",
+        lambda s: "ack" if s.get("mode", CORE) == JETSTREAM else "reply",
+    )
     add(
         "service dropped msgs (own log)",
         lambda s: str(s["service"]["service_shutdown"].get("dropped_messages", "?")),
@@ -1437,6 +1953,8 @@ def print_table(report: dict[str, Any]) -> None:
             + "  ".join(v.rjust(c) for v, c in zip(values, cols, strict=True))
         )
     print()
+    if any(s.get("mode", CORE) == JETSTREAM for s in scenarios):
+        print("JetStream scenarios (mode jetstream) have no targets; their numbers are info.")
     for t in report["targets"]:
         verdict = "met" if t["met"] else "MISSED"
         value = _fmt(t["value"], ".3f")
@@ -1462,10 +1980,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         opts.profile_dir.mkdir(parents=True, exist_ok=True)
     ts = TsAllocator()
     started = time.monotonic()
-    results = []
+    results: list[dict[str, Any]] = []
     with ExitStack() as stack:
-        server = stack.enter_context(NatsServer())
-        print(f"nats-server on {server.url}", file=sys.stderr)
+        # JetStream is always on (its store in a temporary folder); core scenarios
+        # run while no stream exists, so it does not touch them.
+        js_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-nats-"))
+        if args.keep:
+            stack.callback(print, f"kept {js_dir}", file=sys.stderr)
+        else:
+            stack.callback(shutil.rmtree, js_dir, ignore_errors=True)
+        server = stack.enter_context(NatsServer(store_dir=js_dir))
+        print(f"nats-server on {server.url} (JetStream store {js_dir})", file=sys.stderr)
         pg: PostgresServer | None = None
         if any(s.sink == POSTGRESQL for s in scenarios):
             pg = PostgresServer()
@@ -1475,8 +2000,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             info["postgresql"] = _pg_version()
         for scenario in scenarios:
             workdir = Path(tempfile.mkdtemp(prefix=f"bench-ingest-{scenario.name}-"))
+            done = {r["name"]: r for r in results}
+            twin = done.get(scenario.core_twin) if scenario.core_twin else None
             try:
-                results.append(run_scenario(scenario, server.url, workdir, ts, opts, pg))
+                results.append(run_scenario(scenario, server.url, workdir, ts, opts, pg, twin))
             finally:
                 if args.keep:
                     print(f"kept {workdir}", file=sys.stderr)
@@ -1506,7 +2033,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark store-svc ingest: throughput vs a bare NATS subscriber and "
         "raw sqlite3 executemany (or raw asyncpg COPY + merge for PostgreSQL), and "
-        "publish→commit latency at half the maximum rate.",
+        "publish→commit latency at half the maximum rate; core and JetStream modes.",
     )
     parser.add_argument(
         "--quick", action="store_true", help="small counts, about a minute (CI smoke run)"

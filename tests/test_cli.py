@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import store_svc
+from store_svc.natsserver import NatsServer
 
 STORE_SVC = str(Path(sys.executable).parent / "store-svc")
 
@@ -72,13 +73,19 @@ def test_unreachable_nats_fails_fast(tmp_path: Path) -> None:
     assert "cannot reach NATS at nats://127.0.0.1:1 within 2s" in out.stderr
 
 
-def test_unsupported_mode_is_refused(tmp_path: Path) -> None:
+def test_jetstream_mode_without_jetstream_on_the_server_exits_1(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
     out = run(
         "run",
-        env={"STORE_INGEST_MODE": "jetstream", "STORE_DATABASE_URL": f"sqlite:///{tmp_path}/x.db"},
+        env={
+            "STORE_INGEST_MODE": "jetstream",
+            "STORE_NATS_URL": nats_server.url,
+            "STORE_DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
+        },
     )
     assert out.returncode == 1
-    assert "jetstream" in out.stderr
+    assert "JetStream enabled (nats-server -js)" in out.stderr
 
 
 @pytest.mark.slow
