@@ -241,3 +241,18 @@ async def test_what_the_grace_period_cuts_off_is_handed_back_at_once(
     async with StoreService(js_settings(js_ack_wait_s=60.0)):
         await until(lambda: count(db_path, "trades") == 100, timeout=10)
     assert await _settled(js, settings)
+
+
+async def test_a_deleted_consumer_is_made_again(
+    js_settings: Callable[..., Settings], js_client: NATS, db_path: Path
+) -> None:
+    settings = js_settings()
+    js = js_client.jetstream()
+    async with StoreService(settings):
+        await publish(js, trades(10))
+        await until(lambda: count(db_path, "trades") == 10)
+        await js.delete_consumer(settings.js_stream, settings.js_durable)
+        await publish(js, trades(10, start=100))
+        await until(lambda: count(db_path, "trades") == 20, timeout=20)
+        info = await js.consumer_info(settings.js_stream, settings.js_durable)
+        assert info.config.ack_wait == settings.js_ack_wait_s, "made again with the settings"
