@@ -41,7 +41,7 @@ from .queue import Envelope, QueueClosed, RecordQueue
 from .settings import Settings
 from .stats import Stats
 
-__all__ = ["JetStreamIntake"]
+__all__ = ["JetStreamIntake", "delivery_count"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,23 @@ _NS = 1_000_000_000
 # Plain strings: nats-py's Header enum hashes by member name, so it misses dict keys.
 _STATUS = "Status"
 _DESCRIPTION = "Description"
+
+
+def delivery_count(reply: str | None) -> int | None:
+    """How many times JetStream has delivered a message, read from its ack subject.
+
+    Args:
+        reply: the message's reply subject, ``$JS.ACK.<stream>.<consumer>.<delivered>...``
+            (or the longer form with domain and account hash).
+
+    Returns:
+        The delivery count, or ``None`` when ``reply`` is no JetStream ack subject.
+    """
+    if not reply or not reply.startswith("$JS.ACK."):
+        return None
+    tokens = reply.split(".")
+    token = tokens[4] if len(tokens) == 9 else tokens[6] if len(tokens) >= 11 else ""
+    return int(token) if token.isdigit() else None
 
 
 class JetStreamIntake(CoreIntake):
@@ -267,12 +284,12 @@ class JetStreamIntake(CoreIntake):
             return
         self._stats.messages += 1
         reply = msg.reply
-        try:
-            if msg.metadata.num_delivered > 1:
-                self._stats.js_redelivered += 1
-        except (ValueError, IndexError):
-            log.warning("a pulled message has no JetStream ack subject: %r", reply)
+        delivered = delivery_count(reply)
+        if delivered is None:  # not from the consumer (someone wrote to the inbox)
+            log.warning("ignored a message without a JetStream ack subject on %s", msg.subject)
             return
+        if delivered > 1:
+            self._stats.js_redelivered += 1
         received = self._loop.time()
         kind, decoded = await self._examine(msg)
         if decoded is None:

@@ -256,3 +256,20 @@ async def test_a_deleted_consumer_is_made_again(
         await until(lambda: count(db_path, "trades") == 20, timeout=20)
         info = await js.consumer_info(settings.js_stream, settings.js_durable)
         assert info.config.ack_wait == settings.js_ack_wait_s, "made again with the settings"
+
+
+@pytest.mark.parametrize(
+    ("reply", "count"),
+    [
+        ("$JS.ACK.STORE_WRITES.store.1.10.10.1700000000000000000.0", 1),
+        ("$JS.ACK.STORE_WRITES.store.3.10.12.1700000000000000000.5", 3),
+        ("$JS.ACK.hub.ACCHASH.STORE_WRITES.store.2.10.12.1700000000000000000.5.tok", 2),
+        ("$JS.ACK.STORE_WRITES.store", None),
+        ("_INBOX.abc", None),
+        (None, None),
+    ],
+)
+def test_delivery_count_from_the_ack_subject(reply: str | None, count: int | None) -> None:
+    from store_svc.jsintake import delivery_count
+
+    assert delivery_count(reply) == count
