@@ -78,13 +78,14 @@ another's messages) and again after it stops. Differences from the core scenario
   plain subscriber gets a copy of every ack the service sends) and matches each ack
   to its message by the stream sequence the PubAck returned. Latency is ack arrival
   minus send time, the same upper bound of publish-to-commit as the core reply
-  (the service acks after commit), measured for every message rather than a sample.
+  (the service acks after commit), measured for every message rather than a sample
+  (the ack copies cost the server and the paced process, not the service).
   There is no p99 target for JetStream scenarios; their latency is for information.
 * JetStream scenarios use the SQLite sink only.
 
-Flow control (core scenarios): core NATS has no back-pressure, so a publisher sending flat out can
-overrun a subscriber (slow-consumer drops). Each publisher therefore sends every
-``chunk``-th message as a request and keeps at most ``window`` such requests
+Flow control (core scenarios): core NATS has no back-pressure, so a publisher sending
+flat out can overrun a subscriber (slow-consumer drops). Each publisher therefore sends
+every ``chunk``-th message as a request and keeps at most ``window`` such requests
 unanswered; the same scheme feeds the bare subscriber (which answers requests on
 receipt) and the service (which answers after commit). The window is far larger
 than a batch, so it never starves either consumer; it only bounds what is buffered.
