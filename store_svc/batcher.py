@@ -170,6 +170,23 @@ class Batcher:
         delay = self._retry_initial
         started = asyncio.get_running_loop().time()
         while True:
+            if any(env.withdrawn for env in batch):
+                # Handed back for another instance to store: leave them out.
+                kept = [env for env in batch if not env.withdrawn]
+                self.in_flight -= size - sum(len(env.rows) for env in kept)
+                if prepared is not None:
+                    await prepared.abort()
+                    prepared = None
+                batch = kept
+                regrouped: defaultdict[str, list[Row]] = defaultdict(list)
+                for env in batch:
+                    regrouped[env.kind].extend(env.rows)
+                grouped = regrouped
+                size = sum(len(rows) for rows in grouped.values())
+                if not batch and self.sink_ok:
+                    return
+                # With everything handed back and the database still failing, the
+                # empty write goes on as a probe, so recovery is noticed and reported.
             try:
                 if prepared is not None:
                     # The first attempt commits what was prepared; a retry starts over.
@@ -209,6 +226,8 @@ class Batcher:
         self.sink_ok = True
         stats = self._stats
         stats.last_sink_error = None
+        if not batch:
+            return
         stats.batches += 1
         stats.last_commit_monotonic = asyncio.get_running_loop().time()
         if self.on_commit is not None:

@@ -157,6 +157,9 @@ class CoreIntake:
             if self._draining is draining:
                 self._draining = None
 
+    def sink_state(self, down: bool) -> None:
+        """The database started (True) or stopped (False) failing commits."""
+
     def reconnected(self) -> None:
         """The NATS connection came back (the client re-subscribes by itself)."""
 

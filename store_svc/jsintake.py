@@ -52,6 +52,24 @@ _STATUS = "Status"
 _DESCRIPTION = "Description"
 
 
+class _Held:
+    """A message taken and not yet acked: its envelope and when it was last touched."""
+
+    __slots__ = ("env", "msg", "touched")
+
+    def __init__(self, msg: Msg, env: Envelope, touched: float) -> None:
+        self.msg = msg
+        self.env = env
+        self.touched = touched
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def delivery_count(reply: str | None) -> int | None:
     """How many times JetStream has delivered a message, read from its ack subject.
 
@@ -104,9 +122,9 @@ class JetStreamIntake(CoreIntake):
         self._last_activity = 0.0
         self._recheck_consumer = False
         self._wake = asyncio.Event()
-        #: Messages taken and not yet acked, terminated or nak'd: reply subject ->
-        #: (message, loop time it was last delivered or touched).
-        self._held: dict[str, tuple[Msg, float]] = {}
+        #: Messages taken and not yet acked, terminated or nak'd, by reply subject.
+        self._held: dict[str, _Held] = {}
+        self._handback_task: asyncio.Task[None] | None = None
 
     @property
     def held(self) -> int:
@@ -294,12 +312,11 @@ class JetStreamIntake(CoreIntake):
         kind, decoded = await self._examine(msg)
         if decoded is None:
             return
-        self._held[reply] = (msg, received)
+        env = Envelope(kind, decoded.rows, received, self._acker(msg), self._failer(msg, kind))
+        self._held[reply] = _Held(msg, env, received)
         self._stats.accepted[kind] += len(decoded.rows)
         try:
-            await self._queue.put(
-                Envelope(kind, decoded.rows, received, self._acker(msg), self._failer(msg, kind))
-            )
+            await self._queue.put(env)
         except QueueClosed:
             self._stats.accepted[kind] -= len(decoded.rows)
             await self._nak(msg)
@@ -325,7 +342,10 @@ class JetStreamIntake(CoreIntake):
 
     def _acker(self, msg: Msg) -> Any:
         async def ack() -> None:
-            self._held.pop(msg.reply, None)
+            if self._held.pop(msg.reply, None) is None:
+                # Handed back while its commit was under way: the copy redelivered to
+                # another instance is acked there (the repeat upsert is harmless).
+                return
             await msg.ack()
             self._stats.js_acked += 1
 
@@ -369,20 +389,16 @@ class JetStreamIntake(CoreIntake):
         while True:
             await asyncio.sleep(ack_wait / 4)
             now = self._loop.time()
-            stale = [
-                (reply, msg)
-                for reply, (msg, touched) in self._held.items()
-                if now - touched > ack_wait / 2
-            ]
-            for reply, msg in stale:
-                if reply not in self._held:
+            stale = [h for h in self._held.values() if now - h.touched > ack_wait / 2]
+            for held in stale:
+                if held.msg.reply not in self._held:
                     continue  # acked meanwhile
                 try:
-                    await msg.in_progress()
+                    await held.msg.in_progress()
                 except NatsError as exc:
                     log.debug("in_progress not sent: %s", exc)
                     break
-                self._held[reply] = (msg, now)
+                held.touched = now
                 self._stats.js_in_progress += 1
 
     async def stop(self, timeout: float) -> None:
@@ -429,12 +445,41 @@ class JetStreamIntake(CoreIntake):
     async def close(self) -> None:
         """Hand back (nak) every message still held, and stop the keep-alive."""
         task, self._keepalive_task = self._keepalive_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        held = [msg for msg, _ in self._held.values()]
+        await _cancel(task)
+        await _cancel(self._handback_task)
+        self._handback_task = None
+        held = [h.msg for h in self._held.values()]
         for msg in held:
             await self._nak(msg)
         if held:
             log.warning("handed back %d uncommitted messages for redelivery", len(held))
+
+    def sink_state(self, down: bool) -> None:
+        """The database started (True) or stopped (False) failing commits.
+
+        After ``js_handback_after_s`` of failures, held messages are handed back so
+        an instance that can reach its database stores them.
+        """
+        after = self._settings.js_handback_after_s
+        if down and after > 0 and self._handback_task is None:
+            self._handback_task = asyncio.create_task(self._hand_back(after), name="js-handback")
+        elif not down and self._handback_task is not None:
+            self._handback_task.cancel()
+            self._handback_task = None
+
+    async def _hand_back(self, after: float) -> None:
+        await asyncio.sleep(after)
+        while True:
+            held = list(self._held.values())
+            for h in held:
+                h.env.withdrawn = True
+                await self._nak(h.msg)
+            if held:
+                log.warning(
+                    "the database has failed commits for %.0fs: handed back %d messages "
+                    "for another instance to store",
+                    after,
+                    len(held),
+                )
+            # What open pull requests still deliver is handed back too.
+            await asyncio.sleep(self._heartbeat)

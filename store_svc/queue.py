@@ -29,6 +29,8 @@ class Envelope:
         received: loop time at which the message arrived.
         ack: awaited after the rows are committed (reply or JetStream ack), if any.
         fail: awaited with a reason when the database refuses the rows for good.
+        withdrawn: set when the message was handed back (JetStream ``nak``) before its
+            commit: the batcher then leaves its rows out.
     """
 
     kind: str
@@ -36,6 +38,7 @@ class Envelope:
     received: float
     ack: Callable[[], Awaitable[None]] | None = None
     fail: Callable[[str], Awaitable[None]] | None = None
+    withdrawn: bool = False
 
 
 class QueueClosed(StoreError):

@@ -111,7 +111,7 @@ class StoreService:
         self._rtt_task: asyncio.Task[None] | None = None
         self.metrics = Metrics(self)
         self.batcher.on_commit = self.metrics.observe_commit
-        self.batcher.on_sink_state = self.feedback.set_sink_down
+        self.batcher.on_sink_state = self._on_sink_state
         self.control = ControlPlane(self)
         self.admin = AdminControl(self, self._act)
         self.paused = False
@@ -358,6 +358,11 @@ class StoreService:
                 )
             return
         log.warning("NATS error: %s", exc)
+
+    def _on_sink_state(self, down: bool) -> None:
+        self.feedback.set_sink_down(down)
+        if self._intake is not None:
+            self._intake.sink_state(down)
 
     async def _on_disconnected(self) -> None:
         if self.status is Status.RUNNING:

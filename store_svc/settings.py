@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     """Lifetime of one pull request; the server sends idle heartbeats at a quarter of
     it, and a request that goes quiet for longer (server restart) is replaced."""
 
+    js_handback_after_s: float = Field(default=10.0, ge=0.0, le=3600.0)
+    """After the database has failed commits for this long, messages this instance
+    holds are handed back (nak) so an instance that can reach its database stores
+    them; 0 keeps them here until the database is back."""
+
     js_nak_delay_s: float = Field(default=0.0, ge=0.0, le=3600.0)
     """Redelivery delay of messages the service hands back unprocessed (stopping with
     the grace period exhausted, or arriving after intake stopped)."""

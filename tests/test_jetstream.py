@@ -273,3 +273,43 @@ def test_delivery_count_from_the_ack_subject(reply: str | None, count: int | Non
     from store_svc.jsintake import delivery_count
 
     assert delivery_count(reply) == count
+
+
+async def test_an_instance_whose_database_fails_hands_its_messages_to_another(
+    js_settings: Callable[..., Settings], js_client: NATS, tmp_path: Path
+) -> None:
+    # Two instances on one consumer, each with its own database; A's is locked (as a
+    # network partition between A and its database would). A's messages must end up
+    # stored by B, and A must report healthy again once its database is back.
+    a_db, b_db = tmp_path / "a.db", tmp_path / "b.db"
+    common = {"js_handback_after_s": 0.5, "sink_retry_max_s": 0.2, "batch_size": 50}
+    js = js_client.jetstream()
+    async with StoreService(js_settings(database_url=f"sqlite:///{a_db}", **common)) as a:
+        await until(lambda: a_db.exists())
+        with locked(a_db):
+            async with StoreService(js_settings(database_url=f"sqlite:///{b_db}", **common)):
+                await publish(js, trades(300), per_msg=3)
+                await until(lambda: count(b_db, "trades") == 300, timeout=30)
+                assert a.stats.js_naked > 0, "A took messages and handed them back"
+                assert not a.batcher.sink_ok
+        await until(lambda: a.batcher.sink_ok, timeout=10)
+        await until(lambda: a.feedback.level.value == "ok", timeout=5)
+        assert await _settled(js, js_settings())
+    # A may still have committed the one batch it was writing when it handed back.
+    assert count(a_db, "trades") <= 2 * 50 * 3
+
+
+async def test_a_lone_instance_takes_back_what_it_handed_back(
+    js_settings: Callable[..., Settings], js_client: NATS, db_path: Path
+) -> None:
+    settings = js_settings(js_handback_after_s=0.3, sink_retry_max_s=0.2, batch_size=50)
+    js = js_client.jetstream()
+    async with StoreService(settings) as svc:
+        await until(lambda: db_path.exists())
+        with locked(db_path):
+            await publish(js, trades(150), per_msg=3)
+            await until(lambda: svc.stats.js_naked > 0, timeout=10)
+            await asyncio.sleep(1.0)
+        await until(lambda: count(db_path, "trades") == 150, timeout=20)
+        await until_async(lambda: _settled(js, settings))
+        assert svc.stats.js_redelivered > 0, "handed-back messages came back once it recovered"

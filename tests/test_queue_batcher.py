@@ -78,6 +78,17 @@ async def test_depth_callback_sees_every_change() -> None:
     assert seen == [3, 7, 4]
 
 
+def acking(i: int, acked: list[int]) -> Envelope:
+    """A one-record envelope whose ack appends ``i`` to ``acked``."""
+    e = env(1, start=i)
+
+    async def ack() -> None:
+        acked.append(i)
+
+    e.ack = ack
+    return e
+
+
 def _batcher(q: RecordQueue, sink: MemorySink, **kw: float) -> Batcher:
     return Batcher(
         q,
@@ -125,13 +136,7 @@ async def test_failed_commits_are_retried_and_nothing_is_dropped() -> None:
     acked: list[int] = []
 
     def acker(i: int) -> Envelope:
-        e = env(1, start=i)
-
-        async def ack() -> None:
-            acked.append(i)
-
-        e.ack = ack
-        return e
+        return acking(i, acked)
 
     task = asyncio.create_task(b.run())
     for i in range(5):
@@ -258,3 +263,53 @@ async def test_an_overlapping_sink_stages_the_next_batch_but_commits_in_order() 
     assert [r[3] for r in await sink.rows("bars")] == [0, 2]
     assert b._stats.sink_errors == 3
     assert b.in_flight == 0
+
+
+async def test_withdrawn_envelopes_are_left_out_and_recovery_is_still_noticed() -> None:
+    q = RecordQueue(capacity=100)
+    sink = MemorySink()
+    sink.fail = True
+    b = _batcher(q, sink, batch_size=100, flush_interval=0.01)
+    states: list[bool] = []
+    b.on_sink_state = states.append
+    acked: list[int] = []
+
+    def acker(i: int) -> Envelope:
+        return acking(i, acked)
+
+    envs = [acker(i) for i in range(3)]
+    task = asyncio.create_task(b.run())
+    for e in envs:
+        await q.put(e)
+    await until(lambda: b._stats.sink_errors >= 2)
+    for e in envs[:2]:
+        e.withdrawn = True  # handed back (JetStream nak) while the database is down
+    await asyncio.sleep(0.05)
+    sink.fail = False
+    await until(lambda: acked == [2])
+    assert (await sink.counts())["trades"] == 1, "withdrawn records are not written"
+    envs[2].withdrawn = True  # already committed: nothing changes
+    for e in [acker(10), acker(11)]:
+        e.withdrawn = True
+        await q.put(e)
+    sink.fail = True
+    await asyncio.sleep(0.05)
+    assert b.sink_ok, "an all-withdrawn batch is no reason to call the database down"
+    held = [acker(20), acker(21)]
+    await q.put(held[0])
+    await until(lambda: not b.sink_ok)
+    q.put_nowait(held[1])
+    await until(lambda: b._stats.sink_errors >= 6)
+    # Everything still held (in the failing batch and queued) is handed back ...
+    for e in held:
+        e.withdrawn = True
+    await asyncio.sleep(0.05)
+    assert states == [True, False, True]
+    # ... the empty write goes on as a probe, so recovery is noticed with nothing to write.
+    sink.fail = False
+    await until(lambda: b.sink_ok)
+    assert states == [True, False, True, False]
+    assert b.in_flight == 0
+    q.close()
+    await asyncio.wait_for(task, 5)
+    assert acked == [2]
