@@ -191,7 +191,16 @@ class Batcher:
                 if prepared is not None:
                     # The first attempt commits what was prepared; a retry starts over.
                     ready, prepared = prepared, None
-                    await ready.commit()
+                    try:
+                        await ready.commit()
+                    except SinkError as exc:
+                        if not exc.retryable:
+                            raise
+                        # Staged work lost (the batch ahead failed, a connection
+                        # dropped): write it the ordinary way at once; only a failure
+                        # of that counts.
+                        log.debug("a batch prepared ahead is written again: %s", exc)
+                        await self._sink.write(grouped)
                 else:
                     await self._sink.write(grouped)
                 break

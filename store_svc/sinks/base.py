@@ -29,7 +29,12 @@ class Prepared(abc.ABC):
 
     @abc.abstractmethod
     async def abort(self) -> None:
-        """Give the batch up without committing it. Safe to call more than once."""
+        """Give the batch up. Safe to call more than once.
+
+        A sink that has already handed the batch to the database (SQLite's writer
+        process) cannot call it back, and it may still commit; writes are idempotent,
+        so that costs a repeat at most.
+        """
 
 
 class Sink(abc.ABC):

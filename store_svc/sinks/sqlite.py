@@ -15,8 +15,10 @@ UTC (exact, compact and fast to compare; in the sqlite3 shell read them with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
+from collections import deque
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -26,7 +28,7 @@ import msgspec
 
 from ..errors import SchemaError, SinkError
 from ..records import EPOCH, KINDS, KindSpec, Row
-from .base import Batch, Sink
+from .base import Batch, Prepared, Sink
 from .sqlite_worker import compile_converter, time_micros
 
 __all__ = ["SCHEMA_VERSION", "SqliteSink"]
@@ -159,6 +161,27 @@ def _from_sqlite(spec: KindSpec, row: list[Any]) -> Row:
     return tuple(out)
 
 
+class _Sent(Prepared):
+    """A batch already sent to the writer process; its reply tells whether it is in."""
+
+    def __init__(self, sink: SqliteSink, reply: asyncio.Future[Any]) -> None:
+        self._sink = sink
+        self._reply = reply
+
+    async def commit(self) -> None:
+        await self._sink._result(self._reply)
+
+    async def abort(self) -> None:
+        # A batch handed to the writer cannot be called back; it may still commit
+        # (harmless: writes are idempotent). Its reply is just not waited for.
+        self._reply.add_done_callback(_ignore_result)
+
+
+def _ignore_result(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # mark it retrieved
+
+
 class SqliteSink(Sink):
     """Stores rows in a SQLite file, through a writer process of its own.
 
@@ -172,15 +195,21 @@ class SqliteSink(Sink):
     """
 
     name = "sqlite"
+    overlaps_writes = True
 
-    def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self, path: Path, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000
+    ) -> None:
         self.path = path
         self._synchronous = synchronous
         self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._replies: deque[asyncio.Future[Any]] = deque()
         self._lock = asyncio.Lock()
         self._open_arg = {
             "path": str(path),
             "synchronous": synchronous,
+            "busy_timeout_ms": busy_timeout_ms,
             "ddl": _DDL,
             "schema_version": SCHEMA_VERSION,
             "sql": {kind: upsert_sql(spec) for kind, spec in KINDS.items()},
@@ -204,6 +233,9 @@ class SqliteSink(Sink):
             SinkError: the file cannot be opened or written.
             SchemaError: the file holds a newer schema.
         """
+        await self._ensure_writer()
+
+    async def _ensure_writer(self) -> None:
         async with self._lock:
             if self._proc is None:
                 await self._spawn()
@@ -213,12 +245,14 @@ class SqliteSink(Sink):
             await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
         except OSError as exc:
             raise SinkError(f"cannot create the folder of {self.path}: {exc}") from exc
-        self._proc = await asyncio.create_subprocess_exec(
+        proc = await asyncio.create_subprocess_exec(
             sys.executable,
             str(_WORKER),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
+        self._proc = proc
+        self._reader = asyncio.create_task(self._read_replies(proc), name="sqlite-replies")
         try:
             await self._call("open", self._open_arg)
         except SinkError as exc:
@@ -230,34 +264,77 @@ class SqliteSink(Sink):
             await self._discard()
             raise
 
-    async def _call(self, op: str, arg: Any) -> Any:
+    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
+        """Hand each reply to the request it answers (replies come in request order)."""
+        assert proc.stdout is not None
+        try:
+            while True:
+                head = await proc.stdout.readexactly(4)
+                reply = _decode(await proc.stdout.readexactly(int.from_bytes(head)))
+                fut = self._replies.popleft()
+                if not fut.done():
+                    fut.set_result(reply)
+        except (asyncio.IncompleteReadError, ConnectionResetError, IndexError) as exc:
+            self._fail_replies(SinkError(f"the SQLite writer process exited ({exc!r})"))
+            if self._proc is proc:
+                self._proc = None
+                self._reader = None
+                if proc.returncode is None:
+                    proc.kill()
+
+    def _fail_replies(self, exc: SinkError) -> None:
+        replies, self._replies = self._replies, deque()
+        for fut in replies:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _send(self, op: str, arg: Any) -> asyncio.Future[Any]:
+        """Send one request; the returned future gets its reply."""
         proc = self._proc
-        if proc is None or proc.stdin is None or proc.stdout is None:
+        if proc is None or proc.stdin is None or proc.stdin.is_closing():
             raise SinkError("the SQLite writer is not running")
         body = _encode([op, arg])
-        try:
-            proc.stdin.write(len(body).to_bytes(4, "big") + body)
-            await proc.stdin.drain()
-            head = await proc.stdout.readexactly(4)
-            ok, result, retryable = _decode(await proc.stdout.readexactly(int.from_bytes(head)))
-        except (BrokenPipeError, ConnectionResetError, asyncio.IncompleteReadError) as exc:
-            await self._discard()
-            raise SinkError(f"the SQLite writer process exited ({exc!r})") from None
-        except BaseException:
-            # Cancelled mid-request: the stream is out of step, so this writer is done.
-            await self._discard()
-            raise
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._replies.append(fut)
+        proc.stdin.write(len(body).to_bytes(4, "big") + body)
+        return fut
+
+    async def _result(self, fut: asyncio.Future[Any]) -> Any:
+        """Wait for a reply; a failed request raises :class:`SinkError`."""
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            try:
+                await proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                await self._discard()
+                raise SinkError(f"the SQLite writer process exited ({exc!r})") from None
+        ok, result, retryable = await fut
         if not ok:
             raise SinkError(str(result), retryable=bool(retryable))
         return result
 
+    async def _call(self, op: str, arg: Any) -> Any:
+        return await self._result(self._send(op, arg))
+
     async def _discard(self) -> None:
         proc, self._proc = self._proc, None
+        reader, self._reader = self._reader, None
+        self._fail_replies(SinkError("the SQLite writer was stopped"))
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
         if proc is None:
             return
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+
+    def _wire(self, batch: Batch) -> list[Any]:
+        return [
+            time_micros(datetime.now(UTC)),
+            {kind: [_SEND[kind](r) for r in rows] for kind, rows in batch.items()},
+        ]
 
     async def write(self, batch: Batch) -> None:
         """Commit the batch in one transaction (in the writer process).
@@ -266,23 +343,33 @@ class SqliteSink(Sink):
             SinkError: nothing was committed; retryable unless the writer reported
                 a non-database error.
         """
-        async with self._lock:
-            if self._proc is None:
-                await self._spawn()
-            wire = {kind: [_SEND[kind](r) for r in rows] for kind, rows in batch.items()}
-            await self._call("write", [time_micros(datetime.now(UTC)), wire])
+        await self._ensure_writer()
+        await self._call("write", self._wire(batch))
+
+    async def prepare(self, batch: Batch) -> Prepared:
+        """Send the batch to the writer now, behind the one it is committing.
+
+        The writer takes it as soon as the batch ahead is done, so it never waits
+        between batches; if the batch ahead failed, this one is refused unwritten
+        and the batcher writes it again in turn.
+
+        Raises:
+            SinkError: the writer is not running.
+        """
+        await self._ensure_writer()
+        return _Sent(self, self._send("write_ahead", self._wire(batch)))
 
     async def rows(self, kind: str) -> list[Row]:
         """Every row of ``kind`` in key order."""
         spec = KINDS[kind]
-        async with self._lock:
-            raw = await self._call("rows", kind)
+        await self._ensure_writer()
+        raw = await self._call("rows", kind)
         return [_from_sqlite(spec, r) for r in raw]
 
     async def counts(self) -> dict[str, int]:
         """Rows per table."""
-        async with self._lock:
-            result: dict[str, int] = await self._call("counts", list(KINDS))
+        await self._ensure_writer()
+        result: dict[str, int] = await self._call("counts", list(KINDS))
         return result
 
     async def close(self) -> None:

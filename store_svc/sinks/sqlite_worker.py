@@ -7,7 +7,10 @@ rows/s beside a busy thread). A process has its own interpreter and runs in
 parallel with intake on a second core.
 
 Frames on stdin/stdout: a 4-byte big-endian length, then MessagePack
-``[op, arg]``; each request gets one reply ``[ok, result_or_error, retryable]``.
+``[op, arg]``; each request gets one reply ``[ok, result_or_error, retryable]``, in
+order. The parent may send the next batch (``write_ahead``) before the reply to the
+one ahead of it; such a batch is refused unwritten if the one ahead failed, and is
+then sent again as an ordinary ``write`` after it, so batches commit in order.
 The parent sends the DDL, statements and column plans with ``open``, so this
 module needs nothing of the service but this file (it starts fast and small).
 
@@ -39,6 +42,10 @@ _encode_json = msgspec.json.encode
 
 class SchemaTooNew(Exception):
     """The file holds a schema version newer than the parent understands."""
+
+
+class BatchAheadFailed(Exception):
+    """A ``write_ahead`` whose predecessor failed (retryable, nothing written)."""
 
 
 def time_micros(value: datetime) -> int:
@@ -97,13 +104,14 @@ class Writer:
         self.select: dict[str, str] = {}
         self.convert: dict[str, Callable[..., tuple[Any, ...]]] = {}
         self.commits = 0
+        self.failed = False
 
     def open(self, arg: dict[str, Any]) -> None:
         conn = sqlite3.connect(arg["path"], isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={arg['synchronous']}")
-            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute(f"PRAGMA busy_timeout={int(arg.get('busy_timeout_ms', 5000))}")
             conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.executescript("BEGIN IMMEDIATE;" + arg["ddl"])
             found = conn.execute(
@@ -131,6 +139,25 @@ class Writer:
         self.convert = {kind: compile_converter(plan) for kind, plan in arg["plans"].items()}
 
     def write(self, arg: list[Any]) -> None:
+        self.failed = False  # an ordinary write (or a retry) restores the order
+        self._write(arg)
+
+    def write_ahead(self, arg: list[Any]) -> None:
+        # Sent before the batch ahead of it was known to be committed: if that one
+        # failed, writing this one now would overtake it (and a correction to a key
+        # could be undone by the retry). Refuse; the parent writes it again in turn.
+        if self.failed:
+            raise BatchAheadFailed("the batch ahead of this one failed; not written")
+        self._write(arg)
+
+    def _write(self, arg: list[Any]) -> None:
+        try:
+            self._write_batch(arg)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _write_batch(self, arg: list[Any]) -> None:
         ingested_at, batch = arg
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
@@ -146,7 +173,7 @@ class Writer:
         self.commits += 1
 
     def after_reply(self, op: str) -> None:
-        if op == "write" and self.commits % CHECKPOINT_EVERY == 0:
+        if op in ("write", "write_ahead") and self.commits % CHECKPOINT_EVERY == 0:
             self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def rows(self, kind: str) -> list[tuple[Any, ...]]:
@@ -182,6 +209,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     handlers: dict[str, Callable[[Any], Any]] = {
         "open": writer.open,
         "write": writer.write,
+        "write_ahead": writer.write_ahead,
         "rows": writer.rows,
         "counts": writer.counts,
         "close": writer.close,
@@ -199,6 +227,8 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
             reply = [False, f"{type(exc).__name__}: {exc}", True]
         except SchemaTooNew as exc:
             reply = [False, str(exc), False]
+        except BatchAheadFailed as exc:
+            reply = [False, str(exc), True]
         except Exception as exc:  # a bug here must be reported, not kill the writer
             traceback.print_exc(file=sys.stderr)
             reply = [False, f"{type(exc).__name__}: {exc}", False]

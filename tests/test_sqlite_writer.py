@@ -1,0 +1,49 @@
+"""The SQLite writer process's order guard, driven directly (real SQLite file)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from store_svc.decode import PayloadDecoder
+from store_svc.sinks.sqlite import SqliteSink
+from store_svc.sinks.sqlite_worker import BatchAheadFailed, Writer
+
+from .test_ingest import bar, locked
+
+
+def wire(sink: SqliteSink, close: str) -> list[Any]:
+    decoded = PayloadDecoder(1 << 20, 86_400).decode(
+        "bars", None, json.dumps(bar(close=close)).encode(), None, datetime.now(UTC)
+    )
+    # As the parent sends it: through MessagePack (Decimals travel as text).
+    return msgspec.msgpack.decode(msgspec.msgpack.encode(sink._wire({"bars": decoded.rows})))
+
+
+def stored_close(db: Path) -> str:
+    with sqlite3.connect(db) as conn:
+        return str(conn.execute("SELECT close FROM bars").fetchone()[0])
+
+
+def test_a_batch_sent_ahead_is_refused_after_the_one_before_it_failed(tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    sink = SqliteSink(db, busy_timeout_ms=10)
+    writer = Writer()
+    writer.open(sink._open_arg)
+    with locked(db), pytest.raises(sqlite3.OperationalError):
+        writer.write(wire(sink, "1"))  # the batch ahead fails (database locked)
+    # The next batch was already sent: it must not overtake the failed one.
+    with pytest.raises(BatchAheadFailed):
+        writer.write_ahead(wire(sink, "2"))
+    writer.write(wire(sink, "1"))  # the retry of the failed batch, in turn
+    writer.write(wire(sink, "2"))  # then the refused one, again
+    assert stored_close(db) == "2", "the later correction wins"
+    writer.write_ahead(wire(sink, "3"))  # after a success, a batch ahead is written
+    assert stored_close(db) == "3"
+    writer.close(None)
