@@ -1,7 +1,8 @@
 """The batcher: takes envelopes off the queue and commits them in batches.
 
-A batch closes when it holds ``batch_size`` records or when the first record in it
-has waited ``flush_interval`` (linger), whichever comes first. One transaction per
+A batch closes when it holds ``batch_size`` records, when the first record in it
+has waited ``flush_interval`` (linger), or, with a sink that overlaps writes, as soon
+as the queue is empty and the sink idle (group commit), whichever comes first. One transaction per
 batch; the sink groups rows per table. While one batch is being written, intake
 keeps filling the queue, so under load the next batch is ready when the commit
 returns. A failed commit is retried with capped exponential back-off and jitter;
@@ -87,7 +88,7 @@ class Batcher:
                 if ahead is not None and not sink.overlaps_writes:
                     await ahead
                     ahead = None
-                batch = await self._collect()
+                batch = await self._collect(ahead if sink.overlaps_writes else None)
                 if batch is None:
                     break
                 grouped: defaultdict[str, list[Row]] = defaultdict(list)
@@ -116,8 +117,15 @@ class Batcher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await ahead
 
-    async def _collect(self) -> list[Envelope] | None:
-        """The next batch off the queue, or ``None`` once it is closed and empty."""
+    async def _collect(self, ahead: asyncio.Task[None] | None) -> list[Envelope] | None:
+        """The next batch off the queue, or ``None`` once it is closed and empty.
+
+        With a sink that overlaps writes (``ahead`` is the commit under way, if any)
+        the batch also closes as soon as the queue is empty and the sink is idle: a
+        group commit. Waiting would only add latency then, and under load the sink
+        is busy, so batches grow up to ``batch_size`` by themselves. Other sinks
+        wait for the linger.
+        """
         loop = asyncio.get_running_loop()
         queue = self._queue
         first = await queue.get()
@@ -127,19 +135,42 @@ class Batcher:
         size = len(first.rows)
         self.in_flight += size
         deadline = first.received + self.flush_interval
+        group_commit = self._sink.overlaps_writes
         while size < self.batch_size:
             env = queue.get_nowait()
             if env is None:
+                idle = ahead is None or ahead.done()
                 remaining = deadline - loop.time()
-                if remaining <= 0 or queue.closed:
+                if (group_commit and idle) or remaining <= 0 or queue.closed:
                     break
-                env = await queue.get(timeout=remaining)
-                if env is None:
-                    break
+                if ahead is not None and not ahead.done():
+                    env = await self._next_or_idle(ahead, remaining)
+                    if env is None:
+                        continue  # the sink became idle (or time ran out): look again
+                else:
+                    env = await queue.get(timeout=remaining)
+                    if env is None:
+                        break
             batch.append(env)
             size += len(env.rows)
             self.in_flight += len(env.rows)
         return batch
+
+    async def _next_or_idle(self, ahead: asyncio.Task[None], timeout: float) -> Envelope | None:
+        """The next envelope, or ``None`` when ``ahead`` finishes or ``timeout`` passes."""
+        getter = asyncio.ensure_future(self._queue.get(timeout=timeout))
+        try:
+            await asyncio.wait({getter, ahead}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()  # the queue gives nothing away to a cancelled get
+        try:
+            return await getter
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the batcher itself is being cancelled
+            return None
 
     async def _isolate(self, batch: list[Envelope], exc: SinkError) -> None:
         """Commit the envelopes of a refused batch one by one; drop only the refused."""

@@ -313,3 +313,23 @@ async def test_withdrawn_envelopes_are_left_out_and_recovery_is_still_noticed() 
     q.close()
     await asyncio.wait_for(task, 5)
     assert acked == [2]
+
+
+async def test_group_commit_flushes_at_once_when_idle_and_batches_while_busy() -> None:
+    q = RecordQueue(capacity=1000)
+    sink = MemorySink(overlap=True)
+    b = _batcher(q, sink, batch_size=100, flush_interval=30.0)  # a linger never reached
+    task = asyncio.create_task(b.run())
+    await q.put(env(1))
+    await until(lambda: sink.batches == [1], timeout=2)  # idle sink: no linger
+    sink.gate.clear()  # the next commit is held: the sink is busy
+    await q.put(env(1, start=1))
+    await until(lambda: b.in_flight == 1)
+    for i in range(5):
+        await q.put(env(1, start=10 + i))
+    await asyncio.sleep(0.05)
+    sink.gate.set()
+    await until(lambda: sum(sink.batches) == 7, timeout=2)
+    assert sink.batches == [1, 1, 5], "what came during the busy commit went in one batch"
+    q.close()
+    await asyncio.wait_for(task, 5)
