@@ -1,385 +1,312 @@
-"""Ingest benchmark of ``store-svc``: throughput against two ceilings, and latency.
+"""Ingest benchmark of ``store-svc``: a scenario matrix against ceilings, in one command.
 
-Everything runs in one invocation, on one private ``nats-server`` with JetStream
-enabled (its store in a temporary directory removed at the end; and, when a
-PostgreSQL scenario is selected, one private PostgreSQL server started with
-:class:`~store_svc.pgserver.PostgresServer` and removed at the end), so the ratios
-compare like with like on the same (possibly busy) machine. Five scenarios, all of
-Core trades:
+How to run (from the repository root, in the project's venv)::
 
-* ``single``: one record per message, into a SQLite file in a fresh temporary directory;
-* ``single-js``: the same in JetStream mode (see below);
-* ``batch500``: 500 records per message, into a SQLite file likewise;
-* ``batch500-js``: the same in JetStream mode;
-* ``batch500-pg``: 500 records per message, into a fresh PostgreSQL database.
+    .venv/bin/python benchmarks/bench_ingest.py            # full preset, ~17 min on 2 cores
+    .venv/bin/python benchmarks/bench_ingest.py --quick    # CI smoke run, <= 5 min on 2 cores
+    .venv/bin/python benchmarks/bench_ingest.py --only 'core-sqlite-*'
+    .venv/bin/python benchmarks/bench_ingest.py --only 'jetstream-*-1000-*,rss-full-queue'
+    .venv/bin/python benchmarks/bench_ingest.py --list     # the scenario names
 
-The core scenarios (the three without ``-js``) use plain NATS: no stream captures the
-write subjects while they run (the stream is deleted before every scenario and after
-every JetStream one), so JetStream being enabled on the server does not touch them.
+``--only`` takes comma-separated ``fnmatch`` patterns (and may be repeated); a
+``scaleout-*`` scenario brings its single-instance twin along, for its ratio.
+Results: tables on stdout, and in ``--output-dir`` (default ``benchmarks/results``)
+``ingest.json`` (every measurement, the machine and the settings), ``throughput.png``
+and ``latency.png``. A progress bar on stderr shows the scenario and phase (when
+stderr is a terminal; ``--progress always`` forces it). The exit code is 1 when a
+scenario lost records, a service crashed or a scenario could not run; missed
+targets never change it.
 
-For each scenario, with the same pre-generated payloads (every record has its own
-``ts``, so no two records collide on the idempotency key):
+Presets: ``--quick`` publishes 8,000 / 120 / 16 messages per throughput phase (1 / 100
+/ 1000 records per message) and runs 0.75 s latency phases: a smoke test whose numbers
+mean little. The full preset (the default) publishes 300,000 / 8,000 / 800 messages
+(300,000 / 800,000 / 800,000 records: about 5 to 17 s per phase on 2 cores) and runs
+8 s latency phases; it took 17 minutes on 2 cores (a busy machine).
 
-1. **Ceiling A, bare subscriber**: a nats-py subscriber in its own process that only
-   counts messages, fed by the same publisher setup as the service.
-2. **Ceiling B, raw executemany**: the same rows, decoded with
-   :class:`~store_svc.decode.PayloadDecoder` and converted with
-   :func:`~store_svc.sinks.sqlite.to_sqlite_rows` outside the timed section, inserted
-   with plain ``sqlite3`` ``executemany(upsert_sql(spec))`` into the sink's schema
-   (WAL, ``synchronous=NORMAL``), one commit per ``batch_size`` rows. The time of the
-   conversion is measured too and reported as "convert+executemany".
+Everything runs on one private ``nats-server`` with JetStream enabled (store in a
+temporary folder) and, when a PostgreSQL scenario is selected, one throwaway
+PostgreSQL server (:class:`~store_svc.pgserver.PostgresServer`), all removed at the
+end, so the ratios compare like with like on the same (possibly busy) machine.
 
-   For ``batch500-pg`` ceiling B is **raw asyncpg COPY + merge** instead: the same
-   rows, decoded outside the timed section, written with one plain asyncpg
-   connection into the sink's schema (created in a fresh database by opening and
-   closing a :class:`~store_svc.sinks.postgres.PostgresSink`), one transaction per
-   ``batch_size`` rows holding exactly what the sink's write does:
-   ``copy_records_to_table`` of
-   :func:`~store_svc.sinks.postgres.staging_records` (built in the timed part) and
-   the merge of :func:`~store_svc.sinks.postgres.merge_sql`; timed once on one
-   connection and once on two connections taking turns (the next batch staged
-   while the one ahead merges, as the sink does); the faster is the ceiling.
-3. **The service**: the real ``store-svc run`` console script as a subprocess with
-   default settings except ``STORE_NATS_URL`` and ``STORE_DATABASE_URL``. Throughput
-   is stored rows over the time from the first publish to the reply of the last
-   message (a write with a reply subject is answered after its rows are committed,
-   and the batcher commits in FIFO order, so that reply means everything is in).
-   The row count of the database (SQLite file, or PostgreSQL through asyncpg) is
-   then checked against what was published. A PostgreSQL service gets its own fresh
-   database, apart from ceiling B's.
-4. **Latency**: a paced load at half the service's measured maximum, each message a
-   request; latency is reply arrival minus send time, an upper bound of
-   publish-to-commit.
+**Scenarios.** The matrix is ingest mode (``core``, ``jetstream``) x sink (``sqlite``,
+``postgresql``) x records per message (1, 100, 1000) x kind (``trades``, ``bars``):
+24 scenarios named ``<mode>-<sink>-<records per message>-<kind>``, e.g.
+``core-sqlite-1-trades`` or ``jetstream-postgresql-1000-bars``. Each runs the real
+``store-svc run`` console script as a subprocess with default settings except
+``STORE_NATS_URL``, ``STORE_DATABASE_URL`` (a fresh SQLite file, or a fresh
+PostgreSQL database) and ``STORE_INGEST_MODE``. Payloads are built once per (records
+per message, kind) with :func:`store_svc.demo.synthetic_records`, every record 1 µs
+after the one before, so no two records share an idempotency key (bars: symbol,
+resolution, ts; trades: symbol, ts, price, size, exchange, conditions) and upserts
+merge nothing. Extras:
 
-**JetStream scenarios** (``single-js``, ``batch500-js``): the service runs with
-``STORE_INGEST_MODE=jetstream``, so it creates the stream ``STORE_WRITES`` over the
-write subjects (workqueue retention, file storage) and the durable pull consumer
-``store``, and acks each message after its records are committed. The stream is
-deleted just before the scenario's service starts (a fresh stream, so no scenario sees
-another's messages) and again after it stops. Differences from the core scenarios:
+* ``scaleout-core-postgresql-1000-trades``, ``scaleout-jetstream-postgresql-1000-trades``:
+  two service instances (core: the same queue group; JetStream: the same durable
+  consumer) on one PostgreSQL database; aggregate rows/s and the ratio to the
+  single-instance scenario of the same run.
+* ``rss-full-queue``: one service with default settings (queue capacity 100,000
+  records) on a SQLite file that the harness locks (``BEGIN EXCLUSIVE``) so commits
+  stall; 1000-record trade messages are published until feedback says ``hard`` and
+  then until the queue is full (read from the health endpoint); the service tree's
+  RSS is read; the lock is released and every published record must get stored.
 
-* **Ceilings**: the same as the core twin's (``single`` for ``single-js``,
-  ``batch500`` for ``batch500-js``): reused from the twin when it ran earlier in the
-  same invocation, otherwise measured in the scenario exactly as for the twin (core
-  publishers, before the stream exists). The ratios are service ÷ those ceilings,
-  plus service ÷ the core twin's service where the twin ran.
-* **Publishing**: JetStream publishes (nats-py ``publish_async``), at most
-  ``window`` PubAcks outstanding per publisher, so the publisher is flow-controlled
-  by the stream. A request to a stream subject is answered by the stream's PubAck,
-  not by the store, so PubAcks say nothing about commits.
-* **Throughput** is stored rows over the time from the first publish to the moment
-  the last record is visible as committed in the SQLite file: the benchmark polls
-  ``max(rowid)`` of the trades table every 5 ms from a reader connection (on the
-  fresh table it equals the row count; rows become visible at commit, WAL mode), and
-  confirms with ``count(*)`` at the end. "stream ingest rows/s" is the publishers'
-  rate up to the last PubAck (how fast the stream took the messages).
-* **Latency**: the paced load is JetStream publishes; the paced process also
-  subscribes to the consumer's ack subjects (``$JS.ACK.STORE_WRITES.store.>``; a
-  plain subscriber gets a copy of every ack the service sends) and matches each ack
-  to its message by the stream sequence the PubAck returned. Latency is ack arrival
-  minus send time, the same upper bound of publish-to-commit as the core reply
-  (the service acks after commit), measured for every message rather than a sample
-  (the ack copies cost the server and the paced process, not the service).
-  There is no p99 target for JetStream scenarios; their latency is for information.
-* JetStream scenarios use the SQLite sink only.
+**Ceilings**, measured in the same run and shared: A once per (records per message,
+kind), B once per (sink, records per message, kind), on the same payloads.
 
-Flow control (core scenarios): core NATS has no back-pressure, so a publisher sending
-flat out can overrun a subscriber (slow-consumer drops). Each publisher therefore sends
-every ``chunk``-th message as a request and keeps at most ``window`` such requests
-unanswered; the same scheme feeds the bare subscriber (which answers requests on
-receipt) and the service (which answers after commit). The window is far larger
-than a batch, so it never starves either consumer; it only bounds what is buffered.
+* **A, bare subscriber**: a nats-py subscriber in its own process that only counts
+  messages (records/s = messages x records per message), fed by the same core
+  publishers and flow control as a core service (JetStream scenarios share it: what
+  one Python subscriber can take off NATS).
+* **B, raw sink insert** of the same rows into the same schema, outside the service:
+  SQLite: plain ``sqlite3`` ``executemany`` of the sink's upsert (WAL, same
+  ``synchronous``), one transaction per ``batch_size`` rows, decode and conversion
+  untimed; PostgreSQL: plain asyncpg ``copy_records_to_table`` into the sink's
+  staging table + the sink's merge, one transaction per ``batch_size`` rows, timed on
+  one connection and on two connections taking turns; the faster is the ceiling.
 
-Publishers, the bare subscriber and the paced latency publisher are this same
-script in internal roles (``--publisher``, ``--paced``, ``--bare-subscriber``, each
-taking a JSON spec), started as subprocesses and released together on stdin.
+**Throughput** is committed rows/s: rows stored over the time from the first publish
+to the moment the last record is committed. Publishers are separate processes
+(``ingest_roles.py``) released together. Core: every ``chunk``-th message is a
+request and at most ``window`` requests are unanswered (core NATS has no
+back-pressure; the window keeps the queue below the hard watermark, where the
+service refuses requests); the service answers a request after its commit and
+commits in FIFO order, so the last reply ends the run. JetStream: the service creates
+the stream ``STORE_WRITES`` (workqueue) and the durable ``store`` and acks after
+commit; publishers use ``js.publish_async`` with at most ``window`` PubAcks
+outstanding; the run ends when the stream has taken every message and holds none
+(an acked message leaves a workqueue stream), polled every 10 ms. The stream is
+deleted before and after every scenario, so core scenarios run with no stream.
+During the throughput phase the harness counts the events on
+``mdp.telemetry.feedback`` per level (``ok``/``soft``/``hard``; the 5 s heartbeat
+included). From the service's start to its stop it samples the RSS of the service's
+process tree (the ``store-svc`` process plus its children, e.g. the SQLite writer
+process; summed per process) with psutil, every 0.1 s (0.05 s in ``--quick``); the
+peak is reported, and the JSON also has the peak of the throughput phase alone.
+After each phase the stored rows are counted (waiting while the count still grows,
+when a refusal or a time-out ended the phase early): ``lost`` = published - stored -
+refused, where refused are the records of messages answered with an error (a core
+request at the hard watermark gets a 503; a failed PubAck), reported apart. ``lost``
+must be 0.
 
-Usage::
+**Latency**, publish→commit p50/p95/p99, at 50 % and at 90 % of the scenario's
+measured maximum msgs/s (the throughput phase's rate): a paced publisher (its own
+process) sends fresh records at that rate for the preset's phase length, in bursts of
+what is due every millisecond. Core: about a thousand messages a second are
+requests (sampled), the rest plain publishes sharing their batches; latency is the
+reply's arrival minus the send time (the reply is sent after commit: an upper bound
+of publish→commit). JetStream: every message is a JetStream publish; the paced
+process also subscribes to ``$JS.ACK.STORE_WRITES.store.>`` (it gets a copy of every
+ack the service sends after a commit), matches acks to messages by stream sequence,
+and latency is the ack's arrival minus the send time, for every message. On a
+2-core machine the paced publisher, the service, its SQLite writer and nats-server
+share the cores, so latency near the maximum includes CPU contention.
 
-    .venv/bin/python benchmarks/bench_ingest.py --quick   # CI smoke run, about a minute
-    .venv/bin/python benchmarks/bench_ingest.py           # full run, a few minutes
-    .venv/bin/python benchmarks/bench_ingest.py --only batch500-pg   # one scenario
-    .venv/bin/python benchmarks/bench_ingest.py --only single --only single-js
-
-Results: a table on stdout and JSON in ``benchmarks/results/ingest.json``.
+Targets (printed with met/missed and margin): core 1 record/msg >= 0.85 x A;
+1000 records/msg >= 0.9 x B (core) and >= 0.7 x B (JetStream); p99 <= 20 ms at 50 %
+of the maximum (every scenario); RSS <= 300 MB at full queue.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
+import fnmatch
 import json
 import math
 import os
-import platform
 import random
-import re
-import secrets
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, closing
-from dataclasses import dataclass, replace
+import traceback
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
-from typing import IO, Any, Final, TypeVar
+from typing import Any
 
-import asyncpg
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import msgspec
 import nats
-import uvloop
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError as JsNotFoundError
+from tqdm import tqdm
 
-from store_svc.decode import PayloadDecoder
+from benchmarks.ingest_ceilings import (
+    measure_bare_subscriber,
+    measure_raw_copy_merge,
+    measure_raw_executemany,
+)
+from benchmarks.ingest_infra import (
+    FeedbackCounter,
+    FlowControl,
+    LoopThread,
+    RssSampler,
+    ServiceProcess,
+    await_ready,
+    collect,
+    count_stored,
+    create_pg_database,
+    delete_stream,
+    drop_pg_database,
+    git_state,
+    jetstream_state,
+    machine_info,
+    pg_version,
+    probe_core,
+    probe_jetstream,
+    reap,
+    run_publishers,
+    send_line,
+    service_settings,
+    spawn,
+    start_py_spy,
+    stop_py_spy,
+    summarize,
+    wait_rows,
+    wait_stream_drained,
+)
+from benchmarks.ingest_report import print_report, targets, write_charts
+from benchmarks.ingest_roles import (
+    _GO,
+    CORE,
+    JETSTREAM,
+    PacedResult,
+    PacedSpec,
+    load_payloads,
+    save_payloads,
+)
 from store_svc.demo import synthetic_records
-from store_svc.natsserver import NatsServer, find_nats_server
-from store_svc.pgserver import PostgresServer, find_pg_bin
-from store_svc.records import KINDS, Row
+from store_svc.natsserver import NatsServer
+from store_svc.pgserver import PostgresServer
 from store_svc.settings import Settings
-from store_svc.sinks.postgres import PostgresSink, merge_sql, staging_records
-from store_svc.sinks.sqlite import SqliteSink, to_sqlite_rows, upsert_sql
-from store_svc.sinks.sqlite_worker import time_micros
 
-KIND = "trades"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-DEFAULT_OUTPUT = RESULTS_DIR / "ingest.json"
-
-#: Targets: service ÷ bare subscriber (single-record), service ÷ raw executemany
-#: (500-record, SQLite), service ÷ raw COPY + merge (500-record, PostgreSQL), and p99
-#: publish→commit latency at half the maximum rate.
-TARGET_SINGLE_VS_BARE = 0.75
-TARGET_BATCH_VS_RAW = 0.8
-TARGET_BATCH_PG_VS_RAW = 0.8
 
 SQLITE = "sqlite"
 POSTGRESQL = "postgresql"
-TARGET_P99_MS = 25.0
+MODES = (CORE, JETSTREAM)
+SINKS = (SQLITE, POSTGRESQL)
+RECORDS_PER_MSG = (1, 100, 1000)
+RECORD_KINDS = ("trades", "bars")
+LATENCY_FRACTIONS = (0.5, 0.9)
+RSS_FULL_QUEUE = "rss-full-queue"
+SCALEOUT_PREFIX = "scaleout-"
 
-#: Ingest modes of the service (``STORE_INGEST_MODE``).
-CORE: Final = "core"
-JETSTREAM: Final = "jetstream"
-#: The ``-js`` scenarios' suffix; the name without it is the core twin.
-JS_SUFFIX = "-js"
-
-_STOPPED_LINE = re.compile(
-    r"store-svc stopped: (\d+) records committed, (\d+) rejected, (\d+) messages dropped"
-    r"(?: \((\d+) received\))?"
-)
-_JS_STOPPED_LINE = re.compile(
-    r"JetStream: (\d+) messages acked, (\d+) redelivered to this instance, "
-    r"(\d+) terminated, (\d+) handed back"
-)
+#: The defaults the service runs with (only URLs and the mode are set).
+DEFAULTS = Settings.model_construct()
 
 
-# --------------------------------------------------------------------------- config
-
-#: JetStream scenarios: outstanding PubAcks per publisher (one-record messages, and
-#: 500-record messages of about 60 kB). They bound what a publisher has in flight to
-#: the server, not what the stream holds for the service.
-JS_WINDOW_SINGLE = 1_000
-JS_WINDOW_BATCH = 20
+# ------------------------------------------------------------------------ config
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """One workload shape.
+    """One service scenario of the matrix (or a scale-out one).
 
     Attributes:
-        name: short name used in the table and the JSON.
+        mode: the service's ingest mode, ``core`` or ``jetstream``.
+        sink: ``sqlite`` or ``postgresql``.
         per_msg: records per message.
-        messages: messages published in each throughput run.
-        chunk: core mode: every ``chunk``-th message is a request (flow control);
-            unused in JetStream mode (every message gets a PubAck).
-        window: core mode: unanswered requests a publisher allows before it waits;
-            JetStream mode: outstanding PubAcks a publisher allows.
-        latency_seconds: how long the paced latency load runs.
-        sink: where the service stores: ``"sqlite"`` (a file) or ``"postgresql"``
-            (a fresh database on the run's PostgreSQL server).
-        mode: the service's ingest mode: ``"core"`` or ``"jetstream"``.
+        kind: ``trades`` or ``bars``.
+        instances: service instances sharing the work (2 for scale-out).
     """
 
-    name: str
+    mode: str
+    sink: str
     per_msg: int
-    messages: int
-    chunk: int
-    window: int
-    latency_seconds: float
-    sink: str = SQLITE
-    mode: str = CORE
+    kind: str
+    instances: int = 1
 
     @property
-    def records(self) -> int:
-        """Records published in each throughput run."""
-        return self.messages * self.per_msg
+    def base_name(self) -> str:
+        """The matrix name, ``<mode>-<sink>-<per_msg>-<kind>``."""
+        return f"{self.mode}-{self.sink}-{self.per_msg}-{self.kind}"
 
     @property
-    def core_twin(self) -> str | None:
-        """The core scenario whose ceilings a JetStream scenario shares (None for core)."""
-        return self.name.removesuffix(JS_SUFFIX) if self.mode == JETSTREAM else None
+    def name(self) -> str:
+        """The scenario's name (``scaleout-`` in front for several instances)."""
+        return f"{SCALEOUT_PREFIX}{self.base_name}" if self.instances > 1 else self.base_name
 
 
-# A JetStream scenario runs after its core twin, so it can reuse the twin's ceilings.
-QUICK = (
-    Scenario("single", 1, 20_000, chunk=2_000, window=10, latency_seconds=2.0),
-    Scenario(
-        "single-js",
-        1,
-        20_000,
-        chunk=2_000,
-        window=JS_WINDOW_SINGLE,
-        latency_seconds=2.0,
-        mode=JETSTREAM,
-    ),
-    Scenario("batch500", 500, 200, chunk=4, window=25, latency_seconds=2.0),
-    Scenario(
-        "batch500-js",
-        500,
-        200,
-        chunk=4,
-        window=JS_WINDOW_BATCH,
-        latency_seconds=2.0,
-        mode=JETSTREAM,
-    ),
-    Scenario("batch500-pg", 500, 200, chunk=4, window=25, latency_seconds=2.0, sink=POSTGRESQL),
+MATRIX = tuple(
+    Scenario(mode, sink, per_msg, kind)
+    for mode in MODES
+    for sink in SINKS
+    for per_msg in RECORDS_PER_MSG
+    for kind in RECORD_KINDS
 )
-FULL = (
-    Scenario("single", 1, 400_000, chunk=5_000, window=10, latency_seconds=5.0),
-    Scenario(
-        "single-js",
-        1,
-        400_000,
-        chunk=5_000,
-        window=JS_WINDOW_SINGLE,
-        latency_seconds=5.0,
-        mode=JETSTREAM,
-    ),
-    Scenario("batch500", 500, 4_000, chunk=10, window=10, latency_seconds=5.0),
-    Scenario(
-        "batch500-js",
-        500,
-        4_000,
-        chunk=10,
-        window=JS_WINDOW_BATCH,
-        latency_seconds=5.0,
-        mode=JETSTREAM,
-    ),
-    Scenario("batch500-pg", 500, 4_000, chunk=10, window=10, latency_seconds=5.0, sink=POSTGRESQL),
-)
+SCALEOUT = tuple(Scenario(mode, POSTGRESQL, 1000, "trades", instances=2) for mode in MODES)
+ALL_NAMES = (*(s.name for s in MATRIX), *(s.name for s in SCALEOUT), RSS_FULL_QUEUE)
 
 
 @dataclass(frozen=True)
-class RunOptions:
-    """Options that apply to every scenario.
+class Preset:
+    """Sizes of a run.
 
     Attributes:
-        publishers: throughput publisher processes per run.
-        latency_fraction: the latency load as a fraction of the measured maximum.
-        profile_dir: where py-spy profiles of the service go; None for no profiling.
+        name: ``quick`` or ``full``.
+        messages: messages per throughput phase, by records per message.
+        chunk: core flow control: every ``chunk``-th message is a request.
+        window: core flow control: unanswered requests a publisher allows.
+        js_window: JetStream: outstanding PubAcks a publisher allows.
+        latency_seconds: length of each paced latency phase.
+        rss_interval: seconds between RSS samples.
     """
 
-    publishers: int = 1
-    latency_fraction: float = 0.5
-    profile_dir: Path | None = None
+    name: str
+    messages: dict[int, int]
+    chunk: dict[int, int]
+    window: dict[int, int]
+    js_window: dict[int, int]
+    latency_seconds: float
+    rss_interval: float
+
+    def flow(self, mode: str, per_msg: int) -> FlowControl:
+        """The flow control of a throughput publisher.
+
+        Core: at most ``chunk * window`` records unanswered (40,000 here), below the
+        service's soft and hard marks (50 % and 80 % of 100,000), so the throughput
+        phase never reaches ``hard``, where requests would be refused.
+        """
+        if mode == JETSTREAM:
+            return FlowControl(chunk=1, window=self.js_window[per_msg])
+        return FlowControl(chunk=self.chunk[per_msg], window=self.window[per_msg])
 
 
-# ------------------------------------------------------------------ role specs (IPC)
+_CHUNK = {1: 4_000, 100: 40, 1000: 4}
+_WINDOW = {1: 10, 100: 10, 1000: 10}
+_JS_WINDOW = {1: 1_000, 100: 100, 1000: 20}
 
-
-class PublisherSpec(msgspec.Struct, frozen=True):
-    """What a throughput publisher process sends (``--publisher``)."""
-
-    url: str
-    subject: str
-    payloads: str
-    start: int
-    stop: int
-    chunk: int
-    window: int
-    timeout: float
-    mode: str = CORE
-
-
-class PacedSpec(msgspec.Struct, frozen=True):
-    """What the paced latency publisher sends (``--paced``).
-
-    In JetStream mode every message is a JetStream publish (``sample_every`` is
-    unused), at most ``window`` PubAcks outstanding, and ``ack_subject`` is where the
-    service's acks are watched.
-    """
-
-    url: str
-    subject: str
-    payloads: str
-    rate: float
-    timeout: float
-    sample_every: int = 1
-    mode: str = CORE
-    ack_subject: str = ""
-    window: int = 1_000
-
-
-class SubscriberSpec(msgspec.Struct, frozen=True):
-    """Where the bare subscriber listens (``--bare-subscriber``)."""
-
-    url: str
-    subject: str
-    queue: str
-
-
-class PublishResult(msgspec.Struct):
-    """What a throughput publisher reports (times are ``time.monotonic``, which is
-    system-wide on Linux and so comparable across processes)."""
-
-    messages: int
-    requests: int
-    replies: int
-    accepted: int
-    rejected: int
-    error_replies: int
-    first_publish: float
-    last_publish: float
-    last_reply: float
-    timed_out: bool
-
-
-class PacedResult(msgspec.Struct):
-    """What the paced latency publisher reports."""
-
-    messages: int
-    replies: int
-    error_replies: int
-    achieved_rate: float
-    latencies_ms: list[float]
-    timed_out: bool
-
-
-class SubscriberResult(msgspec.Struct):
-    """What the bare subscriber reports."""
-
-    messages: int
-    slow_consumer_errors: int
-
-
-_READY = "READY"
-_GO = "GO"
-_T = TypeVar("_T")
+QUICK = Preset(
+    "quick",
+    messages={1: 8_000, 100: 120, 1000: 16},
+    chunk={1: 2_000, 100: 20, 1000: 4},
+    window=_WINDOW,
+    js_window=_JS_WINDOW,
+    latency_seconds=0.75,
+    rss_interval=0.05,
+)
+FULL = Preset(
+    "full",
+    messages={1: 300_000, 100: 8_000, 1000: 800},
+    chunk=_CHUNK,
+    window=_WINDOW,
+    js_window=_JS_WINDOW,
+    latency_seconds=8.0,
+    rss_interval=0.1,
+)
 
 
 # ------------------------------------------------------------------------ payloads
 
 
 class TsAllocator:
-    """Hands out disjoint microsecond ranges, so every record in the run is unique.
+    """Hands out disjoint microsecond ranges, so every record of a payload set is unique.
 
     Starts two days in the past: well inside the service's accepted time window.
     """
@@ -388,1113 +315,197 @@ class TsAllocator:
         self._next_us = time.time_ns() // 1000 - 2 * 86_400 * 1_000_000
 
     def take(self, n: int) -> int:
-        """Reserve ``n`` consecutive microseconds.
-
-        Args:
-            n: how many records will use the range.
-
-        Returns:
-            The first epoch microsecond of the range.
-        """
+        """Reserve ``n`` consecutive microseconds; returns the first."""
         first = self._next_us
         self._next_us += n
         return first
 
 
-def make_payloads(per_msg: int, n_msgs: int, first_us: int, seed: int) -> list[bytes]:
-    """Build JSON trade messages with :func:`store_svc.demo.synthetic_records`.
+def make_payloads(kind: str, per_msg: int, n_msgs: int, first_us: int, seed: int) -> list[bytes]:
+    """JSON messages of ``kind`` built with :func:`store_svc.demo.synthetic_records`.
 
     Args:
+        kind: ``trades`` or ``bars``.
         per_msg: records per message (one record is sent as a bare object).
         n_msgs: how many messages.
         first_us: epoch microsecond of the first record; each next record is 1 µs later.
         seed: random seed.
-
-    Returns:
-        The encoded message bodies.
     """
     rng = random.Random(seed)
     encode = msgspec.json.Encoder().encode
     out: list[bytes] = []
     for i in range(n_msgs):
-        recs = synthetic_records(KIND, per_msg, rng, (first_us + i * per_msg) * 1000)
+        recs = synthetic_records(kind, per_msg, rng, (first_us + i * per_msg) * 1000)
         out.append(encode(recs[0] if per_msg == 1 else recs))
     return out
 
 
-def save_payloads(path: Path, payloads: list[bytes]) -> None:
-    """Write payloads for the publisher processes (MessagePack list of binaries)."""
-    path.write_bytes(msgspec.msgpack.encode(payloads))
+class PayloadSet:
+    """The payloads of one (records per message, kind), shared by every scenario.
 
-
-def load_payloads(path: str) -> list[bytes]:
-    """Read payloads written by :func:`save_payloads`."""
-    return msgspec.msgpack.decode(Path(path).read_bytes(), type=list[bytes])
-
-
-# ---------------------------------------------------------- child roles (processes)
-
-
-async def _wait_for_go() -> None:
-    """Tell the orchestrator we are ready, then wait for its go line on stdin."""
-    print(_READY, flush=True)
-    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    if line.strip() != _GO:
-        raise SystemExit(f"expected {_GO!r} on stdin, got {line!r}")
-
-
-def _is_error_reply(msg: Msg) -> bool:
-    """True for a service error reply (ADR-32 headers) or a no-responders status."""
-    headers = msg.headers or {}
-    return "Nats-Service-Error-Code" in headers or "Status" in headers
-
-
-async def publisher_role(spec: PublisherSpec) -> PublishResult:
-    """Publish a slice of the payloads flat out, with windowed request flow control.
-
-    Every ``chunk``-th message and the last one carry a reply subject; at most
-    ``window`` of them may be unanswered. The last reply marks the end: NATS keeps
-    the order of one publisher's messages and the service commits in FIFO order.
-    In JetStream mode, see :func:`_publish_jetstream`.
+    Each scenario stores into a fresh database, so sharing payloads never makes two
+    records of one database collide. The throughput file is written once; the latency
+    pool (fresh records, disjoint from the throughput ones) grows as phases need it.
 
     Args:
-        spec: what and where to publish.
-
-    Returns:
-        Counts and times.
+        directory: where the files go.
+        kind: record kind.
+        per_msg: records per message.
+        n_msgs: messages of the throughput phase.
+        ts: the run's timestamp allocator.
     """
-    payloads = load_payloads(spec.payloads)[spec.start : spec.stop]
-    if spec.mode == JETSTREAM:
-        return await _publish_jetstream(spec, payloads)
-    n = len(payloads)
-    nc: NATS = await nats.connect(spec.url, name="bench-publisher")
-    loop = asyncio.get_running_loop()
-    inbox = nc.new_inbox()
-    is_request = [(i + 1) % spec.chunk == 0 or i == n - 1 for i in range(n)]
-    expected = sum(is_request)
-    slots = asyncio.Semaphore(spec.window)
-    done: asyncio.Future[None] = loop.create_future()
-    result = PublishResult(n, expected, 0, 0, 0, 0, 0.0, 0.0, 0.0, False)
 
-    async def on_reply(msg: Msg) -> None:
-        result.last_reply = time.monotonic()
-        result.replies += 1
-        if _is_error_reply(msg):
-            result.error_replies += 1
-        elif msg.data:
-            body = json.loads(msg.data)
-            result.accepted += body["accepted"]
-            result.rejected += body["rejected"]
-        slots.release()
-        if result.replies >= expected and not done.done():
-            done.set_result(None)
+    def __init__(self, directory: Path, kind: str, per_msg: int, n_msgs: int, ts: TsAllocator):
+        self.kind = kind
+        self.per_msg = per_msg
+        self.n_msgs = n_msgs
+        self._ts = ts
+        self.file = directory / f"throughput-{per_msg}-{kind}.msgpack"
+        payloads = make_payloads(kind, per_msg, n_msgs, ts.take(n_msgs * per_msg), seed=1)
+        self.payload_bytes = sum(len(p) for p in payloads)
+        save_payloads(self.file, payloads)
+        self.pool_file = directory / f"latency-{per_msg}-{kind}.msgpack"
+        self.pool_size = 0
 
-    await nc.subscribe(inbox + ".*", cb=on_reply)
-    await nc.flush()
-    await _wait_for_go()
-    subject = spec.subject
-    publish = nc.publish
-    result.first_publish = time.monotonic()
-    for i, payload in enumerate(payloads):
-        if is_request[i]:
-            await slots.acquire()
-            await publish(subject, payload, reply=f"{inbox}.{i}")
-        else:
-            await publish(subject, payload)
-    result.last_publish = time.monotonic()
-    await nc.flush()
-    try:
-        await asyncio.wait_for(done, spec.timeout)
-    except TimeoutError:
-        result.timed_out = True
-    await nc.close()
-    return result
+    @property
+    def records(self) -> int:
+        """Records of the throughput phase."""
+        return self.n_msgs * self.per_msg
+
+    def payloads(self) -> list[bytes]:
+        """The throughput payloads (read from the file)."""
+        return load_payloads(str(self.file))
+
+    def latency_pool(self, n: int) -> Path:
+        """The latency pool file, holding at least ``n`` messages."""
+        if self.pool_size < n:
+            pool = load_payloads(str(self.pool_file)) if self.pool_size else []
+            extra = max(n - self.pool_size, n // 4)
+            first = self._ts.take(extra * self.per_msg)
+            pool += make_payloads(self.kind, self.per_msg, extra, first, seed=2 + self.pool_size)
+            save_payloads(self.pool_file, pool)
+            self.pool_size = len(pool)
+        return self.pool_file
 
 
-async def _publish_jetstream(spec: PublisherSpec, payloads: list[bytes]) -> PublishResult:
-    """Publish flat out with JetStream publishes, at most ``window`` PubAcks outstanding.
-
-    Every message gets a PubAck from the stream once stored; the PubAcks are the flow
-    control and say nothing about the service. The result's ``requests`` and
-    ``replies`` count PubAcks owed and received, ``last_reply`` is the last PubAck;
-    the orchestrator watches the database for the end of the run.
-
-    Args:
-        spec: what and where to publish.
-        payloads: this publisher's slice.
-
-    Returns:
-        Counts and times.
-    """
-    n = len(payloads)
-    nc: NATS = await nats.connect(spec.url, name="bench-publisher-js")
-    js = nc.jetstream(publish_async_max_pending=spec.window)
-    result = PublishResult(n, n, 0, 0, 0, 0, 0.0, 0.0, 0.0, False)
-
-    def on_puback(fut: asyncio.Future[Any]) -> None:
-        result.last_reply = time.monotonic()
-        result.replies += 1
-        if fut.cancelled() or fut.exception() is not None:
-            result.error_replies += 1
-
-    await _wait_for_go()
-    subject = spec.subject
-    publish = js.publish_async
-    result.first_publish = time.monotonic()
-    for payload in payloads:
-        fut = await publish(subject, payload)
-        fut.add_done_callback(on_puback)
-    result.last_publish = time.monotonic()
-    try:
-        await asyncio.wait_for(js.publish_async_completed(), spec.timeout)
-    except TimeoutError:
-        result.timed_out = True
-    await nc.close()
-    return result
+# ------------------------------------------------------------------- run context
 
 
-def _ack_stream_seq(subject: str) -> int:
-    """The stream sequence in a JetStream ack subject (v1 ``$JS.ACK.<stream>.<consumer>.
-    <delivered>.<sseq>...``, 9 tokens, or v2 with domain and account hash first)."""
-    tokens = subject.split(".")
-    return int(tokens[5] if len(tokens) == 9 else tokens[7])
+class Progress:
+    """The progress bar on stderr (tqdm) and the log lines above it."""
 
-
-async def _paced_jetstream(spec: PacedSpec, payloads: list[bytes]) -> PacedResult:
-    """The paced load in JetStream mode: latency is the service's ack of each message.
-
-    Every message is a JetStream publish; its PubAck gives its stream sequence. A
-    subscriber on ``spec.ack_subject`` gets a copy of every ack the service sends
-    (after the commit), and its sequence ties it to the message. Latency is ack
-    arrival minus send time (taken just before the publish), for every message.
-
-    Args:
-        spec: what, where and how fast.
-        payloads: the messages.
-
-    Returns:
-        Per-message latencies in ms (acked messages only) and counts.
-    """
-    n = len(payloads)
-    nc: NATS = await nats.connect(spec.url, name="bench-paced-js")
-    js = nc.jetstream(publish_async_max_pending=spec.window)
-    loop = asyncio.get_running_loop()
-    sent = [0.0] * n
-    seq_of = [0] * n
-    acked_at: dict[int, float] = {}
-    counts = {"pubacks": 0, "errors": 0}
-    wanted: set[int] = set()
-    waiting = False
-    done: asyncio.Future[None] = loop.create_future()
-
-    async def on_ack(msg: Msg) -> None:
-        now = time.monotonic()
-        if msg.data:  # +WPI, -NAK, +TERM: not an ack
-            return
-        seq = _ack_stream_seq(msg.subject)
-        acked_at.setdefault(seq, now)
-        if waiting:
-            wanted.discard(seq)
-            if not wanted and not done.done():
-                done.set_result(None)
-
-    def on_puback(i: int, fut: asyncio.Future[Any]) -> None:
-        counts["pubacks"] += 1
-        if fut.cancelled() or fut.exception() is not None:
-            counts["errors"] += 1
-        else:
-            seq_of[i] = fut.result().seq
-
-    await nc.subscribe(spec.ack_subject, cb=on_ack)
-    await nc.flush()
-    await _wait_for_go()
-    subject = spec.subject
-    rate = spec.rate
-    t0 = time.monotonic()
-    i = 0
-    while i < n:
-        due = min(n, int((time.monotonic() - t0) * rate) + 1)
-        while i < due:
-            sent[i] = time.monotonic()
-            fut = await js.publish_async(subject, payloads[i])
-            fut.add_done_callback(functools.partial(on_puback, i))
-            i += 1
-        await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
-    t_end = time.monotonic()
-    timed_out = False
-    deadline = t_end + spec.timeout
-    try:
-        await asyncio.wait_for(js.publish_async_completed(), spec.timeout)
-        wanted.update(s for s in seq_of if s and s not in acked_at)
-        waiting = True
-        if wanted:
-            await asyncio.wait_for(done, max(0.0, deadline - time.monotonic()))
-    except TimeoutError:
-        timed_out = True
-    await nc.close()
-    latencies = [
-        (acked_at[q] - s) * 1000 for s, q in zip(sent, seq_of, strict=True) if q in acked_at
-    ]
-    replies = sum(1 for q in seq_of if q in acked_at)
-    achieved = n / (t_end - t0) if t_end > t0 else math.nan
-    return PacedResult(n, replies, counts["errors"], achieved, latencies, timed_out)
-
-
-async def paced_role(spec: PacedSpec) -> PacedResult:
-    """Send the payloads at a fixed rate; every ``sample_every``-th one as a request.
-
-    The sampled messages carry a reply subject and are answered after commit; the
-    others are plain publishes, as a feed's would be, and share batches with the
-    sampled ones. Sampling keeps the reply traffic (which costs the service about as
-    much as a message) from changing the load being measured. The send time is
-    taken just before ``publish``, so reply arrival minus send time is an upper
-    bound of publish→commit.
-
-    Args:
-        spec: what, where and how fast.
-
-    Returns:
-        Per-message latencies in ms (replied messages only) and counts.
-    """
-    payloads = load_payloads(spec.payloads)
-    if spec.mode == JETSTREAM:
-        return await _paced_jetstream(spec, payloads)
-    n = len(payloads)
-    every = max(1, spec.sample_every)
-    # The last message is always sampled: its reply means every message is committed.
-    sampled = [i % every == 0 or i == n - 1 for i in range(n)]
-    expected = sum(sampled)
-    nc: NATS = await nats.connect(spec.url, name="bench-paced")
-    loop = asyncio.get_running_loop()
-    inbox = nc.new_inbox()
-    sent = [0.0] * n
-    got = [math.nan] * n
-    done: asyncio.Future[None] = loop.create_future()
-    counts = {"replies": 0, "errors": 0}
-
-    async def on_reply(msg: Msg) -> None:
-        now = time.monotonic()
-        got[int(msg.subject.rpartition(".")[2])] = now
-        counts["replies"] += 1
-        if _is_error_reply(msg):
-            counts["errors"] += 1
-        if counts["replies"] >= expected and not done.done():
-            done.set_result(None)
-
-    await nc.subscribe(inbox + ".*", cb=on_reply)
-    await nc.flush()
-    await _wait_for_go()
-    subject = spec.subject
-    rate = spec.rate
-    t0 = time.monotonic()
-    i = 0
-    while i < n:
-        due = min(n, int((time.monotonic() - t0) * rate) + 1)
-        while i < due:
-            if sampled[i]:
-                sent[i] = time.monotonic()
-                await nc.publish(subject, payloads[i], reply=f"{inbox}.{i}")
-            else:
-                await nc.publish(subject, payloads[i])
-            i += 1
-        await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
-    t_end = time.monotonic()
-    timed_out = False
-    try:
-        await asyncio.wait_for(done, spec.timeout)
-    except TimeoutError:
-        timed_out = True
-    await nc.close()
-    latencies = [(g - s) * 1000 for s, g in zip(sent, got, strict=True) if not math.isnan(g)]
-    achieved = n / (t_end - t0) if t_end > t0 else math.nan
-    # ``messages`` counts the sampled requests, the ones a reply is owed for.
-    return PacedResult(
-        expected, counts["replies"], counts["errors"], achieved, latencies, timed_out
-    )
-
-
-async def bare_subscriber_role(spec: SubscriberSpec) -> SubscriberResult:
-    """Count messages on the write subject and nothing else (ceiling A).
-
-    Requests (the flow-control messages) are answered on receipt. Stops when the
-    orchestrator writes a line on stdin (or closes it).
-
-    Args:
-        spec: where to listen.
-
-    Returns:
-        Messages counted and slow-consumer errors seen.
-    """
-    result = SubscriberResult(0, 0)
-
-    async def on_error(exc: Exception) -> None:
-        if isinstance(exc, nats.errors.SlowConsumerError):
-            result.slow_consumer_errors += 1
-
-    nc: NATS = await nats.connect(spec.url, name="bench-bare-subscriber", error_cb=on_error)
-
-    async def count(msg: Msg) -> None:
-        result.messages += 1
-        if msg.reply:
-            await nc.publish(msg.reply, b"")
-
-    await nc.subscribe(spec.subject, queue=spec.queue, cb=count)
-    await nc.flush()
-    print(_READY, flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    await nc.drain()
-    return result
-
-
-# --------------------------------------------------------------- child management
-
-
-def _spawn(role: str, spec: msgspec.Struct) -> subprocess.Popen[str]:
-    """Start this script in an internal role; its stdout carries READY and the result."""
-    return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), role, msgspec.json.encode(spec).decode()],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _role(proc: subprocess.Popen[str]) -> str:
-    """The internal role a child runs (for error messages)."""
-    args = proc.args
-    return str(args[2]) if isinstance(args, list) and len(args) > 2 else str(args)
-
-
-def _await_ready(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if line.strip() != _READY:
-        proc.kill()
-        raise RuntimeError(f"child {_role(proc)} did not get ready (said {line!r})")
-
-
-def _send_line(proc: subprocess.Popen[str], line: str) -> None:
-    stdin: IO[str] | None = proc.stdin
-    assert stdin is not None
-    stdin.write(line + "\n")
-    stdin.flush()
-
-
-def _collect(proc: subprocess.Popen[str], kind: type[_T], timeout: float) -> _T:
-    """Read a child's JSON result line and reap it."""
-    assert proc.stdout is not None
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise RuntimeError(f"child {_role(proc)} timed out after {timeout:.0f}s") from None
-    if proc.returncode != 0 or not out.strip():
-        raise RuntimeError(f"child {_role(proc)} failed with exit code {proc.returncode}")
-    return msgspec.json.decode(out.strip().splitlines()[-1], type=kind)
-
-
-def run_publishers(
-    url: str, subject: str, payload_file: Path, n_msgs: int, scenario: Scenario, publishers: int
-) -> list[PublishResult]:
-    """Start ``publishers`` throughput publishers on contiguous slices, release them
-    together and collect their results. A JetStream scenario's publishers use
-    JetStream publishes (see :func:`_publish_jetstream`).
-    """
-    bounds = [n_msgs * k // publishers for k in range(publishers + 1)]
-    procs = [
-        _spawn(
-            "--publisher",
-            PublisherSpec(
-                url,
-                subject,
-                str(payload_file),
-                bounds[k],
-                bounds[k + 1],
-                scenario.chunk,
-                scenario.window,
-                timeout=300.0,
-                mode=scenario.mode,
-            ),
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = tqdm(
+            total=total,
+            file=sys.stderr,
+            disable=not enabled,
+            unit="scenario",
+            bar_format="{n_fmt}/{total_fmt} |{bar:20}| {elapsed}<{remaining}  {desc}",
         )
-        for k in range(publishers)
-    ]
-    try:
-        for p in procs:
-            _await_ready(p)
-        for p in procs:
-            _send_line(p, _GO)
-        return [_collect(p, PublishResult, timeout=600.0) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        self.scenario = "setup"
+
+    def start(self, scenario: str) -> None:
+        """A scenario begins."""
+        self.scenario = scenario
+        self.phase("starting")
+
+    def phase(self, text: str) -> None:
+        """Show the current phase."""
+        self.bar.set_description_str(f"{self.scenario}: {text}"[:72])
+
+    def log(self, text: str) -> None:
+        """A line on stderr, above the bar."""
+        tqdm.write(f"[{self.scenario}] {text}", file=sys.stderr)
+
+    def advance(self) -> None:
+        """A scenario ended."""
+        self.bar.update(1)
+
+    def close(self) -> None:
+        """Remove the bar."""
+        self.bar.close()
 
 
 @dataclass
-class Throughput:
-    """Throughput of one run, from the publishers' point of view."""
+class RunContext:
+    """What every scenario of a run shares."""
 
-    published_msgs: int
-    published_records: int
-    duration_s: float
-    publish_s: float
-    replies: int
-    requests: int
-    error_replies: int
-    timed_out: bool
+    url: str
+    preset: Preset
+    publishers: int
+    workroot: Path
+    lt: LoopThread
+    progress: Progress
+    pg: PostgresServer | None
+    profile_dir: Path | None
+    ts: TsAllocator = field(default_factory=TsAllocator)
+    payload_sets: dict[tuple[int, str], PayloadSet] = field(default_factory=dict)
+    ceilings_a: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ceilings_b: dict[str, dict[str, Any]] = field(default_factory=dict)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        """Plain values for the JSON report."""
-        return {
-            "published_msgs": self.published_msgs,
-            "published_records": self.published_records,
-            "duration_s": round(self.duration_s, 4),
-            "publish_msgs_per_s": self.published_msgs / self.publish_s,
-            "flow_control_requests": self.requests,
-            "flow_control_replies": self.replies,
-            "error_replies": self.error_replies,
-            "timed_out": self.timed_out,
-        }
+    def payload_set(self, per_msg: int, kind: str) -> PayloadSet:
+        """The payloads of (records per message, kind), built on first use."""
+        key = (per_msg, kind)
+        if key not in self.payload_sets:
+            n = self.preset.messages[per_msg]
+            self.progress.phase(f"generating {n:,} messages x {per_msg} {kind}")
+            t0 = time.monotonic()
+            self.payload_sets[key] = PayloadSet(self.workroot, kind, per_msg, n, self.ts)
+            self.progress.log(
+                f"payloads {per_msg}-{kind}: {n:,} messages in {time.monotonic() - t0:.1f}s"
+            )
+        return self.payload_sets[key]
 
+    def ceiling_a(self, per_msg: int, kind: str) -> tuple[str, dict[str, Any]]:
+        """Ceiling A of (records per message, kind), measured on first use."""
+        key = f"{per_msg}-{kind}"
+        if key not in self.ceilings_a:
+            pset = self.payload_set(per_msg, kind)
+            self.progress.phase(f"ceiling A (bare subscriber) {key}")
+            delete_stream(self.url, DEFAULTS.js_stream)
+            settings = service_settings(self.url, "sqlite:///unused.db")
+            a = measure_bare_subscriber(
+                self.url,
+                settings,
+                kind,
+                pset.file,
+                pset.n_msgs,
+                per_msg,
+                self.preset.flow(CORE, per_msg),
+                self.publishers,
+            )
+            self.ceilings_a[key] = a
+            self.progress.log(f"ceiling A {key}: {a['records_per_s']:,.0f} records/s")
+        return key, self.ceilings_a[key]
 
-def summarize(results: list[PublishResult], per_msg: int) -> Throughput:
-    """Combine publisher results: first publish of any to last reply of all."""
-    start = min(r.first_publish for r in results)
-    end = max(r.last_reply if r.replies else r.last_publish for r in results)
-    msgs = sum(r.messages for r in results)
-    return Throughput(
-        published_msgs=msgs,
-        published_records=msgs * per_msg,
-        duration_s=end - start,
-        publish_s=max(r.last_publish for r in results) - start,
-        replies=sum(r.replies for r in results),
-        requests=sum(r.requests for r in results),
-        error_replies=sum(r.error_replies for r in results),
-        timed_out=any(r.timed_out for r in results),
-    )
-
-
-# ----------------------------------------------------------------- the service
-
-
-class ServiceProcess:
-    """``store-svc run`` as a subprocess, with its log in a file.
-
-    Args:
-        settings: the settings it runs with (only the two URLs, and the ingest mode when
-            it is not ``core``, are passed; every other ``STORE_*`` variable is removed
-            from its environment, so it runs with the defaults).
-        log_path: where its stderr goes.
-    """
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        self.settings = settings
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    @staticmethod
-    def executable() -> str:
-        """The ``store-svc`` console script next to the interpreter (or on ``$PATH``)."""
-        beside = Path(sys.executable).parent / "store-svc"
-        found = str(beside) if beside.exists() else shutil.which("store-svc")
-        if found is None:
-            raise FileNotFoundError("the store-svc console script is not installed")
-        return found
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the service and wait for its "running" log line.
-
-        Raises:
-            RuntimeError: it exited or did not log readiness in time.
-        """
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith("STORE_") and k != "ADMIN_TOKEN"
-        }
-        env["STORE_NATS_URL"] = self.settings.nats_url
-        env["STORE_DATABASE_URL"] = self.settings.database_url
-        if self.settings.ingest_mode != CORE:
-            env["STORE_INGEST_MODE"] = self.settings.ingest_mode
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [self.executable(), "run"], env=env, stdout=subprocess.DEVNULL, stderr=self._log
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"store-svc exited at start-up:\n{self.log_text()[-2000:]}")
-            if "store-svc running" in self.log_text():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"store-svc not running after {timeout}s:\n{self.log_text()[-2000:]}")
-
-    @property
-    def pid(self) -> int:
-        """The service's process id."""
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log_text(self) -> str:
-        """Everything the service has logged so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, timeout: float = 60.0) -> dict[str, Any]:
-        """SIGTERM, wait for the clean shutdown, and read its final counters.
-
-        Returns:
-            ``exit_code``, the shutdown line's counters (if logged) and any warning or
-            error lines.
-        """
-        proc, self.proc = self.proc, None
-        code: int | None = None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        text = self.log_text()
-        out: dict[str, Any] = {"exit_code": code}
-        if m := _STOPPED_LINE.search(text):
-            keys = ("committed", "rejected", "dropped_messages", "received_messages")
-            out.update({k: int(v) for k, v in zip(keys, m.groups(), strict=True) if v is not None})
-        if m := _JS_STOPPED_LINE.search(text):
-            keys = ("js_acked", "js_redelivered", "js_terminated", "js_handed_back")
-            out.update({k: int(v) for k, v in zip(keys, m.groups(), strict=True)})
-        problems = [ln for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln]
-        out["warnings_and_errors"] = problems[:10]
-        return out
-
-
-async def _probe(url: str, subject: str, timeout: float) -> None:
-    """Wait until the service answers on ``subject`` (an empty write is refused at once
-    with a 400 error reply, so the probe stores nothing)."""
-    nc: NATS = await nats.connect(url, name="bench-probe")
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                await nc.request(subject, b"", timeout=1.0)
-                return
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
-    finally:
-        await nc.close()
-
-
-async def _probe_jetstream(url: str, settings: Settings, timeout: float) -> None:
-    """Wait until the service's consumer has a pull request waiting (a probe write
-    would be stored by the stream, so JetStream mode is probed this way)."""
-    nc: NATS = await nats.connect(url, name="bench-probe-js")
-    try:
-        jsm = nc.jsm()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                info = await jsm.consumer_info(settings.js_stream, settings.js_durable)
-                if info.num_waiting:
-                    return
-            except JsNotFoundError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no pull request on {settings.js_stream}/{settings.js_durable}")
-            await asyncio.sleep(0.05)
-    finally:
-        await nc.close()
-
-
-def delete_stream(url: str, name: str) -> bool:
-    """Delete a JetStream stream (and its consumers) if it exists.
-
-    Returns:
-        Whether there was one.
-    """
-
-    async def go() -> bool:
-        nc: NATS = await nats.connect(url, name="bench-admin")
-        try:
-            return bool(await nc.jsm().delete_stream(name))
-        except JsNotFoundError:
-            return False
-        finally:
-            await nc.close()
-
-    return asyncio.run(go())
-
-
-def jetstream_state(url: str, settings: Settings) -> dict[str, Any]:
-    """What the service's stream and consumer hold (after the service stopped)."""
-
-    async def go() -> dict[str, Any]:
-        nc: NATS = await nats.connect(url, name="bench-admin")
-        try:
-            jsm = nc.jsm()
-            stream = await jsm.stream_info(settings.js_stream)
-            consumer = await jsm.consumer_info(settings.js_stream, settings.js_durable)
-            return {
-                "stream_messages_left": stream.state.messages,
-                "stream_last_seq": stream.state.last_seq,
-                "consumer_ack_pending": consumer.num_ack_pending,
-                "consumer_redelivered": consumer.num_redelivered,
-                "consumer_pending": consumer.num_pending,
-            }
-        except JsNotFoundError as exc:
-            return {"error": str(exc)}
-        finally:
-            await nc.close()
-
-    return asyncio.run(go())
-
-
-class CommitWatcher:
-    """Polls a SQLite file until its trades table holds ``target`` rows, and notes when.
-
-    A thread reads ``max(rowid)`` of the trades table every ``interval`` seconds on
-    its own connection (an index-free, O(log n) read; on a fresh table that is never
-    deleted from it equals the row count, and a WAL reader sees rows once committed).
-
-    Args:
-        db_path: the service's SQLite file.
-        target: the row count that ends the run.
-        interval: seconds between polls.
-    """
-
-    def __init__(self, db_path: Path, target: int, interval: float = 0.005) -> None:
-        self.db_path = db_path
-        self.target = target
-        self.interval = interval
-        self.rows = 0
-        self.reached_at: float | None = None
-        self.last_progress = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="commit-watcher", daemon=True)
-
-    def start(self) -> None:
-        """Start polling."""
-        self._thread.start()
-
-    def _run(self) -> None:
-        conn: sqlite3.Connection | None = None
-        try:
-            while not self._stop.is_set():
-                now = time.monotonic()
+    def ceiling_b(self, sink: str, per_msg: int, kind: str) -> tuple[str, dict[str, Any]]:
+        """Ceiling B of (sink, records per message, kind), measured on first use."""
+        key = f"{sink}-{per_msg}-{kind}"
+        if key not in self.ceilings_b:
+            pset = self.payload_set(per_msg, kind)
+            self.progress.phase(f"ceiling B (raw {sink} insert) {key}")
+            if sink == POSTGRESQL:
+                assert self.pg is not None
+                url = create_pg_database(self.pg, f"raw-{key}")
                 try:
-                    if conn is None:
-                        conn = sqlite3.connect(self.db_path, isolation_level=None)
-                    row = conn.execute(f"SELECT max(rowid) FROM {KIND}").fetchone()
-                    rows = int(row[0] or 0)
-                except sqlite3.Error:
-                    rows = self.rows  # not created yet, or busy: try again
-                if rows != self.rows:
-                    self.rows = rows
-                    self.last_progress = now
-                if rows >= self.target:
-                    self.reached_at = now
-                    return
-                self._stop.wait(self.interval)
-        finally:
-            if conn is not None:
-                conn.close()
-
-    def wait(self, stall_timeout: float) -> float | None:
-        """Wait until the target is reached, or no new row was seen for ``stall_timeout``.
-
-        Returns:
-            The ``time.monotonic`` of the first poll that saw the target, or None.
-        """
-        while self._thread.is_alive():
-            self._thread.join(0.1)
-            if time.monotonic() - self.last_progress > stall_timeout:
-                break
-        self._stop.set()
-        self._thread.join()
-        return self.reached_at
+                    b = measure_raw_copy_merge(kind, pset.payloads(), url, DEFAULTS)
+                finally:
+                    drop_pg_database(self.pg, url)
+            else:
+                directory = Path(tempfile.mkdtemp(prefix="raw-", dir=self.workroot))
+                try:
+                    b = measure_raw_executemany(
+                        kind, pset.payloads(), directory / "raw.db", DEFAULTS
+                    )
+                finally:
+                    shutil.rmtree(directory, ignore_errors=True)
+            self.ceilings_b[key] = b
+            self.progress.log(f"ceiling B {key}: {b['rows_per_s']:,.0f} rows/s ({b['method']})")
+        return key, self.ceilings_b[key]
 
 
-def count_rows(db_path: Path) -> int:
-    """Rows in the trades table of a SQLite file."""
-    with closing(sqlite3.connect(db_path)) as conn:
-        return int(conn.execute(f"SELECT count(*) FROM {KIND}").fetchone()[0])
-
-
-def is_postgres_url(database_url: str) -> bool:
-    """True for a ``postgresql://`` (or ``postgres://``) database URL."""
-    return database_url.startswith(("postgresql://", "postgres://"))
-
-
-def count_rows_pg(database_url: str) -> int:
-    """Rows in the trades table of a PostgreSQL database, read with asyncpg."""
-
-    async def go() -> int:
-        conn = await asyncpg.connect(database_url)
-        try:
-            return int(await conn.fetchval(f"SELECT count(*) FROM {KIND}"))
-        finally:
-            await conn.close()
-
-    return asyncio.run(go())
-
-
-def count_stored(database_url: str) -> int:
-    """Rows in the trades table of the database a service URL names.
-
-    Args:
-        database_url: ``sqlite:///<path>`` or ``postgresql://...``.
-
-    Returns:
-        The row count.
-    """
-    if is_postgres_url(database_url):
-        return count_rows_pg(database_url)
-    return count_rows(Path(database_url.removeprefix("sqlite:///")))
-
-
-def create_pg_database(pg: PostgresServer, label: str) -> str:
-    """Create a fresh, empty database on the run's PostgreSQL server.
-
-    Args:
-        pg: the running server.
-        label: part of the name (anything; reduced to ``[a-z0-9_]``); a random suffix
-            keeps every name unique.
-
-    Returns:
-        The new database's URL.
-    """
-    name = f"bench_{re.sub(r'[^a-z0-9]+', '_', label.lower())}_{secrets.token_hex(4)}"
-
-    async def go() -> None:
-        conn = await asyncpg.connect(pg.dsn)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(go())
-    return pg.url(name)
-
-
-# ------------------------------------------------------------------ measurements
-
-
-def measure_bare_subscriber(
-    url: str, settings: Settings, payload_file: Path, scenario: Scenario, publishers: int
-) -> dict[str, Any]:
-    """Ceiling A: a nats-py subscriber in its own process that only counts messages.
-
-    Returns:
-        Throughput, messages counted, and msgs/s and records/s.
-    """
-    subject = settings.subject("store", "write", ">")
-    sub = _spawn("--bare-subscriber", SubscriberSpec(url, subject, settings.queue_group))
-    try:
-        _await_ready(sub)
-        # Core publishers even for a JetStream scenario: ceiling A is its core twin's.
-        core = replace(scenario, mode=CORE)
-        results = run_publishers(
-            url,
-            settings.subject("store", "write", KIND),
-            payload_file,
-            scenario.messages,
-            core,
-            publishers,
-        )
-        _send_line(sub, "STOP")
-        counted = _collect(sub, SubscriberResult, timeout=60.0)
-    finally:
-        if sub.poll() is None:
-            sub.kill()
-            sub.wait()
-    tp = summarize(results, scenario.per_msg)
-    return {
-        **tp.as_dict(),
-        "received_msgs": counted.messages,
-        "lost_msgs": tp.published_msgs - counted.messages,
-        "slow_consumer_errors": counted.slow_consumer_errors,
-        "msgs_per_s": counted.messages / tp.duration_s,
-        "records_per_s": counted.messages * scenario.per_msg / tp.duration_s,
-    }
-
-
-def row_batches(
-    decoder: PayloadDecoder, payloads: Sequence[bytes], batch_size: int
-) -> Iterator[list[Row]]:
-    """Validated rows of ``payloads`` in batches of ``batch_size`` (the last may be short).
-
-    Decoding happens as the batches are drawn, outside the timed writes of the ceilings.
-    """
-    pending: list[Row] = []
-    for payload in payloads:
-        pending.extend(decoder.decode(KIND, None, payload, None, datetime.now(UTC)).rows)
-        while len(pending) >= batch_size:
-            yield pending[:batch_size]
-            del pending[:batch_size]
-    if pending:
-        yield pending
-
-
-def _open_schema(db_path: Path) -> None:
-    """Create the sink's schema by opening and closing a :class:`SqliteSink`."""
-
-    async def go() -> None:
-        sink = SqliteSink(db_path)
-        await sink.open()
-        await sink.close()
-
-    asyncio.run(go())
-
-
-def measure_raw_executemany(
-    payloads: list[bytes], db_path: Path, settings: Settings
-) -> dict[str, Any]:
-    """Ceiling B: the same rows through plain ``sqlite3`` ``executemany``.
-
-    Rows are decoded (untimed) one batch at a time, so memory stays small; then, per
-    batch of ``batch_size`` rows, the conversion with ``to_sqlite_rows`` and the
-    ``BEGIN IMMEDIATE; executemany; COMMIT`` are timed separately.
-
-    Returns:
-        Rows, the two timings and the rows/s of executemany alone and with conversion.
-    """
-    _open_schema(db_path)
-    spec = KINDS[KIND]
-    sql = upsert_sql(spec)
-    decoder = PayloadDecoder(settings.max_payload_bytes, settings.max_future_skew_s)
-    batch_size = settings.batch_size
-    t_convert = t_insert = 0.0
-    rows_total = 0
-    with closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={settings.sqlite_synchronous}")
-
-        def commit(batch: list[Row]) -> None:
-            nonlocal t_convert, t_insert, rows_total
-            ingested_at = time_micros(datetime.now(UTC))
-            t0 = time.perf_counter()
-            params = to_sqlite_rows(spec, batch, ingested_at)
-            t1 = time.perf_counter()
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(sql, params)
-            conn.execute("COMMIT")
-            t2 = time.perf_counter()
-            t_convert += t1 - t0
-            t_insert += t2 - t1
-            rows_total += len(batch)
-
-        for batch in row_batches(decoder, payloads, batch_size):
-            commit(batch)
-    stored = count_rows(db_path)
-    return {
-        "rows": rows_total,
-        "stored": stored,
-        "batch_size": batch_size,
-        "executemany_s": round(t_insert, 4),
-        "convert_s": round(t_convert, 4),
-        "rows_per_s": rows_total / t_insert,
-        "convert_plus_executemany_rows_per_s": rows_total / (t_insert + t_convert),
-    }
-
-
-def measure_raw_copy_merge(
-    payloads: list[bytes], database_url: str, settings: Settings
-) -> dict[str, Any]:
-    """Ceiling B for PostgreSQL: the same rows through plain asyncpg COPY + merge.
-
-    The schema is created by opening (and closing) a :class:`PostgresSink` on the
-    fresh database ``database_url``; the rows are decoded up front (untimed) into
-    batches of ``batch_size``. Each batch is one transaction doing what the sink
-    does: ``copy_records_to_table`` of :func:`staging_records` (built in the timed
-    part) into the staging table (made once per connection) and the ``INSERT ...
-    SELECT DISTINCT ON ... ON CONFLICT`` merge of :func:`merge_sql`. Two ways are
-    timed, the table emptied between them: one connection, one transaction after
-    another; and two connections taking turns, the next batch staged while the one
-    ahead merges (as the sink does). The ceiling is the faster of the two. Runs on
-    uvloop, as the service does.
-
-    Args:
-        payloads: the scenario's message bodies.
-        database_url: a fresh, empty PostgreSQL database.
-        settings: supplies ``batch_size`` and the decoder limits.
-
-    Returns:
-        Rows, rows stored, the seconds and rows/s of each way (records built and
-        transactions), and ``rows_per_s`` of the faster (the ceiling).
-    """
-    return uvloop.run(_raw_copy_merge(payloads, database_url, settings))
-
-
-async def _raw_copy_merge(
-    payloads: list[bytes], database_url: str, settings: Settings
-) -> dict[str, Any]:
-    """The body of :func:`measure_raw_copy_merge` (inside the event loop)."""
-    sink = PostgresSink(database_url)
-    await sink.open()
-    timescale = sink.timescale
-    await sink.close()
-    spec = KINDS[KIND]
-    create, merge = merge_sql(spec)
-    stage = f"stage_{KIND}"
-    decoder = PayloadDecoder(settings.max_payload_bytes, settings.max_future_skew_s)
-    batch_size = settings.batch_size
-    batches = list(row_batches(decoder, payloads, batch_size))
-    rows_total = sum(len(b) for b in batches)
-    conns = [await asyncpg.connect(database_url) for _ in range(2)]
-    try:
-        for conn in conns:
-            await conn.execute(create)
-
-        async def stage_rows(conn: asyncpg.Connection, batch: list[Row]) -> Any:
-            tx = conn.transaction()
-            await tx.start()
-            await conn.copy_records_to_table(stage, records=staging_records(KIND, batch))
-            return tx
-
-        async def merge_commit(conn: asyncpg.Connection, tx: Any) -> None:
-            await conn.execute(merge)
-            await tx.commit()
-
-        # One connection, one transaction after another.
-        t0 = time.perf_counter()
-        for batch in batches:
-            await merge_commit(conns[0], await stage_rows(conns[0], batch))
-        sequential_s = time.perf_counter() - t0
-        stored_sequential = int(await conns[0].fetchval(f"SELECT count(*) FROM {KIND}"))
-        await conns[0].execute(f"TRUNCATE {KIND}")
-
-        # Two connections taking turns, as the sink does: the next batch is staged
-        # while the one ahead merges and commits; commits stay in order.
-        t0 = time.perf_counter()
-        ahead: asyncio.Task[None] | None = None
-        for n, batch in enumerate(batches):
-            conn = conns[n % 2]
-            tx = await stage_rows(conn, batch)
-            if ahead is not None:
-                await ahead
-            ahead = asyncio.create_task(merge_commit(conn, tx))
-        if ahead is not None:
-            await ahead
-        overlapped_s = time.perf_counter() - t0
-        stored = int(await conns[0].fetchval(f"SELECT count(*) FROM {KIND}"))
-    finally:
-        for conn in conns:
-            await conn.close()
-    return {
-        "rows": rows_total,
-        "stored": stored,
-        "stored_sequential": stored_sequential,
-        "batch_size": batch_size,
-        "timescaledb": timescale,
-        "sequential_s": round(sequential_s, 4),
-        "overlapped_s": round(overlapped_s, 4),
-        "sequential_rows_per_s": rows_total / sequential_s,
-        "overlapped_rows_per_s": rows_total / overlapped_s,
-        "rows_per_s": rows_total / min(sequential_s, overlapped_s),
-    }
-
-
-def _start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
-    """Sample the service with py-spy (if installed) until the returned process is
-    sent SIGINT."""
-    exe = Path(sys.executable).parent / "py-spy"
-    if not exe.exists():
-        print("py-spy is not installed in the venv; no profile", file=sys.stderr)
-        return None
-    return subprocess.Popen(
-        [str(exe), "record", "--pid", str(pid), "--format", "speedscope", "-o", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _stop_py_spy(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None:
-        return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def measure_latency(
-    url: str,
-    subject: str,
-    payload_file: Path,
-    rate: float,
-    settings: Settings | None = None,
-    window: int = 1_000,
-) -> dict[str, Any]:
-    """Run the paced request load and summarise its latencies.
-
-    Args:
-        url: the nats-server URL.
-        subject: the write subject.
-        payload_file: the paced load's messages.
-        rate: messages a second.
-        settings: given in JetStream mode (``ingest_mode``): the stream and consumer
-            whose acks are watched.
-        window: JetStream mode: outstanding PubAcks allowed.
-
-    Returns:
-        Rate asked and achieved, replies, and latency percentiles in ms.
-    """
-    if settings is not None and settings.ingest_mode == JETSTREAM:
-        every = 1
-        ack_subject = f"$JS.ACK.{settings.js_stream}.{settings.js_durable}.>"
-        spec = PacedSpec(
-            url,
-            subject,
-            str(payload_file),
-            rate,
-            timeout=60.0,
-            mode=JETSTREAM,
-            ack_subject=ack_subject,
-            window=window,
-        )
-        measured_by = f"ack seen on {ack_subject} minus send time, every message"
-    else:
-        # About a thousand sampled requests a second, whatever the message rate.
-        every = max(1, int(rate // 1000))
-        spec = PacedSpec(url, subject, str(payload_file), rate, timeout=60.0, sample_every=every)
-        measured_by = "reply to a request minus send time, sampled"
-    proc = _spawn("--paced", spec)
-    try:
-        _await_ready(proc)
-        _send_line(proc, _GO)
-        res = _collect(proc, PacedResult, timeout=600.0)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    lat = sorted(res.latencies_ms)
-    return {
-        "measured_by": measured_by,
-        "rate_msgs_per_s": rate,
-        "sampled_every": every,
-        "achieved_msgs_per_s": res.achieved_rate,
-        "messages": res.messages,
-        "replies": res.replies,
-        "error_replies": res.error_replies,
-        "timed_out": res.timed_out,
-        "p50_ms": percentile(lat, 50),
-        "p95_ms": percentile(lat, 95),
-        "p99_ms": percentile(lat, 99),
-        "max_ms": lat[-1] if lat else None,
-        "mean_ms": sum(lat) / len(lat) if lat else None,
-    }
+# ------------------------------------------------------------------- measurements
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float | None:
@@ -1505,602 +516,663 @@ def percentile(sorted_values: Sequence[float], p: float) -> float | None:
     return sorted_values[k]
 
 
-def measure_service(
+def measure_latency(
     url: str,
     settings: Settings,
-    workdir: Path,
-    payload_file: Path,
-    scenario: Scenario,
-    opts: RunOptions,
-    ts: TsAllocator,
+    subject: str,
+    pool_file: Path,
+    start: int,
+    stop: int,
+    rate: float,
+    js_window: int,
 ) -> dict[str, Any]:
-    """The real ``store-svc run``: throughput, row-count check, then latency at a
-    fraction (default half) of the measured maximum.
-
-    In JetStream mode (``settings.ingest_mode``) the stream is deleted first, so the
-    service creates a fresh one, and again after the service stopped; the run ends
-    when the database holds every published record (see :class:`CommitWatcher`).
+    """Run one paced phase (``pool[start:stop]`` at ``rate`` msgs/s) and summarise it.
 
     Returns:
-        Throughput, stored and lost counts, the latency summary and the service's own
-        shutdown counters.
+        Rate asked and achieved, replies, refused messages and latency percentiles in ms.
     """
-    on_js = settings.ingest_mode == JETSTREAM
-    write_subject = settings.subject("store", "write", KIND)
-    out_js: dict[str, Any] = {}
-    if on_js:
-        delete_stream(url, settings.js_stream)
-    svc = ServiceProcess(settings, workdir / "service.log")
+    if settings.ingest_mode == JETSTREAM:
+        every = 1
+        ack_subject = f"$JS.ACK.{settings.js_stream}.{settings.js_durable}.>"
+        spec = PacedSpec(
+            url,
+            subject,
+            str(pool_file),
+            rate,
+            timeout=60.0,
+            start=start,
+            stop=stop,
+            mode=JETSTREAM,
+            ack_subject=ack_subject,
+            window=js_window,
+        )
+        measured_by = f"ack seen on {ack_subject} minus send time, every message"
+    else:
+        # About a thousand sampled requests a second, whatever the message rate.
+        every = max(1, int(rate // 1000))
+        spec = PacedSpec(
+            url,
+            subject,
+            str(pool_file),
+            rate,
+            timeout=60.0,
+            start=start,
+            stop=stop,
+            sample_every=every,
+        )
+        measured_by = "reply to a request minus send time, sampled"
+    proc = spawn("--paced", spec)
     try:
-        svc.start()
-        if on_js:
-            asyncio.run(_probe_jetstream(url, settings, timeout=30.0))
-        else:
-            asyncio.run(_probe(url, write_subject, timeout=30.0))
-        spy = None
-        if opts.profile_dir is not None:
-            out_file = opts.profile_dir / f"service-{scenario.name}.speedscope.json"
-            spy = _start_py_spy(svc.pid, out_file)
-        if spy is not None:
-            time.sleep(1.0)  # let py-spy attach before the load starts
-        watcher: CommitWatcher | None = None
-        if on_js:
-            watcher = CommitWatcher(
-                Path(settings.database_url.removeprefix("sqlite:///")), scenario.records
+        await_ready(proc)
+        send_line(proc, _GO)
+        res = collect(proc, PacedResult, timeout=600.0)
+    finally:
+        reap([proc])
+    lat = sorted(res.latencies_ms)
+    return {
+        "measured_by": measured_by,
+        "rate_msgs_per_s": rate,
+        "sampled_every": every,
+        "achieved_msgs_per_s": res.achieved_rate,
+        "sent_msgs": res.sent,
+        "waited_for": res.messages,
+        "replies": res.replies,
+        "error_replies": res.error_replies,
+        "timed_out": res.timed_out,
+        "samples": len(lat),
+        "p50_ms": percentile(lat, 50),
+        "p95_ms": percentile(lat, 95),
+        "p99_ms": percentile(lat, 99),
+        "max_ms": lat[-1] if lat else None,
+        "mean_ms": sum(lat) / len(lat) if lat else None,
+    }
+
+
+def run_service_scenario(ctx: RunContext, sc: Scenario) -> dict[str, Any]:
+    """One matrix or scale-out scenario: ceilings (shared), throughput with feedback and
+    RSS, the row-count check, and latency at 50 % and 90 % of the maximum.
+
+    Returns:
+        The scenario's section of the JSON report (``failures`` lists what must make
+        the run fail).
+    """
+    p = ctx.progress
+    if sc.sink == POSTGRESQL and ctx.pg is None:
+        raise RuntimeError("no PostgreSQL server (see the log above)")
+    pset = ctx.payload_set(sc.per_msg, sc.kind)
+    a_key, a = ctx.ceiling_a(sc.per_msg, sc.kind)
+    b_key, b = ctx.ceiling_b(sc.sink, sc.per_msg, sc.kind)
+    on_js = sc.mode == JETSTREAM
+    workdir = ctx.workroot / sc.name
+    workdir.mkdir()
+    if sc.sink == POSTGRESQL:
+        assert ctx.pg is not None
+        database_url = create_pg_database(ctx.pg, sc.name)
+    else:
+        database_url = f"sqlite:///{(workdir / 'service.db').resolve()}"
+    settings = service_settings(ctx.url, database_url, sc.mode)
+    subject = settings.subject("store", "write", sc.kind)
+    flow = ctx.preset.flow(sc.mode, sc.per_msg)
+    out: dict[str, Any] = {
+        "name": sc.name,
+        "group": "scaleout" if sc.instances > 1 else "matrix",
+        "mode": sc.mode,
+        "sink": sc.sink,
+        "records_per_msg": sc.per_msg,
+        "kind": sc.kind,
+        "instances": sc.instances,
+        "messages": pset.n_msgs,
+        "payload_bytes": pset.payload_bytes,
+        "flow_control": {"pub_ack_window_msgs": flow.window}
+        if on_js
+        else {"chunk_msgs": flow.chunk, "window_requests": flow.window},
+        "publishers": ctx.publishers,
+        "ceilings": {
+            "A_key": a_key,
+            "A_records_per_s": a["records_per_s"],
+            "B_key": b_key,
+            "B_rows_per_s": b["rows_per_s"],
+            "B_method": b["method"],
+        },
+    }
+    failures: list[str] = []
+    delete_stream(ctx.url, settings.js_stream)
+    services = [ServiceProcess(settings, workdir / f"service-{i}.log") for i in range(sc.instances)]
+    sampler: RssSampler | None = None
+    svc: dict[str, Any] = {}
+    try:
+        for i, service in enumerate(services):
+            p.phase(f"starting service {i + 1}/{sc.instances}")
+            service.start()
+            if on_js:
+                asyncio.run(probe_jetstream(ctx.url, settings, timeout=30.0))
+            else:
+                asyncio.run(probe_core(ctx.url, subject, timeout=30.0))
+        sampler = RssSampler([s.pid for s in services], ctx.preset.rss_interval).start()
+        idle_mb = sampler.peak_mb()
+
+        # Throughput, with the feedback events counted.
+        p.phase(f"throughput ({pset.n_msgs:,} msgs x {sc.per_msg})")
+        feedback = FeedbackCounter(ctx.lt, ctx.url, settings.subject("telemetry", "feedback"))
+        feedback.start()
+        watch = (
+            ctx.lt.submit(
+                wait_stream_drained(ctx.url, settings.js_stream, pset.n_msgs, stall_timeout=60.0)
             )
-            watcher.start()
+            if on_js
+            else None
+        )
+        spy = None
+        if ctx.profile_dir is not None:
+            profile = ctx.profile_dir / f"service-{sc.name}.speedscope.json"
+            spy = start_py_spy(services[0].pid, profile)
+            time.sleep(1.0)  # let py-spy attach before the load starts
         try:
             results = run_publishers(
-                url, write_subject, payload_file, scenario.messages, scenario, opts.publishers
+                ctx.url, subject, pset.file, pset.n_msgs, sc.mode, flow, ctx.publishers
             )
-            committed_at = watcher.wait(stall_timeout=60.0) if watcher is not None else None
+            drained = watch.result(timeout=900.0) if watch is not None else None
         finally:
-            _stop_py_spy(spy)
-        tp = summarize(results, scenario.per_msg)
-        stored = count_stored(settings.database_url)
-        out: dict[str, Any] = tp.as_dict()
-        if watcher is not None:
-            # The PubAcks end the publishers' part; the run ends at the last commit.
-            start = min(r.first_publish for r in results)
-            end = committed_at if committed_at is not None else time.monotonic()
-            del out["flow_control_requests"], out["flow_control_replies"]
-            out.update(
+            stop_py_spy(spy)
+            fb = feedback.stop()
+            if watch is not None and not watch.done():
+                watch.cancel()
+        t_end_phase = time.monotonic()
+        for service in services:
+            service.check_alive()
+        tp = summarize(results, sc.per_msg)
+        refused = tp.error_replies * sc.per_msg
+        # The last reply (core) or the drained stream (JetStream) means every record is
+        # committed, unless a message was refused or a wait timed out: then the count
+        # is awaited until it stops growing.
+        stored = wait_rows(database_url, sc.kind, tp.published_records - refused)
+        svc = tp.as_dict()
+        if on_js:
+            assert drained is not None
+            committed_at, stream_state = drained
+            end = committed_at if committed_at is not None else t_end_phase
+            del svc["flow_control_requests"], svc["flow_control_replies"]
+            svc.update(
                 {
-                    "duration_s": round(end - start, 4),
-                    "end": "all records committed (polled)"
+                    "duration_s": round(end - tp.start, 4),
+                    "end": "stream drained: every message acked after commit"
                     if committed_at is not None
-                    else "stalled (no new rows for 60 s)",
-                    "pub_acks_owed": tp.requests,
+                    else f"stalled (no stream change for 60 s): {stream_state}",
                     "pub_acks": tp.replies,
                     "pub_ack_errors": tp.error_replies,
                     "stream_ingest_s": round(tp.duration_s, 4),
                     "stream_ingest_rows_per_s": tp.published_records / tp.duration_s,
                 }
             )
-            duration = end - start
+            duration = end - tp.start
         else:
-            out["accepted_in_flow_control_replies"] = sum(r.accepted for r in results)
+            svc["accepted_in_flow_control_replies"] = sum(r.accepted for r in results)
             duration = tp.duration_s
-        out.update(
+        lost = tp.published_records - stored - refused
+        svc.update(
             {
                 "stored": stored,
-                "lost": tp.published_records - stored,
+                "refused_records": refused,
+                "lost": lost,
                 "rows_per_s": stored / duration,
-                "msgs_per_s": stored / scenario.per_msg / duration,
+                "msgs_per_s": stored / sc.per_msg / duration,
+                "feedback": fb,
+                "rss_mb_idle": idle_mb,
+                "peak_rss_mb_throughput": sampler.peak_mb(until=t_end_phase),
             }
         )
-
-        # Latency at a fraction of the measured maximum, on fresh records.
-        rate = max(1.0, out["msgs_per_s"] * opts.latency_fraction)
-        n_lat = max(20, int(rate * scenario.latency_seconds))
-        lat_file = workdir / "latency.msgpack"
-        first_us = ts.take(n_lat * scenario.per_msg)
-        save_payloads(lat_file, make_payloads(scenario.per_msg, n_lat, first_us, seed=2))
-        latency = measure_latency(
-            url, write_subject, lat_file, rate, settings=settings, window=scenario.window
+        p.log(
+            f"{svc['rows_per_s']:,.0f} rows/s ({svc['rows_per_s'] / a['records_per_s']:.2f} A, "
+            f"{svc['rows_per_s'] / b['rows_per_s']:.2f} B), lost {lost}, "
+            f"feedback ok/soft/hard {fb['ok']}/{fb['soft']}/{fb['hard']}"
         )
-        if on_js and latency["timed_out"]:
-            # Not every ack was seen; the last rows may still be committing.
-            _wait_rows(settings.database_url, stored + n_lat * scenario.per_msg, 10.0)
-        after = count_stored(settings.database_url)
-        latency["fraction_of_max"] = opts.latency_fraction
-        latency["stored"] = after - stored
-        latency["lost"] = n_lat * scenario.per_msg - (after - stored)
-        out["latency"] = latency
+
+        # Latency at 50 % and 90 % of the maximum, on fresh records.
+        rates = [max(1.0, svc["msgs_per_s"] * f) for f in LATENCY_FRACTIONS]
+        counts = [max(20, int(r * ctx.preset.latency_seconds)) for r in rates]
+        pool = pset.latency_pool(sum(counts))
+        phases: list[dict[str, Any]] = []
+        first = 0
+        for fraction, rate, n in zip(LATENCY_FRACTIONS, rates, counts, strict=True):
+            p.phase(f"latency at {fraction:.0%} ({rate:,.0f} msgs/s)")
+            before = count_stored(database_url, sc.kind)
+            phase = measure_latency(
+                ctx.url,
+                settings,
+                subject,
+                pool,
+                first,
+                first + n,
+                rate,
+                ctx.preset.js_window[sc.per_msg],
+            )
+            first += n
+            refused_lat = phase["error_replies"] * sc.per_msg
+            # A refused last request ends the paced run before the rest is committed.
+            after = wait_rows(database_url, sc.kind, before + n * sc.per_msg - refused_lat)
+            phase.update(
+                {
+                    "fraction_of_max": fraction,
+                    "achieved_rows_per_s": phase["achieved_msgs_per_s"] * sc.per_msg,
+                    "records": n * sc.per_msg,
+                    "stored": after - before,
+                    "refused_records": refused_lat,
+                    "lost": n * sc.per_msg - (after - before) - refused_lat,
+                }
+            )
+            phases.append(phase)
+            for service in services:
+                service.check_alive()
+            p.log(
+                f"latency at {fraction:.0%}: p50 {_f(phase['p50_ms'])} / p99 "
+                f"{_f(phase['p99_ms'])} ms at {phase['achieved_rows_per_s']:,.0f} rows/s, "
+                f"lost {phase['lost']}"
+            )
+        out["latency"] = phases
+        svc["lost_total"] = lost + sum(ph["lost"] for ph in phases)
+        svc["refused_total"] = refused + sum(ph["refused_records"] for ph in phases)
     finally:
-        shutdown = svc.stop()
+        p.phase("stopping")
+        shutdowns = [s.stop() for s in services]
+        if sampler is not None:
+            sampler.stop()
+            svc["peak_rss_mb"] = sampler.peak_mb()
+            svc["peak_rss_mb_per_instance"] = sampler.peak_per_root_mb()
+        svc["service_shutdown"] = shutdowns
+        out["service"] = svc
         if on_js:
-            out_js = jetstream_state(url, settings)
-            delete_stream(url, settings.js_stream)
-    out["service_shutdown"] = shutdown
-    if on_js:
-        out["jetstream"] = out_js
+            out["jetstream"] = jetstream_state(ctx.url, settings)
+            delete_stream(ctx.url, settings.js_stream)
+        if ctx.pg is not None and sc.sink == POSTGRESQL:
+            drop_pg_database(ctx.pg, database_url)
+    for i, sd in enumerate(shutdowns):
+        if sd["crashed"]:
+            failures.append(f"{sc.name}: service {i + 1} crashed (exit code {sd['exit_code']})")
+    if svc.get("lost_total"):
+        failures.append(f"{sc.name}: {svc['lost_total']:,} records lost")
+    out["ratios"] = {
+        "service_vs_bare_subscriber": svc["rows_per_s"] / a["records_per_s"],
+        "service_vs_raw_sink": svc["rows_per_s"] / b["rows_per_s"],
+    }
+    if "convert_plus_executemany_rows_per_s" in b:
+        out["ratios"]["service_vs_raw_convert_plus_executemany"] = (
+            svc["rows_per_s"] / b["convert_plus_executemany_rows_per_s"]
+        )
+    if "sequential_rows_per_s" in b:
+        out["ratios"]["service_vs_raw_copy_merge_one_connection"] = (
+            svc["rows_per_s"] / b["sequential_rows_per_s"]
+        )
+    if sc.instances > 1:
+        twin = ctx.results.get(sc.base_name)
+        out["single_instance_scenario"] = sc.base_name
+        twin_rate = _deep(twin, "service", "rows_per_s")
+        out["single_instance_rows_per_s"] = twin_rate
+        out["ratios"]["service_vs_single_instance"] = (
+            svc["rows_per_s"] / twin_rate if twin_rate else None
+        )
+    out["failures"] = failures
     return out
 
 
-def _wait_rows(database_url: str, target: int, timeout: float) -> None:
-    """Wait (at most ``timeout`` seconds) until the database holds ``target`` rows."""
-    deadline = time.monotonic() + timeout
-    while count_stored(database_url) < target and time.monotonic() < deadline:
-        time.sleep(0.1)
+def run_rss_full_queue(ctx: RunContext) -> dict[str, Any]:
+    """``rss-full-queue``: the service tree's RSS with a full queue and stalled commits.
+
+    The service (default settings, core, SQLite) starts; the harness takes the
+    SQLite file's write lock (``BEGIN EXCLUSIVE``) so every commit waits (and fails
+    after the writer's busy timeout, and is retried). 1000-record trade messages are
+    published one at a time, each followed by health requests until the service has
+    taken it (queue depth + batch in flight), until the feedback subject has said
+    ``hard`` and the next message would not fit in the queue. The RSS of the tree is
+    read (and sampled throughout); then the lock is released and every published
+    record must get stored.
+    """
+    p = ctx.progress
+    per_msg = 1000
+    capacity = DEFAULTS.queue_capacity
+    workdir = ctx.workroot / RSS_FULL_QUEUE
+    workdir.mkdir()
+    db_path = (workdir / "service.db").resolve()
+    database_url = f"sqlite:///{db_path}"
+    settings = service_settings(ctx.url, database_url)
+    subject = settings.subject("store", "write", "trades")
+    n_max = capacity // per_msg + 20
+    p.phase(f"generating {n_max} messages x {per_msg} trades")
+    payloads = make_payloads("trades", per_msg, n_max, ctx.ts.take(n_max * per_msg), seed=3)
+    delete_stream(ctx.url, settings.js_stream)
+    service = ServiceProcess(settings, workdir / "service.log")
+    out: dict[str, Any] = {
+        "name": RSS_FULL_QUEUE,
+        "group": "rss",
+        "mode": CORE,
+        "sink": SQLITE,
+        "records_per_msg": per_msg,
+        "kind": "trades",
+    }
+    failures: list[str] = []
+    sampler: RssSampler | None = None
+    lock: sqlite3.Connection | None = None
+    t_release: float | None = None
+    result: dict[str, Any] = {"records_per_msg": per_msg, "capacity": capacity}
+    try:
+        p.phase("starting the service")
+        service.start()
+        asyncio.run(probe_core(ctx.url, subject, timeout=30.0))
+        sampler = RssSampler([service.pid], ctx.preset.rss_interval).start()
+        time.sleep(0.3)
+        result["rss_mb_idle"] = sampler.sample() / 1e6
+        lock = sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
+        lock.execute("BEGIN EXCLUSIVE")
+        p.phase("filling the queue (commits blocked)")
+        feedback = FeedbackCounter(ctx.lt, ctx.url, settings.subject("telemetry", "feedback"))
+        feedback.start()
+        try:
+            fill = asyncio.run(_fill_queue(ctx.url, settings, subject, payloads, feedback))
+        finally:
+            fb = feedback.stop()
+        service.check_alive()
+        t_full = time.monotonic()
+        time.sleep(1.0)  # let the allocator settle; the sampler keeps sampling
+        result.update(fill)
+        result["rss_mb_full"] = sampler.sample() / 1e6
+        result["peak_rss_mb_full"] = sampler.peak_mb()
+        result["feedback"] = fb
+        p.log(
+            f"queue {fill['queue_depth_full']:,}/{capacity:,} + {fill['in_flight_full']:,} in "
+            f"flight, level {fill['level_full']}: RSS {result['rss_mb_full']:.0f} MB "
+            f"(peak {result['peak_rss_mb_full']:.0f} MB)"
+        )
+        p.phase("releasing the lock, storing")
+        lock.execute("ROLLBACK")
+        lock.close()
+        lock = None
+        t_release = time.monotonic()
+        published = fill["published_records"]
+        stored = wait_rows(database_url, "trades", published, stall_timeout=30.0)
+        result["store_after_release_s"] = time.monotonic() - t_release
+        service.check_alive()
+        result["stored"] = stored
+        result["lost"] = published - stored
+        result["seconds_full_before_release"] = t_release - t_full
+    finally:
+        if lock is not None:
+            lock.close()
+        p.phase("stopping")
+        shutdown = service.stop()
+        if sampler is not None:
+            sampler.stop()
+            if t_release is not None:
+                result["peak_rss_mb_after_release"] = sampler.peak_mb(since=t_release)
+        result["service_shutdown"] = shutdown
+        out["rss_full_queue"] = result
+    if shutdown["crashed"]:
+        failures.append(f"{RSS_FULL_QUEUE}: service crashed (exit code {shutdown['exit_code']})")
+    if result.get("lost"):
+        failures.append(f"{RSS_FULL_QUEUE}: {result['lost']:,} records lost")
+    if not result.get("hard_seen"):
+        out["notes"] = ["feedback never reported hard while the queue filled"]
+    out["failures"] = failures
+    return out
+
+
+async def _fill_queue(
+    url: str,
+    settings: Settings,
+    subject: str,
+    payloads: list[bytes],
+    feedback: FeedbackCounter,
+) -> dict[str, Any]:
+    """Publish until ``hard`` was reported and the queue has no room for another message.
+
+    Returns:
+        What was published and the queue's state (from the health endpoint) then.
+    """
+    nc: NATS = await nats.connect(url, name="bench-fill")
+    health_subject = settings.subject("store", "health")
+    per_msg = len(json.loads(payloads[0]))
+    published = 0
+    at_hard: int | None = None
+    queue: dict[str, Any] = {}
+
+    async def queue_state() -> dict[str, Any]:
+        reply = await nc.request(health_subject, b"", timeout=5.0)
+        comps = {c["name"]: c for c in json.loads(reply.data)["components"]}
+        d = comps["queue"]["details"]
+        return {
+            "depth": int(d["depth"]),
+            "capacity": int(d["capacity"]),
+            "in_flight": int(d["in_flight"]),
+            "level": d["level"],
+        }
+
+    try:
+        for payload in payloads:
+            await nc.publish(subject, payload)
+            await nc.flush()
+            published += per_msg
+            # Wait until the service has taken the message (or stays blocked).
+            deadline = time.monotonic() + 2.0
+            while True:
+                queue = await queue_state()
+                if queue["depth"] + queue["in_flight"] >= published:
+                    break
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.01)
+            if at_hard is None and (feedback.first_hard_at is not None or queue["level"] == "hard"):
+                at_hard = published
+            if at_hard is not None and queue["depth"] + per_msg > queue["capacity"]:
+                break
+        await asyncio.sleep(0.3)  # the last feedback events
+        queue = await queue_state()
+    finally:
+        await nc.close()
+    return {
+        "published_msgs": published // per_msg,
+        "published_records": published,
+        "published_records_at_hard": at_hard,
+        "hard_seen": feedback.first_hard_at is not None,
+        "queue_depth_full": queue.get("depth"),
+        "in_flight_full": queue.get("in_flight"),
+        "level_full": queue.get("level"),
+        "taken_by_service": queue.get("depth", 0) + queue.get("in_flight", 0),
+    }
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _deep(d: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
 
 
 # ------------------------------------------------------------------- orchestration
 
 
-def machine_info() -> dict[str, Any]:
-    """Where the numbers come from."""
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    server = subprocess.run(
-        [find_nats_server(), "--version"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return {
-        "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "sqlite": sqlite3.sqlite_version,
-        "nats_server": server,
-        "packages": {
-            name: metadata.version(name)
-            for name in (
-                "market-data-store",
-                "nats-py",
-                "msgspec",
-                "uvloop",
-                "asyncpg",
-                "market-data-core",
-            )
-        },
-        "loadavg_at_start": os.getloadavg(),
-        "git": _git_state(),
-    }
+def select(patterns: Sequence[str] | None) -> list[str]:
+    """Scenario names matching ``patterns`` (all when none), in run order.
 
-
-def _pg_version() -> str:
-    """The version of the PostgreSQL server binaries the run uses."""
-    return subprocess.run(
-        [str(find_pg_bin() / "pg_ctl"), "--version"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-
-
-def _git_state() -> dict[str, Any]:
-    """The commit of the code under test and whether ``store_svc`` has local changes."""
-    repo = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    return {
-        "head": git("rev-parse", "HEAD"),
-        "store_svc_changed": bool(git("status", "--porcelain", "store_svc")),
-    }
-
-
-def run_scenario(
-    scenario: Scenario,
-    url: str,
-    workdir: Path,
-    ts: TsAllocator,
-    opts: RunOptions,
-    pg: PostgresServer | None = None,
-    twin: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """All measurements of one scenario, on the same payloads.
-
-    Args:
-        scenario: the workload.
-        url: the nats-server URL.
-        workdir: a fresh temporary directory for payloads, logs and SQLite files.
-        ts: hands out the records' timestamps.
-        opts: run-wide options.
-        pg: the run's PostgreSQL server (required for a PostgreSQL scenario).
-        twin: for a JetStream scenario, the report of its core twin when that ran
-            earlier in this invocation: its ceilings are reused.
-
-    Returns:
-        The scenario's section of the JSON report.
+    A scale-out scenario brings its single-instance twin along.
 
     Raises:
-        ValueError: a PostgreSQL scenario without a server, or a JetStream scenario
-            on PostgreSQL.
+        SystemExit: a pattern matches nothing.
     """
-    on_pg = scenario.sink == POSTGRESQL
-    on_js = scenario.mode == JETSTREAM
-    if on_pg and pg is None:
-        raise ValueError(f"scenario {scenario.name} needs a PostgreSQL server")
-    if on_pg and on_js:
-        raise ValueError(f"scenario {scenario.name}: JetStream scenarios use SQLite only")
-    settings = Settings.model_construct(
-        nats_url=url,
-        database_url=f"sqlite:///{(workdir / 'service.db').resolve()}",
-        ingest_mode=JETSTREAM if on_js else CORE,
-    )
-    ceiling = "raw COPY+merge" if on_pg else "raw executemany"
-    raw_key = "raw_copy_merge" if on_pg else "raw_executemany"
-    # No stream may capture the write subjects outside a JetStream service's run.
-    delete_stream(url, settings.js_stream)
-
-    def say(text: str) -> None:
-        print(f"[{scenario.name}] {text}", file=sys.stderr, flush=True)
-
-    say(f"generating {scenario.messages:,} messages x {scenario.per_msg} records")
-    t0 = time.monotonic()
-    payloads = make_payloads(scenario.per_msg, scenario.messages, ts.take(scenario.records), 1)
-    payload_file = workdir / "throughput.msgpack"
-    save_payloads(payload_file, payloads)
-    ceilings_from = scenario.name
-    if twin is not None and raw_key in twin:
-        # The core twin's ceilings, measured earlier in this run on payloads alike.
-        ceilings_from = twin["name"]
-        bare, raw = twin["bare_subscriber"], twin[raw_key]
-        say(f"generated in {time.monotonic() - t0:.1f}s; ceilings of {ceilings_from}")
-    else:
-        say(f"generated in {time.monotonic() - t0:.1f}s; ceiling A: bare subscriber")
-        bare = measure_bare_subscriber(url, settings, payload_file, scenario, opts.publishers)
-        say(f"bare subscriber: {bare['records_per_s']:,.0f} records/s; ceiling B: {ceiling}")
-        if pg is not None and on_pg:
-            raw = measure_raw_copy_merge(
-                payloads, create_pg_database(pg, f"{scenario.name}-raw"), settings
-            )
-        else:
-            raw = measure_raw_executemany(payloads, workdir / "raw.db", settings)
-    if pg is not None and on_pg:
-        # The service gets a database of its own, created just before it starts.
-        settings = Settings.model_construct(
-            nats_url=url, database_url=create_pg_database(pg, f"{scenario.name}-service")
-        )
-    del payloads
-    say(f"{ceiling}: {raw['rows_per_s']:,.0f} rows/s; the service ({scenario.mode} mode)")
-    svc = measure_service(url, settings, workdir, payload_file, scenario, opts, ts)
-    say(
-        f"service: {svc['rows_per_s']:,.0f} rows/s, lost {svc['lost']}, latency p99 "
-        f"{_fmt(svc['latency']['p99_ms'], '.1f')} ms"
-    )
-    ratios = {"service_vs_bare_subscriber": svc["rows_per_s"] / bare["records_per_s"]}
-    if twin is not None:
-        ratios["service_vs_core_twin_service"] = svc["rows_per_s"] / twin["service"]["rows_per_s"]
-    if on_pg:
-        ratios["service_vs_raw_copy_merge"] = svc["rows_per_s"] / raw["rows_per_s"]
-        ratios["service_vs_raw_copy_merge_one_connection"] = (
-            svc["rows_per_s"] / raw["sequential_rows_per_s"]
-        )
-    else:
-        ratios["service_vs_raw_executemany"] = svc["rows_per_s"] / raw["rows_per_s"]
-        ratios["service_vs_raw_convert_plus_executemany"] = (
-            svc["rows_per_s"] / raw["convert_plus_executemany_rows_per_s"]
-        )
-    flow_control: dict[str, Any] = (
-        {"pub_ack_window_msgs": scenario.window}
-        if on_js
-        else {"chunk_msgs": scenario.chunk, "window_requests": scenario.window}
-    )
-    return {
-        "name": scenario.name,
-        "mode": scenario.mode,
-        "sink": scenario.sink,
-        "records_per_msg": scenario.per_msg,
-        "messages": scenario.messages,
-        "flow_control": flow_control,
-        "publishers": opts.publishers,
-        "ceilings_from": ceilings_from,
-        "bare_subscriber": bare,
-        raw_key: raw,
-        "service": svc,
-        "ratios": ratios,
-    }
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _cell(scenario: dict[str, Any], spec: str, *path: str) -> str:
-    """A table cell: the value at ``path`` in a scenario's report, formatted with
-    ``spec``, or ``-`` where the scenario has no such value (e.g. the other sink's
-    ceiling)."""
-    value: Any = scenario
-    for key in path:
-        if not isinstance(value, dict) or key not in value:
-            return "-"
-        value = value[key]
-    return _fmt(value, spec)
-
-
-def targets(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Check the targets (ratios, and p99 latency of every core scenario) against the
-    results. JetStream scenarios have no targets: their numbers are for information."""
-    out: list[dict[str, Any]] = []
-    by_name = {s["name"]: s for s in scenarios}
-    checks = [
-        ("single", "service_vs_bare_subscriber", TARGET_SINGLE_VS_BARE, ">="),
-        ("batch500", "service_vs_raw_executemany", TARGET_BATCH_VS_RAW, ">="),
-        ("batch500-pg", "service_vs_raw_copy_merge", TARGET_BATCH_PG_VS_RAW, ">="),
-    ]
-    for name, ratio, target, op in checks:
-        if name in by_name:
-            value = by_name[name]["ratios"][ratio]
-            out.append(
-                {
-                    "scenario": name,
-                    "metric": ratio,
-                    "value": value,
-                    "target": target,
-                    "op": op,
-                    "met": value >= target,
-                    "margin": value - target,
-                }
-            )
-    for s in scenarios:
-        if s.get("mode", CORE) != CORE:
-            continue
-        p99 = s["service"]["latency"]["p99_ms"]
-        out.append(
-            {
-                "scenario": s["name"],
-                "metric": "latency_p99_ms",
-                "at_fraction_of_max": s["service"]["latency"]["fraction_of_max"],
-                "value": p99,
-                "target": TARGET_P99_MS,
-                "op": "<=",
-                "met": p99 is not None and p99 <= TARGET_P99_MS,
-                "margin": None if p99 is None else TARGET_P99_MS - p99,
-            }
-        )
-    return out
-
-
-def print_table(report: dict[str, Any]) -> None:
-    """The human-readable summary: one column per scenario."""
-    scenarios = report["scenarios"]
-    rows: list[tuple[str, list[str]]] = []
-
-    def add(label: str, fn: Any) -> None:
-        rows.append((label, [fn(s) for s in scenarios]))
-
-    add("mode", lambda s: str(s.get("mode", CORE)))
-    add("sink", lambda s: str(s.get("sink", SQLITE)))
-    add("ceilings measured in", lambda s: str(s.get("ceilings_from", s["name"])))
-    add("records per message", lambda s: f"{s['records_per_msg']}")
-    add("published records", lambda s: f"{s['service']['published_records']:,}")
-    add("stored records", lambda s: f"{s['service']['stored']:,}")
-    add("lost records", lambda s: f"{s['service']['lost']:,}")
-    add("service duration s", lambda s: f"{s['service']['duration_s']:.2f}")
-    add("service msgs/s", lambda s: f"{s['service']['msgs_per_s']:,.0f}")
-    add("service rows/s", lambda s: f"{s['service']['rows_per_s']:,.0f}")
-    add(
-        "JS stream ingest rows/s (to last PubAck)",
-        lambda s: _cell(s, ",.0f", "service", "stream_ingest_rows_per_s"),
-    )
-    add("A bare subscriber msgs/s", lambda s: f"{s['bare_subscriber']['msgs_per_s']:,.0f}")
-    add("A bare subscriber records/s", lambda s: f"{s['bare_subscriber']['records_per_s']:,.0f}")
-    add("A lost msgs", lambda s: f"{s['bare_subscriber']['lost_msgs']:,}")
-    add(
-        "A publisher msgs/s (sending only)",
-        lambda s: f"{s['bare_subscriber']['publish_msgs_per_s']:,.0f}",
-    )
-    add("B raw executemany rows/s", lambda s: _cell(s, ",.0f", "raw_executemany", "rows_per_s"))
-    add(
-        "B raw convert+executemany rows/s",
-        lambda s: _cell(s, ",.0f", "raw_executemany", "convert_plus_executemany_rows_per_s"),
-    )
-    add("B raw COPY+merge rows/s", lambda s: _cell(s, ",.0f", "raw_copy_merge", "rows_per_s"))
-    add(
-        "B raw COPY+merge, 1 connection rows/s",
-        lambda s: _cell(s, ",.0f", "raw_copy_merge", "sequential_rows_per_s"),
-    )
-    add(
-        "B raw COPY+merge, 2 overlapped rows/s",
-        lambda s: _cell(s, ",.0f", "raw_copy_merge", "overlapped_rows_per_s"),
-    )
-    add("service / A bare subscriber", lambda s: f"{s['ratios']['service_vs_bare_subscriber']:.3f}")
-    add(
-        "service / B raw executemany",
-        lambda s: _cell(s, ".3f", "ratios", "service_vs_raw_executemany"),
-    )
-    add(
-        "service / B convert+executemany",
-        lambda s: _cell(s, ".3f", "ratios", "service_vs_raw_convert_plus_executemany"),
-    )
-    add(
-        "service / B raw COPY+merge",
-        lambda s: _cell(s, ".3f", "ratios", "service_vs_raw_copy_merge"),
-    )
-    add(
-        "service / core twin's service",
-        lambda s: _cell(s, ".3f", "ratios", "service_vs_core_twin_service"),
-    )
-    add("latency load msgs/s", lambda s: f"{s['service']['latency']['achieved_msgs_per_s']:,.0f}")
-    add(
-        "latency load rows/s",
-        lambda s: f"{s['service']['latency']['achieved_msgs_per_s'] * s['records_per_msg']:,.0f}",
-    )
-    for p in ("p50", "p95", "p99", "max"):
-        add(f"latency {p} ms", lambda s, p=p: _fmt(s["service"]["latency"][f"{p}_ms"], ".2f"))
-    add("latency lost records", lambda s: f"{s['service']['latency']['lost']:,}")
-    add(
-        "latency measured by",
-        lambda s: "ack" if s.get("mode", CORE) == JETSTREAM else "reply",
-    )
-    add(
-        "service dropped msgs (own log)",
-        lambda s: str(s["service"]["service_shutdown"].get("dropped_messages", "?")),
-    )
-
-    width = max(len(label) for label, _ in rows)
-    cols = [max(len(s["name"]), *(len(r[1][i]) for r in rows)) for i, s in enumerate(scenarios)]
-    head = (
-        " " * width
-        + "  "
-        + "  ".join(s["name"].rjust(c) for s, c in zip(scenarios, cols, strict=True))
-    )
-    print(head)
-    print("-" * len(head))
-    for label, values in rows:
-        print(
-            label.ljust(width)
-            + "  "
-            + "  ".join(v.rjust(c) for v, c in zip(values, cols, strict=True))
-        )
-    print()
-    if any(s.get("mode", CORE) == JETSTREAM for s in scenarios):
-        print("JetStream scenarios (mode jetstream) have no targets; their numbers are info.")
-    for t in report["targets"]:
-        verdict = "met" if t["met"] else "MISSED"
-        value = _fmt(t["value"], ".3f")
-        margin = _fmt(t["margin"], "+.3f")
-        print(
-            f"target {t['scenario']:>11} {t['metric']:<28} {value:>8} {t['op']} {t['target']:<6}"
-            f" {verdict} (margin {margin})"
-        )
+    if not patterns:
+        return list(ALL_NAMES)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        hits = [n for n in ALL_NAMES if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise SystemExit(f"--only {pattern!r} matches no scenario (see --list)")
+        chosen.update(hits)
+    for name in list(chosen):
+        if name.startswith(SCALEOUT_PREFIX):
+            chosen.add(name.removeprefix(SCALEOUT_PREFIX))
+    return [n for n in ALL_NAMES if n in chosen]
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every scenario on one private nats-server and build the report."""
-    scenarios: tuple[Scenario, ...] = QUICK if args.quick else FULL
-    if args.only:
-        scenarios = tuple(s for s in scenarios if s.name in args.only)
+    """Run the selected scenarios on one private nats-server and build the report."""
+    preset = QUICK if args.quick else FULL
+    names = select(args.only)
+    by_name = {s.name: s for s in (*MATRIX, *SCALEOUT)}
     info = machine_info()
-    opts = RunOptions(
-        publishers=args.publishers,
-        latency_fraction=args.latency_fraction,
-        profile_dir=RESULTS_DIR if args.py_spy else None,
-    )
-    if opts.profile_dir is not None:
-        opts.profile_dir.mkdir(parents=True, exist_ok=True)
-    ts = TsAllocator()
     started = time.monotonic()
-    results: list[dict[str, Any]] = []
+    scenarios: list[dict[str, Any]] = []
+    failures: list[str] = []
+    enabled = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
+    progress = Progress(len(names), enabled)
+    profile_dir = args.output_dir if args.py_spy else None
+    args.output_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        # JetStream is always on (its store in a temporary folder); core scenarios
-        # run while no stream exists, so it does not touch them.
-        js_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-nats-"))
+        stack.callback(progress.close)
+        workroot = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
         if args.keep:
-            stack.callback(print, f"kept {js_dir}", file=sys.stderr)
+            stack.callback(print, f"kept {workroot}", file=sys.stderr)
         else:
-            stack.callback(shutil.rmtree, js_dir, ignore_errors=True)
-        server = stack.enter_context(NatsServer(store_dir=js_dir))
-        print(f"nats-server on {server.url} (JetStream store {js_dir})", file=sys.stderr)
+            stack.callback(shutil.rmtree, workroot, ignore_errors=True)
+        progress.phase("starting nats-server")
+        server = stack.enter_context(NatsServer(store_dir=workroot / "jetstream"))
+        progress.log(f"nats-server on {server.url} (JetStream store in {workroot})")
         pg: PostgresServer | None = None
-        if any(s.sink == POSTGRESQL for s in scenarios):
-            pg = PostgresServer()
-            stack.callback(pg.remove)  # also after a failed start: the folder goes
-            pg.start()
-            print(f"PostgreSQL on {pg.dsn}", file=sys.stderr)
-            info["postgresql"] = _pg_version()
-        for scenario in scenarios:
-            workdir = Path(tempfile.mkdtemp(prefix=f"bench-ingest-{scenario.name}-"))
-            done = {r["name"]: r for r in results}
-            twin = done.get(scenario.core_twin) if scenario.core_twin else None
+        if any(by_name[n].sink == POSTGRESQL for n in names if n in by_name):
+            progress.phase("starting PostgreSQL")
             try:
-                results.append(run_scenario(scenario, server.url, workdir, ts, opts, pg, twin))
-            finally:
-                if args.keep:
-                    print(f"kept {workdir}", file=sys.stderr)
+                pg = PostgresServer()
+                stack.callback(pg.remove)  # also after a failed start: the folder goes
+                pg.start()
+                progress.log(f"PostgreSQL on {pg.dsn}")
+                info["postgresql"] = pg_version()
+            except (OSError, subprocess.SubprocessError) as exc:
+                # The PostgreSQL scenarios fail (exit code 1); the others still run.
+                progress.log(f"PostgreSQL could not start: {exc!r}")
+                pg = None
+        lt = LoopThread()
+        stack.callback(lt.close)
+        ctx = RunContext(
+            server.url, preset, args.publishers, workroot, lt, progress, pg, profile_dir
+        )
+        for name in names:
+            progress.start(name)
+            t0 = time.monotonic()
+            try:
+                if name == RSS_FULL_QUEUE:
+                    result = run_rss_full_queue(ctx)
                 else:
-                    shutil.rmtree(workdir, ignore_errors=True)
+                    result = run_service_scenario(ctx, by_name[name])
+            except Exception as exc:
+                progress.log(f"FAILED: {exc!r}")
+                result = {
+                    "name": name,
+                    "group": "error",
+                    "error": repr(exc),
+                    "traceback": traceback.format_exc(),
+                    "failures": [f"{name}: could not run: {exc!r}"],
+                }
+            result["wall_s"] = round(time.monotonic() - t0, 1)
+            failures.extend(result["failures"])
+            scenarios.append(result)
+            ctx.results[name] = result
+            progress.advance()
     info["loadavg_at_end"] = os.getloadavg()
-    info["git_at_end"] = _git_state()
-    defaults = Settings.model_construct().model_dump(
-        exclude={"admin_token", "nats_url", "database_url"}
-    )
-    return {
+    info["git_at_end"] = git_state()
+    defaults = DEFAULTS.model_dump(exclude={"admin_token", "nats_url", "database_url"})
+    report: dict[str, Any] = {
         "benchmark": "ingest",
-        "mode": "quick" if args.quick else "full",
+        "preset": preset.name,
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_time_s": round(time.monotonic() - started, 1),
+        "command": sys.argv,
         "machine": info,
         "service_settings": defaults,
+        "preset_sizes": {
+            "messages": preset.messages,
+            "latency_seconds": preset.latency_seconds,
+            "latency_fractions": LATENCY_FRACTIONS,
+            "rss_sample_interval_s": preset.rss_interval,
+        },
         "publishers": args.publishers,
-        "latency_fraction_of_max": args.latency_fraction,
-        "scenarios": results,
-        "targets": targets(results),
+        "ceilings": {"bare_subscriber": ctx.ceilings_a, "raw_sink": ctx.ceilings_b},
+        "scenarios": scenarios,
+        "failures": failures,
     }
+    report["targets"] = targets(report)
+    return report
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line options (the internal roles are hidden from ``--help``)."""
+    """Command-line options."""
     parser = argparse.ArgumentParser(
-        description="Benchmark store-svc ingest: throughput vs a bare NATS subscriber and "
-        "raw sqlite3 executemany (or raw asyncpg COPY + merge for PostgreSQL), and "
-        "publish→commit latency at half the maximum rate; core and JetStream modes.",
+        description="Benchmark store-svc ingest: mode x sink x records/msg x kind, against a "
+        "bare NATS subscriber and a raw sink insert measured in the same run; latency at "
+        "50%% and 90%% of the maximum; feedback events; RSS; scale-out; full-queue RSS.",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="small counts, about a minute (CI smoke run)"
+        "--quick", action="store_true", help="small counts, <= 5 min on 2 cores (CI smoke run)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="PATTERNS",
+        help="comma-separated fnmatch patterns of scenario names, e.g. 'core-sqlite-*' "
+        "(repeatable; see --list)",
+    )
+    parser.add_argument("--list", action="store_true", help="print the scenario names and exit")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help=f"where ingest.json, throughput.png and latency.png go (default {RESULTS_DIR})",
     )
     parser.add_argument(
         "--publishers", type=int, default=1, help="publisher processes per run (default 1)"
     )
     parser.add_argument(
-        "--output",
-        type=Path,
-        default=DEFAULT_OUTPUT,
-        help=f"JSON report (default {DEFAULT_OUTPUT})",
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress bar on stderr (auto: when stderr is a terminal)",
     )
     parser.add_argument(
         "--py-spy",
         action="store_true",
-        help="record a py-spy speedscope profile of the service during each throughput run "
-        "(into benchmarks/results/; needs py-spy in the venv)",
-    )
-    parser.add_argument(
-        "--latency-fraction",
-        type=float,
-        default=0.5,
-        help="latency load as a fraction of the measured maximum (default 0.5; the "
-        "p99 target is defined at 0.5)",
+        help="record a py-spy speedscope profile of the service during each throughput "
+        "phase (into the output dir; needs py-spy in the venv)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
-    parser.add_argument(
-        "--only",
-        action="append",
-        choices=[s.name for s in FULL],
-        help="run only this scenario (repeatable)",
-    )
-    roles = parser.add_mutually_exclusive_group()
-    for role in ("--publisher", "--paced", "--bare-subscriber"):
-        roles.add_argument(role, metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.publishers < 1:
         parser.error("--publishers must be at least 1")
-    if not 0 < args.latency_fraction <= 1:
-        parser.error("--latency-fraction must be in (0, 1]")
+    if args.only:
+        args.only = [p.strip() for arg in args.only for p in arg.split(",") if p.strip()]
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: an internal role, or the whole benchmark."""
+    """Run the benchmark; 1 when records were lost or a service crashed."""
     args = parse_args(argv)
-    if args.publisher:
-        pub = uvloop.run(publisher_role(msgspec.json.decode(args.publisher, type=PublisherSpec)))
-        print(msgspec.json.encode(pub).decode(), flush=True)
-        return 0
-    if args.paced:
-        paced = uvloop.run(paced_role(msgspec.json.decode(args.paced, type=PacedSpec)))
-        print(msgspec.json.encode(paced).decode(), flush=True)
-        return 0
-    if args.bare_subscriber:
-        spec = msgspec.json.decode(args.bare_subscriber, type=SubscriberSpec)
-        sub = uvloop.run(bare_subscriber_role(spec))
-        print(msgspec.json.encode(sub).decode(), flush=True)
+    if args.list:
+        print("\n".join(select(args.only)))
         return 0
     report = run_benchmark(args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report)
-    print(f"\nJSON report: {args.output}")
-    return 0
+    out_dir: Path = args.output_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "ingest.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report)
+    charts = write_charts(report, out_dir)
+    print(f"\nJSON report: {json_path}")
+    for chart in charts:
+        print(f"chart: {chart}")
+    print(f"wall time: {report['wall_time_s']:.0f} s")
+    return 1 if report["failures"] else 0
 
 
 if __name__ == "__main__":
