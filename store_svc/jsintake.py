@@ -119,6 +119,7 @@ class JetStreamIntake(CoreIntake):
         self._pulling = False
         self._taking = False
         self._outstanding = 0
+        self._records_per_msg = 1.0
         self._last_activity = 0.0
         self._recheck_consumer = False
         self._wake = asyncio.Event()
@@ -241,13 +242,12 @@ class JetStreamIntake(CoreIntake):
         """Keep pull requests outstanding while intake runs and the level allows."""
         loop = asyncio.get_running_loop()
         quiet_limit = 2 * self._heartbeat + 0.5
-        request = _encode(
-            {
-                "batch": self._batch,
-                "expires": int(self._expires * _NS),
-                "idle_heartbeat": int(self._heartbeat * _NS),
-            }
-        )
+        expires = int(self._expires * _NS)
+        heartbeat = int(self._heartbeat * _NS)
+        # Ask only for what fits below the soft mark: the backlog waits in the stream,
+        # not in memory (a request for 256 messages of 1,000 records would otherwise
+        # bring 256,000 records into a 100,000-record queue).
+        soft_records = int(self._settings.queue_capacity * self._settings.soft_watermark)
         backoff = 0.0
         while self._pulling:
             if backoff:
@@ -267,11 +267,17 @@ class JetStreamIntake(CoreIntake):
                     log.error("the JetStream consumer is not usable: %s", exc)
                     backoff = 1.0
                     continue
+            room = soft_records - self._queue.depth
+            want = min(self._batch, int(room / self._records_per_msg))
+            blocked_by_room = want - self._outstanding < 1
             if (
-                self._outstanding <= self._batch // 2
+                not blocked_by_room
+                and self._outstanding <= want // 2
                 and self._feedback.level is not BackpressureLevel.hard
                 and self._nc.is_connected
             ):
+                n = want - self._outstanding
+                request = _encode({"batch": n, "expires": expires, "idle_heartbeat": heartbeat})
                 try:
                     await self._nc.publish(self._next_subject, request, reply=self._inbox)
                 except NatsError as exc:
@@ -281,10 +287,12 @@ class JetStreamIntake(CoreIntake):
                 self._stats.js_pull_requests += 1
                 if not self._outstanding:
                     self._last_activity = now
-                self._outstanding += self._batch
+                self._outstanding += n
             self._wake.clear()
+            # Waiting for room in the queue is short: the batcher frees it quickly.
+            wait = 0.002 if blocked_by_room else min(self._heartbeat, 0.25)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(self._heartbeat, 0.25)):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
 
     async def _on_delivery(self, msg: Msg) -> None:
@@ -312,6 +320,8 @@ class JetStreamIntake(CoreIntake):
         kind, decoded = await self._examine(msg)
         if decoded is None:
             return
+        # Records per message, smoothed: sizes the next pull requests.
+        self._records_per_msg += (len(decoded.rows) - self._records_per_msg) / 16
         env = Envelope(kind, decoded.rows, received, self._acker(msg), self._failer(msg, kind))
         self._held[reply] = _Held(msg, env, received)
         self._stats.accepted[kind] += len(decoded.rows)
