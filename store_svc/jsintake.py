@@ -119,7 +119,9 @@ class JetStreamIntake(CoreIntake):
         self._pulling = False
         self._taking = False
         self._outstanding = 0
-        self._records_per_msg = 1.0
+        # Start cautious (large messages assumed): the estimate falls within a few
+        # dozen messages when they are small, and the first request cannot overfill.
+        self._records_per_msg = 1000.0
         self._last_activity = 0.0
         self._recheck_consumer = False
         self._wake = asyncio.Event()
@@ -268,7 +270,7 @@ class JetStreamIntake(CoreIntake):
                     backoff = 1.0
                     continue
             room = soft_records - self._queue.depth
-            want = min(self._batch, int(room / self._records_per_msg))
+            want = min(self._batch, max(1, int(room / self._records_per_msg))) if room > 0 else 0
             blocked_by_room = want - self._outstanding < 1
             if (
                 not blocked_by_room
