@@ -531,35 +531,19 @@ def measure_latency(
     Returns:
         Rate asked and achieved, replies, refused messages and latency percentiles in ms.
     """
+    common = (url, subject, str(pool_file), rate)
+    timing: dict[str, Any] = {"timeout": 60.0, "start": start, "stop": stop}
     if settings.ingest_mode == JETSTREAM:
         every = 1
         ack_subject = f"$JS.ACK.{settings.js_stream}.{settings.js_durable}.>"
         spec = PacedSpec(
-            url,
-            subject,
-            str(pool_file),
-            rate,
-            timeout=60.0,
-            start=start,
-            stop=stop,
-            mode=JETSTREAM,
-            ack_subject=ack_subject,
-            window=js_window,
+            *common, mode=JETSTREAM, ack_subject=ack_subject, window=js_window, **timing
         )
         measured_by = f"ack seen on {ack_subject} minus send time, every message"
     else:
         # About a thousand sampled requests a second, whatever the message rate.
         every = max(1, int(rate // 1000))
-        spec = PacedSpec(
-            url,
-            subject,
-            str(pool_file),
-            rate,
-            timeout=60.0,
-            start=start,
-            stop=stop,
-            sample_every=every,
-        )
+        spec = PacedSpec(*common, sample_every=every, **timing)
         measured_by = "reply to a request minus send time, sampled"
     proc = spawn("--paced", spec)
     try:
