@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -137,6 +137,20 @@ def load_payloads(path: str) -> list[bytes]:
 
 
 # ---------------------------------------------------------- child roles (processes)
+
+
+async def _pace(n: int, rate: float, send: Callable[[int], Awaitable[None]]) -> tuple[float, float]:
+    """Call ``send(i)`` for ``i`` in ``range(n)`` at ``rate`` a second, in bursts of
+    what is due every ``PACE_TICK_S`` at least; return the start and end times."""
+    t0 = time.monotonic()
+    i = 0
+    while i < n:
+        due = min(n, int((time.monotonic() - t0) * rate) + 1)
+        while i < due:
+            await send(i)
+            i += 1
+        await asyncio.sleep(max(PACE_TICK_S, t0 + i / rate - time.monotonic()))
+    return t0, time.monotonic()
 
 
 async def _wait_for_go() -> None:
@@ -313,18 +327,13 @@ async def _paced_jetstream(spec: PacedSpec, payloads: list[bytes]) -> PacedResul
     await nc.flush()
     await _wait_for_go()
     subject = spec.subject
-    rate = spec.rate
-    t0 = time.monotonic()
-    i = 0
-    while i < n:
-        due = min(n, int((time.monotonic() - t0) * rate) + 1)
-        while i < due:
-            sent[i] = time.monotonic()
-            fut = await js.publish_async(subject, payloads[i])
-            fut.add_done_callback(functools.partial(on_puback, i))
-            i += 1
-        await asyncio.sleep(max(PACE_TICK_S, t0 + i / rate - time.monotonic()))
-    t_end = time.monotonic()
+
+    async def send(i: int) -> None:
+        sent[i] = time.monotonic()
+        fut = await js.publish_async(subject, payloads[i])
+        fut.add_done_callback(functools.partial(on_puback, i))
+
+    t0, t_end = await _pace(n, spec.rate, send)
     timed_out = False
     deadline = t_end + spec.timeout
     try:
@@ -390,20 +399,15 @@ async def paced_role(spec: PacedSpec) -> PacedResult:
     await nc.flush()
     await _wait_for_go()
     subject = spec.subject
-    rate = spec.rate
-    t0 = time.monotonic()
-    i = 0
-    while i < n:
-        due = min(n, int((time.monotonic() - t0) * rate) + 1)
-        while i < due:
-            if sampled[i]:
-                sent[i] = time.monotonic()
-                await nc.publish(subject, payloads[i], reply=f"{inbox}.{i}")
-            else:
-                await nc.publish(subject, payloads[i])
-            i += 1
-        await asyncio.sleep(max(PACE_TICK_S, t0 + i / rate - time.monotonic()))
-    t_end = time.monotonic()
+
+    async def send(i: int) -> None:
+        if sampled[i]:
+            sent[i] = time.monotonic()
+            await nc.publish(subject, payloads[i], reply=f"{inbox}.{i}")
+        else:
+            await nc.publish(subject, payloads[i])
+
+    t0, t_end = await _pace(n, spec.rate, send)
     timed_out = False
     try:
         await asyncio.wait_for(done, spec.timeout)

@@ -16,7 +16,6 @@ one ahead, so the order of corrections to one key is kept.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections import defaultdict
@@ -27,10 +26,19 @@ from .queue import Envelope, RecordQueue
 from .records import Row
 from .sinks.base import Batch, Prepared, Sink
 from .stats import Stats
+from .tasks import cancel_and_wait
 
 __all__ = ["Batcher"]
 
 log = logging.getLogger(__name__)
+
+
+def _group(batch: list[Envelope]) -> dict[str, list[Row]]:
+    """The rows of ``batch`` per kind, in arrival order."""
+    grouped: defaultdict[str, list[Row]] = defaultdict(list)
+    for env in batch:
+        grouped[env.kind].extend(env.rows)
+    return grouped
 
 
 class Batcher:
@@ -91,9 +99,7 @@ class Batcher:
                 batch = await self._collect(ahead if sink.overlaps_writes else None)
                 if batch is None:
                     break
-                grouped: defaultdict[str, list[Row]] = defaultdict(list)
-                for env in batch:
-                    grouped[env.kind].extend(env.rows)
+                grouped = _group(batch)
                 prepared: Prepared | None = None
                 if ahead is not None and not ahead.done():
                     try:
@@ -113,9 +119,7 @@ class Batcher:
                 ahead = None
         finally:
             if ahead is not None and not ahead.done():
-                ahead.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ahead
+                await cancel_and_wait(ahead)
 
     async def _collect(self, ahead: asyncio.Task[None] | None) -> list[Envelope] | None:
         """The next batch off the queue, or ``None`` once it is closed and empty.
@@ -209,10 +213,7 @@ class Batcher:
                     await prepared.abort()
                     prepared = None
                 batch = kept
-                regrouped: defaultdict[str, list[Row]] = defaultdict(list)
-                for env in batch:
-                    regrouped[env.kind].extend(env.rows)
-                grouped = regrouped
+                grouped = _group(batch)
                 size = sum(len(rows) for rows in grouped.values())
                 if not batch and self.sink_ok:
                     return

@@ -40,6 +40,7 @@ from .intake import CoreIntake
 from .queue import Envelope, QueueClosed, RecordQueue
 from .settings import Settings
 from .stats import Stats
+from .tasks import cancel_and_wait
 
 __all__ = ["JetStreamIntake", "delivery_count"]
 
@@ -61,13 +62,6 @@ class _Held:
         self.msg = msg
         self.env = env
         self.touched = touched
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is not None and not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def delivery_count(reply: str | None) -> int | None:
@@ -290,12 +284,8 @@ class JetStreamIntake(CoreIntake):
                 if not self._outstanding:
                     self._last_activity = now
                 self._outstanding += n
-            self._wake.clear()
             # Waiting for room in the queue is short: the batcher frees it quickly.
-            wait = 0.002 if blocked_by_room else min(self._heartbeat, 0.25)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._wake.wait()
+            await self._woken(0.002 if blocked_by_room else min(self._heartbeat, 0.25))
 
     async def _on_delivery(self, msg: Msg) -> None:
         headers = msg.headers
@@ -332,6 +322,13 @@ class JetStreamIntake(CoreIntake):
         except QueueClosed:
             self._stats.accepted[kind] -= len(decoded.rows)
             await self._nak(msg)
+
+    async def _woken(self, timeout: float) -> None:
+        """Wait for a delivery or status (``_wake``), at most ``timeout`` seconds."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     def _on_status(self, headers: dict[str, str]) -> None:
         self._last_activity = self._loop.time()
@@ -436,17 +433,11 @@ class JetStreamIntake(CoreIntake):
         self._pulling = False
         self._wake.set()
         task, self._pull_task = self._pull_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         # Open requests end within their expiry; until then their messages are taken.
         wait_until = min(deadline, loop.time() + self._expires + 0.5)
         while self._outstanding and self._nc.is_connected and loop.time() < wait_until:
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(0.1, max(0.0, wait_until - loop.time()))):
-                    await self._wake.wait()
+            await self._woken(min(0.1, max(0.0, wait_until - loop.time())))
         self._taking = False
         sub, self._sub = self._sub, None
         if sub is not None:
@@ -457,8 +448,8 @@ class JetStreamIntake(CoreIntake):
     async def close(self) -> None:
         """Hand back (nak) every message still held, and stop the keep-alive."""
         task, self._keepalive_task = self._keepalive_task, None
-        await _cancel(task)
-        await _cancel(self._handback_task)
+        await cancel_and_wait(task)
+        await cancel_and_wait(self._handback_task)
         self._handback_task = None
         held = [h.msg for h in self._held.values()]
         for msg in held:

@@ -39,17 +39,11 @@ from .records import KINDS
 from .settings import RELOADABLE, Settings, reloaded
 from .sinks import Sink, make_sink
 from .stats import Stats
+from .tasks import cancel_and_wait
 
 __all__ = ["Status", "StoreService"]
 
 log = logging.getLogger(__name__)
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    """Cancel ``task`` and wait until it has ended (a task is never left behind)."""
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def _first_error(exc: Exception) -> str:
@@ -216,7 +210,7 @@ class StoreService:
                 )
                 if not done:
                     pending = self.queue.depth + self.batcher.in_flight
-                    await _cancel(self._batcher_task)
+                    await cancel_and_wait(self._batcher_task)
                     log.error("grace period over: %d records were not committed", pending)
             if self._intake is not None:
                 await self._intake.close()  # JetStream: hand back what was not committed
@@ -304,7 +298,7 @@ class StoreService:
         with contextlib.suppress(nats.errors.Error):
             await self.admin.stop()
         task, self._rtt_task = self._rtt_task, None
-        await _cancel(task)
+        await cancel_and_wait(task)
         with contextlib.suppress(nats.errors.Error):
             await self.control.stop()
 
@@ -312,7 +306,7 @@ class StoreService:
         task, self._feedback_task = self._feedback_task, None
         if task is None:
             return
-        await _cancel(task)
+        await cancel_and_wait(task)
         self.feedback.close()
         self.feedback.settle()
         await self.feedback.announce()  # the final state, before the connection drains
@@ -320,10 +314,10 @@ class StoreService:
     async def _abort(self) -> None:
         await self._stop_control()
         task, self._feedback_task = self._feedback_task, None
-        await _cancel(task)
+        await cancel_and_wait(task)
         self.feedback.close()
         self.queue.close()
-        await _cancel(self._batcher_task)
+        await cancel_and_wait(self._batcher_task)
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.close()
         await self.sink.close()

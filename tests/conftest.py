@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -101,13 +102,22 @@ async def service(make_settings: Callable[..., Settings]) -> AsyncIterator[Store
         yield svc
 
 
-@pytest.fixture
-async def client(nats_server: NatsServer) -> AsyncIterator[NATS]:
+@contextlib.asynccontextmanager
+async def connected(url: str) -> AsyncIterator[NATS]:
     """A NATS client for the test itself (publisher / observer); its flush() is ordered."""
     nc = OrderedFlushClient()
-    await nc.connect(nats_server.url)
-    yield nc
-    await nc.close()
+    await nc.connect(url)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+async def client(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    """A client of the test's nats-server (see :func:`connected`)."""
+    async with connected(nats_server.url) as nc:
+        yield nc
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

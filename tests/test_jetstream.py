@@ -15,12 +15,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from store_svc.errors import ConfigError, JetStreamUnavailable
-from store_svc.natsclient import OrderedFlushClient
 from store_svc.natsserver import NatsServer
 from store_svc.service import StoreService
 from store_svc.settings import Settings, load_settings
 
-from .conftest import until, until_async
+from .conftest import connected, until, until_async
 from .test_bad_input import trade
 from .test_ingest import count, locked
 
@@ -53,10 +52,8 @@ def js_settings(js_server: NatsServer, db_path: Path) -> Callable[..., Settings]
 
 @pytest.fixture
 async def js_client(js_server: NatsServer) -> AsyncIterator[NATS]:
-    nc = OrderedFlushClient()
-    await nc.connect(js_server.url)
-    yield nc
-    await nc.close()
+    async with connected(js_server.url) as nc:
+        yield nc
 
 
 def trades(n: int, symbol: str = "JS", start: int = 0) -> list[dict[str, Any]]:
