@@ -440,14 +440,24 @@ def jetstream_state(url: str, settings: Settings) -> dict[str, Any]:
 
 
 def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
-    """Sample a process with py-spy (if installed) until the returned process is
-    sent SIGINT."""
+    """Sample a process and its children (the SQLite writer) with py-spy (if
+    installed) until the returned process is sent SIGINT."""
     exe = Path(sys.executable).parent / "py-spy"
     if not exe.exists():
         print("py-spy is not installed in the venv; no profile", file=sys.stderr)
         return None
     return subprocess.Popen(
-        [str(exe), "record", "--pid", str(pid), "--format", "speedscope", "-o", str(out)],
+        [
+            str(exe),
+            "record",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            "--format",
+            "speedscope",
+            "-o",
+            str(out),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -23,6 +23,7 @@ from nats.aio.client import Client as NATS
 
 from . import __version__
 from .errors import StoreError
+from .heap import settle_heap
 from .settings import Settings, load_settings, unknown_environment
 
 __all__ = ["main"]
@@ -217,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         print("store-svc: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         return 2
+    settle_heap()
     try:
         return int(uvloop.run(coro))
     except StoreError as exc:

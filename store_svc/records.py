@@ -315,8 +315,10 @@ def _opt_text(value: str | None, field: str) -> str | None:
 
 
 def _conditions(values: list[str]) -> tuple[str, ...]:
-    for value in values:
-        check_text(value, "conditions")
+    # One scan of the joined text instead of a call per condition (10 % of the
+    # main process on 1000-trade messages when it looped).
+    if values:
+        check_text("".join(values), "conditions")
     return tuple(values)
 
 

@@ -22,6 +22,7 @@ Column plan characters: ``t`` aware datetime -> int microseconds since the epoch
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 import sys
 import traceback
@@ -205,6 +206,9 @@ def _read_frame(inp: BinaryIO) -> bytes | None:
 
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
     """Answer requests until ``close`` or the end of input."""
+    # Batches arrive as lists of tuples of atoms: nothing the cyclic collector needs
+    # to chase at CPython's default rate (store_svc/heap.py has the measurements).
+    gc.set_threshold(10_000, 10, 10)
     writer = Writer()
     handlers: dict[str, Callable[[Any], Any]] = {
         "open": writer.open,
