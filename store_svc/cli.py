@@ -24,6 +24,7 @@ from nats.aio.client import Client as NATS
 from . import __version__
 from .errors import StoreError
 from .heap import settle_heap
+from .query_cli import add_query_parser
 from .settings import Settings, load_settings, unknown_environment
 
 __all__ = ["main"]
@@ -150,6 +151,23 @@ def _cmd_probe(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     return _probe(load_settings(), args.command, args.timeout)
 
 
+async def _query(settings: Settings, args: argparse.Namespace) -> int:
+    from .query_cli import run_query
+
+    nc = await _client(settings, args.timeout, "query")
+    if nc is None:
+        return 1
+    try:
+        return await run_query(settings, nc, args)
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def _cmd_query(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    return _query(load_settings(), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``store-svc``.
 
@@ -195,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_argument("action", choices=["pause", "resume", "reload"])
     control.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
     control.set_defaults(func=_cmd_control)
+
+    add_query_parser(sub).set_defaults(func=_cmd_query)
     return parser
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import pydantic
@@ -25,7 +25,7 @@ from .constants import CONTENT_TYPE_HEADER, JSON_CONTENT_TYPES, MSGPACK_CONTENT_
 from .errors import RejectedInput
 from .records import KINDS, KindSpec, Row, RowContext, to_utc
 
-__all__ = ["Decoded", "PayloadDecoder", "Reject", "header"]
+__all__ = ["Decoded", "PayloadDecoder", "Reject", "content_format", "header"]
 
 
 @dataclass(slots=True)
@@ -186,17 +186,9 @@ class PayloadDecoder:
         return out
 
     def _codec(self, kind: str, ctype: str | None) -> _Codec:
-        if ctype is None:
-            return self._json[kind]
-        base = ctype.split(";", 1)[0].strip().lower()
-        if base in MSGPACK_CONTENT_TYPES:
+        if content_format(ctype) == "msgpack":
             return self._msgpack[kind]
-        if base in JSON_CONTENT_TYPES or not base:
-            return self._json[kind]
-        raise RejectedInput(
-            "unsupported_content_type",
-            f"Content-Type {ctype[:64]!r} is neither application/json nor application/msgpack",
-        )
+        return self._json[kind]
 
     def _decode_each(
         self, spec: KindSpec, codec: _Codec, payload: bytes, ctx: RowContext, out: Decoded
@@ -235,6 +227,25 @@ class PayloadDecoder:
             raise RejectedInput("malformed_payload", _decode_detail(exc, codec)) from None
         values = model.model_dump()
         return spec.struct(**values)
+
+
+def content_format(ctype: str | None) -> Literal["json", "msgpack"]:
+    """The body encoding a ``Content-Type`` header value names (none means JSON).
+
+    Raises:
+        RejectedInput: ``unsupported_content_type``.
+    """
+    if ctype is None:
+        return "json"
+    base = ctype.split(";", 1)[0].strip().lower()
+    if base in MSGPACK_CONTENT_TYPES:
+        return "msgpack"
+    if base in JSON_CONTENT_TYPES or not base:
+        return "json"
+    raise RejectedInput(
+        "unsupported_content_type",
+        f"Content-Type {ctype[:64]!r} is neither application/json nor application/msgpack",
+    )
 
 
 def header(headers: dict[str, str], name: str) -> str | None:

@@ -17,9 +17,11 @@ turns an exception into text for a remote peer.
 from __future__ import annotations
 
 __all__ = [
+    "BadQuery",
     "ConfigError",
     "JetStreamUnavailable",
     "NatsUnavailable",
+    "QueryTimeout",
     "RejectedInput",
     "SchemaError",
     "ShutdownTimeout",
@@ -89,3 +91,21 @@ class ShutdownTimeout(StoreError):
     def __init__(self, pending: int) -> None:
         super().__init__(f"shutdown grace period ran out with {pending} records not committed")
         self.pending = pending
+
+
+class QueryTimeout(StoreError):
+    """A query did not finish within ``STORE_QUERY_TIMEOUT_S``; its work was cancelled."""
+
+
+class BadQuery(StoreError):
+    """A query request that cannot be answered as asked (a 400 reply).
+
+    Attributes:
+        reason: stable reason code (``invalid_range``, ``bad_cursor`` ...).
+        detail: what is wrong, for the requester.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

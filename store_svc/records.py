@@ -186,6 +186,18 @@ def to_utc(value: Time, field: str, latest: datetime) -> datetime:
     return when
 
 
+def time_bound(value: Time, field: str) -> int:
+    """A query's time bound in microseconds since the epoch.
+
+    Read as record times are (RFC 3339, naive means UTC, or epoch seconds /
+    milliseconds), and held to [1900, 2200].
+
+    Raises:
+        RejectedInput: ``timestamp_out_of_range`` or ``non_finite_number``.
+    """
+    return (to_utc(value, field, LATEST_EXPIRY) - EPOCH) // timedelta(microseconds=1)
+
+
 def _from_epoch(value: int | float, field: str) -> datetime:
     if value != value or value in (float("inf"), float("-inf")):
         raise RejectedInput("non_finite_number", f"{field} is not a finite epoch time")

@@ -1,12 +1,12 @@
 """The service: wires intake, queue, batcher and sink, and owns the lifecycle.
 
 Start-up order: metrics endpoint → connect NATS → health, readiness and control answer
-(``starting``) → open the sink (schema) → announce the feedback level → start the
-batcher → start intake. Shutdown runs the other way in a fixed order, each
-step bounded by what is left of ``STORE_SHUTDOWN_GRACE_S``: stop intake (messages
+(``starting``) → open the sink (schema) → the read API answers → announce the
+feedback level → start the batcher → start intake. Shutdown runs the other way in a
+fixed order, each step bounded by what is left of ``STORE_SHUTDOWN_GRACE_S``: stop intake (messages
 already delivered are still handled) → close the queue → the batcher flushes, commits
-and replies → publish the final feedback state → drain the NATS connection → close
-the sink.
+and replies → publish the final feedback state → the read API stops (queries under
+way finish) → drain the NATS connection → close the sink.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .intake import CoreIntake
 from .jsintake import JetStreamIntake
 from .metrics import Metrics
 from .natsclient import OrderedFlushClient
+from .query import QueryApi
 from .queue import RecordQueue
 from .records import KINDS
 from .settings import RELOADABLE, Settings, reloaded
@@ -108,6 +109,7 @@ class StoreService:
         self.batcher.on_sink_state = self._on_sink_state
         self.control = ControlPlane(self)
         self.admin = AdminControl(self, self._act)
+        self.query: QueryApi | None = None
         self.paused = False
         self.rtt_ms: float | None = None
         self._stopped = asyncio.Event()
@@ -135,6 +137,7 @@ class StoreService:
             await self.control.start(self.nc)
             await self.admin.start(self.nc)
             await self.sink.open()
+            await self._start_query(self.nc)
             if self.feedback.publisher is None:
                 self.feedback.publisher = NatsFeedbackPublisher(
                     self.nc, self.settings.subject("telemetry", "feedback")
@@ -215,6 +218,7 @@ class StoreService:
             if self._intake is not None:
                 await self._intake.close()  # JetStream: hand back what was not committed
             await self._stop_feedback()
+            await self._stop_query(deadline - loop.time())
             await self._stop_control()
             if self.nc is not None and not self.nc.is_closed:
                 try:
@@ -311,7 +315,23 @@ class StoreService:
         self.feedback.settle()
         await self.feedback.announce()  # the final state, before the connection drains
 
+    async def _start_query(self, nc: NATS) -> None:
+        if not self.settings.query_enabled:
+            return
+        reader = self.sink.reader(self.settings.query_concurrency)
+        if reader is None:
+            log.info("the %s sink cannot be queried; no read API", self.sink.name)
+            return
+        self.query = QueryApi(self, reader)
+        await self.query.start(nc)
+
+    async def _stop_query(self, timeout: float) -> None:
+        query, self.query = self.query, None
+        if query is not None:
+            await query.stop(min(self.settings.query_timeout_s, max(0.0, timeout)))
+
     async def _abort(self) -> None:
+        await self._stop_query(0.0)
         await self._stop_control()
         task, self._feedback_task = self._feedback_task, None
         await cancel_and_wait(task)

@@ -134,6 +134,27 @@ class Settings(BaseSettings):
     feedback_heartbeat_s: float = Field(default=5.0, gt=0.0, le=3600.0)
     """The current level is re-published this often, so a late subscriber learns it."""
 
+    query_enabled: bool = True
+    """Answer the read API (``<prefix>.store.query.<kind>``, ``<prefix>.store.latest.<kind>``)."""
+
+    query_max_limit: int = Field(default=10_000, ge=1, le=1_000_000)
+    """Largest page a query may ask for (``limit``); a larger one is refused with 400.
+    A page is also cut short to fit the NATS server's maximum payload."""
+
+    query_default_limit: int = Field(default=1000, ge=1)
+    """Page size of a query that names no ``limit``."""
+
+    query_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    """Longest a query may take, waiting for a free reader included; past it the
+    database work is cancelled and the reply is a 504."""
+
+    query_max_symbols: int = Field(default=100, ge=1, le=10_000)
+    """Most symbols one query or latest request may name."""
+
+    query_concurrency: int = Field(default=2, ge=1, le=64)
+    """Queries run at once: SQLite reader processes, or PostgreSQL read connections.
+    Each is separate from the writer, so reads never hold up ingest's commits."""
+
     coordinator_id: str = Field(
         default_factory=lambda: f"store-{socket.gethostname()}-{os.getpid()}",
         min_length=1,
@@ -256,6 +277,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"js_max_ack_pending ({self.js_max_ack_pending}) must be at least "
                 f"2 * batch_size + js_fetch_batch ({2 * self.batch_size + self.js_fetch_batch})"
+            )
+        if self.query_default_limit > self.query_max_limit:
+            raise ValueError(
+                f"query_default_limit ({self.query_default_limit}) must not exceed "
+                f"query_max_limit ({self.query_max_limit})"
             )
         if self.sink_retry_initial_s > self.sink_retry_max_s:
             raise ValueError("sink_retry_initial_s must not exceed sink_retry_max_s")

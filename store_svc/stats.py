@@ -35,6 +35,9 @@ class Stats:
         js_redelivered: JetStream messages received more than once.
         js_pull_requests: pull requests sent.
         js_pull_resets: pull requests given up as forgotten by the server.
+        queries: read requests answered, per ``<endpoint>:<outcome>`` (``query:ok``,
+            ``latest:invalid_range``, ``query:query_timeout`` ...).
+        query_records: records sent in query and latest replies.
     """
 
     messages: int = 0
@@ -58,6 +61,8 @@ class Stats:
     js_redelivered: int = 0
     js_pull_requests: int = 0
     js_pull_resets: int = 0
+    queries: Counter[str] = field(default_factory=Counter)
+    query_records: int = 0
 
     @property
     def committed_total(self) -> int:

@@ -20,18 +20,44 @@ time column; plain PostgreSQL works without it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from ..errors import SchemaError, SinkError
-from ..records import KINDS, KindSpec, Row
-from .base import Batch, Prepared, Sink
-from .sqlite_worker import compile_converter
+from ..errors import QueryTimeout, SchemaError, SinkError
+from ..records import EPOCH, KINDS, KindSpec, Row
+from .base import (
+    TIME_COLUMN,
+    Batch,
+    LatestPlan,
+    Page,
+    PagePlan,
+    Prepared,
+    Reader,
+    Sink,
+    core_fields,
+)
+from .sqlite_worker import (
+    collect_page,
+    compile_converter,
+    compile_readout,
+    encoder_for,
+    time_micros,
+)
 
-__all__ = ["SCHEMA_VERSION", "PostgresSink", "merge_sql", "staging_records"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "PostgresReader",
+    "PostgresSink",
+    "latest_sql",
+    "merge_sql",
+    "page_sql",
+    "staging_records",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +94,6 @@ CREATE TABLE IF NOT EXISTS options (
     PRIMARY KEY (symbol, expiry, strike, option_type, ts)
 );
 """
-
-_TIME_COLUMN = {"bars": "ts", "trades": "ts", "quotes": "timestamp", "options": "ts"}
 
 
 def _q(name: str) -> str:
@@ -273,7 +297,7 @@ class PostgresSink(Sink):
         except asyncpg.PostgresError as exc:
             log.warning("timescaledb is installed but cannot be enabled (%s); plain tables", exc)
             return False
-        for table, column in _TIME_COLUMN.items():
+        for table, column in TIME_COLUMN.items():
             await conn.execute(
                 "SELECT create_hypertable($1::regclass, $2::name, if_not_exists => TRUE, "
                 "migrate_data => TRUE)",
@@ -387,6 +411,219 @@ class PostgresSink(Sink):
                 await conn.close(timeout=5)
             except (*_RETRYABLE, asyncpg.InterfaceError):
                 conn.terminate()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    def reader(self, concurrency: int) -> Reader:
+        """A pool of read-only connections of its own (the writers' are never used).
+
+        Args:
+            concurrency: connections, each running one query at a time.
+        """
+        return PostgresReader(self.dsn, concurrency)
+
+
+#: The sort key (see ``KEY_TYPES``) as PostgreSQL expressions: text in the "C"
+#: collation (UTF-8 byte order, as SQLite), key NUMERICs as their canonical text
+#: (``trim_scale``), conditions as their compact JSON text. So the order is the
+#: SQLite sink's, whatever the database's collation.
+_SORT = {
+    "bars": ("ts", 'symbol COLLATE "C"', 'resolution COLLATE "C"'),
+    "trades": (
+        "ts",
+        'symbol COLLATE "C"',
+        'trim_scale(price)::text COLLATE "C"',
+        "size",
+        "(exchange IS NOT NULL)::int",
+        "coalesce(exchange, '') COLLATE \"C\"",
+        'array_to_json(conditions)::text COLLATE "C"',
+    ),
+    "quotes": ('"timestamp"', 'symbol COLLATE "C"'),
+    "options": (
+        "ts",
+        'symbol COLLATE "C"',
+        "expiry",
+        'trim_scale(strike)::text COLLATE "C"',
+        'option_type COLLATE "C"',
+    ),
+}
+#: Positions of times (microseconds in a cursor, timestamptz in SQL) in each sort key.
+_KEY_TIMES = {"bars": (0,), "trades": (0,), "quotes": (0,), "options": (0, 2)}
+
+
+def _from_micros(value: int) -> datetime:
+    return EPOCH + timedelta(microseconds=value)
+
+
+def page_sql(plan: PagePlan) -> tuple[str, list[Any]]:
+    """The PostgreSQL statement of one query page: ``limit + 1`` rows, record
+    columns then the sort key.
+
+    Args:
+        plan: the validated page request.
+
+    Returns:
+        The statement and its parameters.
+    """
+    spec = KINDS[plan.kind]
+    key = _SORT[plan.kind]
+    when = _q(TIME_COLUMN[plan.kind])
+    params: list[Any] = [list(plan.symbols)]
+    where = ["symbol = ANY($1::text[])"]
+
+    def param(value: Any) -> str:
+        params.append(value)
+        return f"${len(params)}"
+
+    if plan.resolution is not None:
+        where.append(f"resolution = {param(plan.resolution)}")
+    if plan.start is not None:
+        where.append(f"{when} >= {param(_from_micros(plan.start))}")
+    if plan.end is not None:
+        where.append(f"{when} < {param(_from_micros(plan.end))}")
+    if plan.after is not None:
+        after: list[Any] = list(plan.after)
+        for i in _KEY_TIMES[plan.kind]:
+            after[i] = _from_micros(int(after[i]))
+        # The first condition is implied by the second; it lets the index seek.
+        where.append(f"{when} >= {param(after[0])}")
+        where.append(f"({', '.join(key)}) > ({', '.join(param(v) for v in after)})")
+    sql = (
+        f"SELECT {', '.join(_q(c) for c in spec.columns)}, {', '.join(key)} "
+        f"FROM {spec.table} WHERE {' AND '.join(where)} "
+        f"ORDER BY {', '.join(key)} LIMIT {param(plan.limit + 1)}"
+    )
+    return sql, params
+
+
+def latest_sql(plan: LatestPlan) -> tuple[str, list[Any]]:
+    """One PostgreSQL statement for the latest record(s) of every symbol.
+
+    Args:
+        plan: the validated lookup.
+
+    Returns:
+        The statement (rows in the plan's symbol order) and its parameters.
+    """
+    spec = KINDS[plan.kind]
+    cols = ", ".join(_q(c) for c in spec.columns)
+    params: list[Any] = [list(plan.symbols)]
+    if plan.kind == "bars" and plan.resolution is None:
+        inner = (
+            f'SELECT DISTINCT ON (resolution COLLATE "C") {cols} FROM bars '
+            'WHERE symbol = s.sym ORDER BY resolution COLLATE "C", ts DESC'
+        )
+        tail = ', r.resolution COLLATE "C"'
+    else:
+        where = "symbol = s.sym"
+        if plan.resolution is not None:
+            params.append(plan.resolution)
+            where += " AND resolution = $2"
+        order = ", ".join(f"{k} DESC" for k in _SORT[plan.kind])
+        inner = f"SELECT {cols} FROM {spec.table} WHERE {where} ORDER BY {order} LIMIT 1"
+        tail = ""
+    sql = (
+        "SELECT r.* FROM unnest($1::text[]) WITH ORDINALITY AS s(sym, n) "
+        f"CROSS JOIN LATERAL ({inner}) AS r ORDER BY s.n{tail}"
+    )
+    return sql, params
+
+
+#: How long opening a read connection may take (not part of a query's deadline).
+_CONNECT_TIMEOUT_S = 10.0
+
+
+def _readout_fields(spec: KindSpec) -> list[list[Any]]:
+    return [
+        [name, spec.columns.index(name), "t" if name in spec.time_columns else "-"]
+        for name in core_fields(spec.kind)
+    ]
+
+
+class PostgresReader(Reader):
+    """Runs queries on a pool of read-only connections, opened on first use.
+
+    Rows are encoded on the event loop (asyncpg hands them over there); the page
+    size and reply budget bound that work per query.
+
+    Args:
+        dsn: the PostgreSQL URL.
+        concurrency: pool size.
+    """
+
+    def __init__(self, dsn: str, concurrency: int) -> None:
+        self._dsn = dsn
+        self._size = concurrency
+        self._pool: asyncpg.Pool | None = None
+        self._lock = asyncio.Lock()
+        self._readout = {kind: compile_readout(_readout_fields(s)) for kind, s in KINDS.items()}
+
+    async def open(self) -> None:
+        """Open the pool (one connection; more as queries need them)."""
+        await self._pool_now()
+
+    async def _pool_now(self) -> asyncpg.Pool:
+        async with self._lock:
+            if self._pool is None:
+                try:
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn,
+                        min_size=1,
+                        max_size=self._size,
+                        timeout=_CONNECT_TIMEOUT_S,
+                        server_settings={"default_transaction_read_only": "on"},
+                    )
+                except (TimeoutError, *_RETRYABLE) as exc:
+                    raise SinkError(f"cannot connect to PostgreSQL for queries: {exc}") from exc
+            return self._pool
+
+    async def _fetch(self, sql: str, params: list[Any], timeout: float) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pool = await self._pool_now()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                conn = await pool.acquire()
+        except TimeoutError:
+            raise QueryTimeout("every query connection stayed busy until the deadline") from None
+        except _RETRYABLE as exc:
+            raise SinkError(f"cannot reach PostgreSQL for queries: {exc}") from exc
+        try:
+            # asyncpg cancels the statement on the server when the timeout passes.
+            return list(await conn.fetch(sql, *params, timeout=max(0.001, deadline - loop.time())))
+        except TimeoutError:
+            raise QueryTimeout("the query ran past its deadline and was cancelled") from None
+        except asyncpg.QueryCanceledError:
+            raise QueryTimeout("the query was cancelled by the server") from None
+        except _RETRYABLE as exc:
+            raise SinkError(f"PostgreSQL query failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            await pool.release(conn)
+
+    async def page(self, plan: PagePlan, budget: int, timeout: float) -> Page:
+        """One page; rows encoded here."""
+        sql, params = page_sql(plan)
+        rows = await self._fetch(sql, params, timeout)
+        width = len(KINDS[plan.kind].columns)
+        records, key = collect_page(
+            rows, self._readout[plan.kind], encoder_for(plan.fmt), width, plan.limit, budget
+        )
+        if key is not None:
+            for i in _KEY_TIMES[plan.kind]:
+                key[i] = time_micros(key[i])
+        return Page(records, key)
+
+    async def latest(self, plan: LatestPlan, timeout: float) -> list[bytes]:
+        """The latest records; rows encoded here."""
+        sql, params = latest_sql(plan)
+        rows = await self._fetch(sql, params, timeout)
+        readout = self._readout[plan.kind]
+        encode = encoder_for(plan.fmt)
+        return [encode(readout(row)) for row in rows]
+
+    async def close(self) -> None:
+        """Close the pool; idempotent."""
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()

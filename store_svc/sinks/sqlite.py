@@ -15,7 +15,6 @@ UTC (exact, compact and fast to compare; in the sqlite3 shell read them with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 from collections import deque
@@ -26,12 +25,23 @@ from typing import Any
 
 import msgspec
 
-from ..errors import SchemaError, SinkError
+from ..errors import QueryTimeout, SchemaError, SinkError
 from ..records import EPOCH, KINDS, KindSpec, Row
-from .base import Batch, Prepared, Sink
+from ..tasks import cancel_and_wait
+from .base import (
+    TIME_COLUMN,
+    Batch,
+    LatestPlan,
+    Page,
+    PagePlan,
+    Prepared,
+    Reader,
+    Sink,
+    core_fields,
+)
 from .sqlite_worker import compile_converter, time_micros
 
-__all__ = ["SCHEMA_VERSION", "SqliteSink"]
+__all__ = ["SCHEMA_VERSION", "SqliteReader", "SqliteSink", "latest_sql", "page_sql"]
 
 #: Bump with every change of the DDL below; a database with a higher number is refused.
 SCHEMA_VERSION = 1
@@ -182,12 +192,121 @@ def _ignore_result(fut: asyncio.Future[Any]) -> None:
         fut.exception()  # mark it retrieved
 
 
+class _Worker:
+    """One ``sqlite_worker.py`` process: framed MessagePack requests, replies in order.
+
+    Args:
+        role: ``writer`` or ``reader`` (for messages).
+        args: extra command-line arguments (``--read`` for a reader).
+    """
+
+    def __init__(self, role: str, args: tuple[str, ...] = ()) -> None:
+        self.role = role
+        self._args = args
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._replies: deque[asyncio.Future[Any]] = deque()
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is up (it is cleared when the process exits)."""
+        return self.proc is not None
+
+    async def start(self) -> None:
+        """Start the process (not yet opened)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(_WORKER),
+            *self._args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self.proc = proc
+        self._reader = asyncio.create_task(self._read_replies(proc), name=f"sqlite-{self.role}")
+
+    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
+        """Hand each reply to the request it answers (replies come in request order)."""
+        assert proc.stdout is not None
+        try:
+            while True:
+                head = await proc.stdout.readexactly(4)
+                reply = _decode(await proc.stdout.readexactly(int.from_bytes(head)))
+                fut = self._replies.popleft()
+                if not fut.done():
+                    fut.set_result(reply)
+        except (asyncio.IncompleteReadError, ConnectionResetError, IndexError) as exc:
+            self._fail_replies(SinkError(f"the SQLite {self.role} process exited ({exc!r})"))
+            if self.proc is proc:
+                self.proc = None
+                self._reader = None
+                if proc.returncode is None:
+                    proc.kill()
+
+    def _fail_replies(self, exc: SinkError) -> None:
+        replies, self._replies = self._replies, deque()
+        for fut in replies:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def send(self, op: str, arg: Any) -> asyncio.Future[Any]:
+        """Send one request; the returned future gets its reply."""
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.stdin.is_closing():
+            raise SinkError(f"the SQLite {self.role} is not running")
+        body = _encode([op, arg])
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._replies.append(fut)
+        proc.stdin.write(len(body).to_bytes(4, "big") + body)
+        return fut
+
+    async def result(self, fut: asyncio.Future[Any]) -> Any:
+        """Wait for a reply; a failed request raises :class:`SinkError`."""
+        proc = self.proc
+        if proc is not None and proc.stdin is not None:
+            try:
+                await proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                await self.discard()
+                raise SinkError(f"the SQLite {self.role} process exited ({exc!r})") from None
+        ok, result, retryable = await fut
+        if not ok:
+            raise SinkError(str(result), retryable=bool(retryable))
+        return result
+
+    async def call(self, op: str, arg: Any) -> Any:
+        """Send one request and wait for its reply."""
+        return await self.result(self.send(op, arg))
+
+    async def discard(self) -> None:
+        """Kill the process; requests still waiting fail with :class:`SinkError`."""
+        proc, self.proc = self.proc, None
+        reader, self._reader = self._reader, None
+        self._fail_replies(SinkError(f"the SQLite {self.role} was stopped"))
+        await cancel_and_wait(reader)
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+    async def close(self) -> None:
+        """Ask the process to close its database and end; idempotent."""
+        if self.proc is None:
+            return
+        try:
+            await self.call("close", None)
+        except SinkError as exc:
+            log.warning("closing the SQLite %s: %s", self.role, exc)
+        await self.discard()
+
+
 class SqliteSink(Sink):
     """Stores rows in a SQLite file, through a writer process of its own.
 
     The writer is started by :meth:`open` and restarted by the next :meth:`write`
     if it dies; a write in flight when it dies fails with a retryable
-    :class:`SinkError`, so the batcher keeps the batch and tries again.
+    :class:`SinkError`, so the batcher keeps the batch and tries again. Queries
+    run in reader processes of their own (:meth:`reader`).
 
     Args:
         path: the database file; its folder is created if missing.
@@ -202,9 +321,8 @@ class SqliteSink(Sink):
     ) -> None:
         self.path = path
         self._synchronous = synchronous
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._replies: deque[asyncio.Future[Any]] = deque()
+        self._busy_timeout_ms = busy_timeout_ms
+        self._writer = _Worker("writer")
         self._lock = asyncio.Lock()
         self._open_arg = {
             "path": str(path),
@@ -224,7 +342,8 @@ class SqliteSink(Sink):
     @property
     def pid(self) -> int | None:
         """Process id of the writer process, while it runs."""
-        return self._proc.pid if self._proc is not None else None
+        proc = self._writer.proc
+        return proc.pid if proc is not None else None
 
     async def open(self) -> None:
         """Start the writer process, open the file (WAL) and create or check the schema.
@@ -237,7 +356,7 @@ class SqliteSink(Sink):
 
     async def _ensure_writer(self) -> None:
         async with self._lock:
-            if self._proc is None:
+            if not self._writer.running:
                 await self._spawn()
 
     async def _spawn(self) -> None:
@@ -245,90 +364,20 @@ class SqliteSink(Sink):
             await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
         except OSError as exc:
             raise SinkError(f"cannot create the folder of {self.path}: {exc}") from exc
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(_WORKER),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        self._proc = proc
-        self._reader = asyncio.create_task(self._read_replies(proc), name="sqlite-replies")
+        await self._writer.start()
         try:
-            await self._call("open", self._open_arg)
+            await self._writer.call("open", self._open_arg)
         except SinkError as exc:
-            await self._discard()
+            await self._writer.discard()
             if not exc.retryable and "schema version" in str(exc):
                 raise SchemaError(str(exc)) from None
             raise SinkError(f"cannot open SQLite database {self.path}: {exc}") from None
         except BaseException:
-            await self._discard()
+            await self._writer.discard()
             raise
 
-    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
-        """Hand each reply to the request it answers (replies come in request order)."""
-        assert proc.stdout is not None
-        try:
-            while True:
-                head = await proc.stdout.readexactly(4)
-                reply = _decode(await proc.stdout.readexactly(int.from_bytes(head)))
-                fut = self._replies.popleft()
-                if not fut.done():
-                    fut.set_result(reply)
-        except (asyncio.IncompleteReadError, ConnectionResetError, IndexError) as exc:
-            self._fail_replies(SinkError(f"the SQLite writer process exited ({exc!r})"))
-            if self._proc is proc:
-                self._proc = None
-                self._reader = None
-                if proc.returncode is None:
-                    proc.kill()
-
-    def _fail_replies(self, exc: SinkError) -> None:
-        replies, self._replies = self._replies, deque()
-        for fut in replies:
-            if not fut.done():
-                fut.set_exception(exc)
-
-    def _send(self, op: str, arg: Any) -> asyncio.Future[Any]:
-        """Send one request; the returned future gets its reply."""
-        proc = self._proc
-        if proc is None or proc.stdin is None or proc.stdin.is_closing():
-            raise SinkError("the SQLite writer is not running")
-        body = _encode([op, arg])
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._replies.append(fut)
-        proc.stdin.write(len(body).to_bytes(4, "big") + body)
-        return fut
-
     async def _result(self, fut: asyncio.Future[Any]) -> Any:
-        """Wait for a reply; a failed request raises :class:`SinkError`."""
-        proc = self._proc
-        if proc is not None and proc.stdin is not None:
-            try:
-                await proc.stdin.drain()
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                await self._discard()
-                raise SinkError(f"the SQLite writer process exited ({exc!r})") from None
-        ok, result, retryable = await fut
-        if not ok:
-            raise SinkError(str(result), retryable=bool(retryable))
-        return result
-
-    async def _call(self, op: str, arg: Any) -> Any:
-        return await self._result(self._send(op, arg))
-
-    async def _discard(self) -> None:
-        proc, self._proc = self._proc, None
-        reader, self._reader = self._reader, None
-        self._fail_replies(SinkError("the SQLite writer was stopped"))
-        if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-        if proc is None:
-            return
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+        return await self._writer.result(fut)
 
     def _wire(self, batch: Batch) -> list[Any]:
         return [
@@ -344,7 +393,7 @@ class SqliteSink(Sink):
                 a non-database error.
         """
         await self._ensure_writer()
-        await self._call("write", self._wire(batch))
+        await self._writer.call("write", self._wire(batch))
 
     async def prepare(self, batch: Batch) -> Prepared:
         """Send the batch to the writer now, behind the one it is committing.
@@ -357,28 +406,208 @@ class SqliteSink(Sink):
             SinkError: the writer is not running.
         """
         await self._ensure_writer()
-        return _Sent(self, self._send("write_ahead", self._wire(batch)))
+        return _Sent(self, self._writer.send("write_ahead", self._wire(batch)))
 
     async def rows(self, kind: str) -> list[Row]:
         """Every row of ``kind`` in key order."""
         spec = KINDS[kind]
         await self._ensure_writer()
-        raw = await self._call("rows", kind)
+        raw = await self._writer.call("rows", kind)
         return [_from_sqlite(spec, r) for r in raw]
 
     async def counts(self) -> dict[str, int]:
         """Rows per table."""
         await self._ensure_writer()
-        result: dict[str, int] = await self._call("counts", list(KINDS))
+        result: dict[str, int] = await self._writer.call("counts", list(KINDS))
         return result
 
     async def close(self) -> None:
         """Checkpoint, close the file and end the writer process; idempotent."""
         async with self._lock:
-            if self._proc is None:
-                return
+            await self._writer.close()
+
+    def reader(self, concurrency: int) -> Reader:
+        """Reader processes on read-only connections (WAL: they never block the writer).
+
+        Args:
+            concurrency: reader processes, each running one query at a time.
+        """
+        return SqliteReader(self.path, concurrency, self._busy_timeout_ms)
+
+
+#: The sort key (see ``KEY_TYPES``) as SQLite expressions. Text compares as UTF-8
+#: bytes (BINARY collation), key Decimals are stored in canonical text.
+_SORT = {
+    "bars": ("ts", "symbol", "resolution"),
+    "trades": (
+        "ts",
+        "symbol",
+        "price",
+        "size",
+        "exchange IS NOT NULL",
+        "ifnull(exchange, '')",
+        "conditions",
+    ),
+    "quotes": ("timestamp", "symbol"),
+    "options": ("ts", "symbol", "expiry", "strike", "option_type"),
+}
+
+
+def _readout_fields(spec: KindSpec) -> list[list[Any]]:
+    fields: list[list[Any]] = []
+    for name in core_fields(spec.kind):
+        if name in spec.time_columns:
+            code = "T"
+        elif name == "delayed":
+            code = "B"
+        elif name == "conditions":
+            code = "J"
+        else:
+            code = "-"
+        fields.append([name, spec.columns.index(name), code])
+    return fields
+
+
+def page_sql(plan: PagePlan) -> tuple[str, list[Any]]:
+    """The SQLite statement of one query page: ``limit + 1`` rows, record columns
+    then the sort key.
+
+    Args:
+        plan: the validated page request.
+
+    Returns:
+        The statement and its parameters.
+    """
+    spec = KINDS[plan.kind]
+    key = _SORT[plan.kind]
+    when = TIME_COLUMN[plan.kind]
+    where = [f"symbol IN ({', '.join('?' * len(plan.symbols))})"]
+    params: list[Any] = list(plan.symbols)
+    if plan.resolution is not None:
+        where.append("resolution = ?")
+        params.append(plan.resolution)
+    if plan.start is not None:
+        where.append(f"{when} >= ?")
+        params.append(plan.start)
+    if plan.end is not None:
+        where.append(f"{when} < ?")
+        params.append(plan.end)
+    if plan.after is not None:
+        # The first condition is implied by the second; it lets the index seek.
+        where.append(f"{when} >= ?")
+        params.append(plan.after[0])
+        where.append(f"({', '.join(key)}) > ({', '.join('?' * len(key))})")
+        params.extend(plan.after)
+    sql = (
+        f"SELECT {', '.join(spec.columns)}, {', '.join(key)} FROM {spec.table} "
+        f"WHERE {' AND '.join(where)} ORDER BY {', '.join(key)} LIMIT ?"
+    )
+    params.append(plan.limit + 1)
+    return sql, params
+
+
+def latest_sql(plan: LatestPlan) -> list[list[Any]]:
+    """One SQLite statement per symbol for its latest record(s).
+
+    Args:
+        plan: the validated lookup.
+
+    Returns:
+        ``[statement, parameters]`` per symbol, in the plan's order.
+    """
+    spec = KINDS[plan.kind]
+    cols = ", ".join(spec.columns)
+    if plan.kind == "bars" and plan.resolution is None:
+        # SQLite takes the bare columns from the row holding the max().
+        sql = (
+            f"SELECT {cols}, max(ts) FROM bars WHERE symbol = ? "
+            "GROUP BY resolution ORDER BY resolution"
+        )
+        return [[sql, [symbol]] for symbol in plan.symbols]
+    where = "symbol = ?" + (" AND resolution = ?" if plan.resolution is not None else "")
+    order = ", ".join(f"{k} DESC" for k in _SORT[plan.kind])
+    sql = f"SELECT {cols} FROM {spec.table} WHERE {where} ORDER BY {order} LIMIT 1"
+    extra = [plan.resolution] if plan.resolution is not None else []
+    return [[sql, [symbol, *extra]] for symbol in plan.symbols]
+
+
+class SqliteReader(Reader):
+    """Runs queries in reader processes; a query waits for a free one.
+
+    Args:
+        path: the database file (the writer has created it).
+        concurrency: reader processes.
+        busy_timeout_ms: the ``busy_timeout`` pragma of the read connections.
+    """
+
+    def __init__(self, path: Path, concurrency: int, busy_timeout_ms: int) -> None:
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._all = [_Worker("reader", ("--read",)) for _ in range(concurrency)]
+        for worker in self._all:
+            self._idle.put_nowait(worker)
+        self._open_arg = {
+            "path": str(path),
+            "busy_timeout_ms": busy_timeout_ms,
+            "fields": {kind: _readout_fields(spec) for kind, spec in KINDS.items()},
+        }
+
+    async def open(self) -> None:
+        """Start every reader process and open its connection."""
+        for worker in self._all:
+            await self._ready(worker)
+
+    async def _ready(self, worker: _Worker) -> None:
+        if worker.running:
+            return
+        await worker.start()
+        try:
+            await worker.call("open", self._open_arg)
+        except BaseException:
+            await worker.discard()
+            raise
+
+    async def _run(self, op: str, arg: list[Any], timeout: float) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            async with asyncio.timeout(timeout):
+                worker = await self._idle.get()
+        except TimeoutError:
+            raise QueryTimeout("every query worker stayed busy until the deadline") from None
+        try:
+            await self._ready(worker)
+            remaining = max(0.0, deadline - loop.time())
+            fut = worker.send(op, [*arg, remaining])
             try:
-                await self._call("close", None)
-            except SinkError as exc:
-                log.warning("closing the SQLite writer: %s", exc)
-            await self._discard()
+                # The worker interrupts itself at the deadline; the extra second
+                # covers a worker stuck outside SQLite's VM, which is replaced.
+                async with asyncio.timeout(remaining + 1.0):
+                    reply: list[Any] = await worker.result(fut)
+            except TimeoutError:
+                await worker.discard()
+                raise QueryTimeout("the query worker did not answer in time") from None
+        finally:
+            self._idle.put_nowait(worker)
+        if reply[0] == "timeout":
+            raise QueryTimeout("the query ran past its deadline and was interrupted")
+        return reply
+
+    async def page(self, plan: PagePlan, budget: int, timeout: float) -> Page:
+        """One page, read and encoded in a reader process."""
+        sql, params = page_sql(plan)
+        width = len(KINDS[plan.kind].columns)
+        reply = await self._run(
+            "page", [plan.kind, plan.fmt, sql, params, width, plan.limit, budget], timeout
+        )
+        return Page(reply[1], reply[2])
+
+    async def latest(self, plan: LatestPlan, timeout: float) -> list[bytes]:
+        """The latest records, read and encoded in a reader process."""
+        reply = await self._run("latest", [plan.kind, plan.fmt, latest_sql(plan)], timeout)
+        records: list[bytes] = reply[1]
+        return records
+
+    async def close(self) -> None:
+        """End the reader processes."""
+        for worker in self._all:
+            await worker.close()

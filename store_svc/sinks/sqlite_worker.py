@@ -14,10 +14,18 @@ then sent again as an ordinary ``write`` after it, so batches commit in order.
 The parent sends the DDL, statements and column plans with ``open``, so this
 module needs nothing of the service but this file (it starts fast and small).
 
+Started with ``--read``, the same file is a *reader*: a read-only connection (WAL
+lets it read while the writer commits) that runs the query API's pages and
+latest-record lookups, converts the rows to Core's JSON values and encodes them
+(JSON or MessagePack), so the service's event loop only forwards bytes. A query
+runs under a deadline enforced by SQLite's progress handler.
+
 Column plan characters: ``t`` aware datetime -> int microseconds since the epoch
 (the parent converts times before sending, so its plans here carry ``-`` there);
 ``k`` key Decimal text -> canonical text; ``c`` list of str -> compact JSON text;
-``-`` stored as it comes.
+``-`` stored as it comes. Read-out plans (:func:`compile_readout`): ``T`` int
+microseconds -> RFC 3339 text, ``t`` aware datetime -> RFC 3339 text, ``B`` int ->
+bool, ``J`` JSON text -> list, ``-`` as it comes (msgspec writes Decimals as text).
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ from __future__ import annotations
 import gc
 import sqlite3
 import sys
+import time
 import traceback
-from collections.abc import Callable
-from datetime import UTC, datetime
+import urllib.parse
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, BinaryIO
 
@@ -67,6 +77,86 @@ def key_decimal_text(text: str) -> str:
 def conditions_text(value: list[str]) -> str:
     """Conditions as compact JSON array text."""
     return _encode_json(value).decode()
+
+
+def rfc3339_micros(value: int) -> str:
+    """Microseconds since the epoch as RFC 3339 UTC text, as Core's models print it."""
+    return rfc3339(EPOCH + timedelta(microseconds=value))
+
+
+def rfc3339(value: datetime) -> str:
+    """An aware datetime as RFC 3339 UTC text (``2024-01-02T09:30:00.000001Z``)."""
+    if value.utcoffset():
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat() + "Z"
+
+
+def compile_readout(fields: list[list[Any]]) -> Callable[[Sequence[Any]], dict[str, Any]]:
+    """Build a function turning one stored row into a Core record's JSON values.
+
+    Args:
+        fields: ``[name, column index, plan character]`` per output field, in
+            the Core model's field order.
+
+    Returns:
+        ``readout(row) -> dict`` ready for msgspec's JSON or MessagePack encoder.
+    """
+    names: dict[str, Any] = {
+        "T": rfc3339_micros,
+        "t": rfc3339,
+        "B": bool,
+        "J": _decode_json,
+    }
+    parts = []
+    for name, index, code in fields:
+        value = f"r[{int(index)}]" if code == "-" else f"{code}(r[{int(index)}])"
+        if code != "-":
+            value = f"(None if r[{int(index)}] is None else {value})"
+        parts.append(f"{str(name)!r}: {value}")
+    source = f"def readout(r):\n    return {{{', '.join(parts)}}}\n"
+    exec(compile(source, "<readout>", "exec"), names)
+    return names["readout"]  # type: ignore[no-any-return]
+
+
+def encoder_for(fmt: str) -> Callable[[Any], bytes]:
+    """The encoder of a reply format (``json`` or ``msgpack``)."""
+    return msgspec.msgpack.encode if fmt == "msgpack" else _encode_json
+
+
+def collect_page(
+    rows: Sequence[Sequence[Any]],
+    readout: Callable[[Sequence[Any]], dict[str, Any]],
+    encode: Callable[[Any], bytes],
+    key_start: int,
+    limit: int,
+    budget: int,
+) -> tuple[list[bytes], list[Any] | None]:
+    """Encode up to ``limit`` rows within ``budget`` bytes.
+
+    Args:
+        rows: up to ``limit + 1`` rows: the record columns, then the sort key from
+            column ``key_start`` on.
+        readout: see :func:`compile_readout`.
+        encode: the reply format's encoder.
+        key_start: where the sort key starts in a row.
+        limit: the page size asked for.
+        budget: bytes the encoded records may take (the first is always taken).
+
+    Returns:
+        The encoded records, and the sort key of the last one when more follow
+        (``None`` at the end of the results).
+    """
+    out: list[bytes] = []
+    used = 0
+    for row in rows[:limit]:
+        body = encode(readout(row))
+        used += len(body) + 1
+        if out and used > budget:
+            break
+        out.append(body)
+    if len(out) < len(rows):
+        return out, list(rows[len(out) - 1][key_start:])
+    return out, None
 
 
 def compile_converter(
@@ -196,6 +286,76 @@ class Writer:
         return self.conn
 
 
+class Reader:
+    """A read-only connection that answers query pages and latest-record lookups."""
+
+    def __init__(self) -> None:
+        self.conn: sqlite3.Connection | None = None
+        self.readout: dict[str, Callable[[Sequence[Any]], dict[str, Any]]] = {}
+        self.deadline = 0.0
+
+    def open(self, arg: dict[str, Any]) -> None:
+        uri = "file:" + urllib.parse.quote(arg["path"]) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout={int(arg.get('busy_timeout_ms', 5000))}")
+        conn.execute("PRAGMA query_only=1")
+        # Checked every few thousand VM steps: a query past its deadline is
+        # interrupted ("interrupted" OperationalError) and answered as a timeout.
+        conn.set_progress_handler(self._past_deadline, 2000)
+        self.conn = conn
+        self.readout = {kind: compile_readout(f) for kind, f in arg["fields"].items()}
+
+    def _past_deadline(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def _run(self, sql: str, params: list[Any]) -> list[Any] | None:
+        if self.conn is None:
+            raise sqlite3.ProgrammingError("the database is not open")
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "interrupted" in str(exc):
+                return None
+            raise
+
+    def page(self, arg: list[Any]) -> list[Any]:
+        """``[kind, fmt, sql, params, key_start, limit, budget, seconds]`` ->
+        ``["ok", records, next_key]`` or ``["timeout"]``."""
+        kind, fmt, sql, params, key_start, limit, budget, seconds = arg
+        self.deadline = time.monotonic() + seconds
+        rows = self._run(sql, params)
+        if rows is None:
+            return ["timeout"]
+        records, key = collect_page(
+            rows, self.readout[kind], encoder_for(fmt), key_start, limit, budget
+        )
+        return ["ok", records, key]
+
+    def latest(self, arg: list[Any]) -> list[Any]:
+        """``[kind, fmt, [[sql, params], ...], seconds]`` -> ``["ok", records]`` or
+        ``["timeout"]``; each statement yields the latest row(s) of one symbol."""
+        kind, fmt, statements, seconds = arg
+        self.deadline = time.monotonic() + seconds
+        readout = self.readout[kind]
+        encode = encoder_for(fmt)
+        records: list[bytes] = []
+        for sql, params in statements:
+            rows = self._run(sql, params)
+            if rows is None:
+                return ["timeout"]
+            records.extend(encode(readout(row)) for row in rows)
+        return ["ok", records]
+
+    def close(self, _: Any) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def _decode_json(text: str) -> Any:
+    return msgspec.json.decode(text)
+
+
 def _read_frame(inp: BinaryIO) -> bytes | None:
     head = inp.read(4)
     if len(head) < 4:
@@ -204,20 +364,25 @@ def _read_frame(inp: BinaryIO) -> bytes | None:
     return body
 
 
-def serve(inp: BinaryIO, out: BinaryIO) -> None:
+def serve(inp: BinaryIO, out: BinaryIO, read_only: bool = False) -> None:
     """Answer requests until ``close`` or the end of input."""
     # Batches arrive as lists of tuples of atoms: nothing the cyclic collector needs
     # to chase at CPython's default rate (store_svc/heap.py has the measurements).
     gc.set_threshold(10_000, 10, 10)
     writer = Writer()
-    handlers: dict[str, Callable[[Any], Any]] = {
-        "open": writer.open,
-        "write": writer.write,
-        "write_ahead": writer.write_ahead,
-        "rows": writer.rows,
-        "counts": writer.counts,
-        "close": writer.close,
-    }
+    reader = Reader()
+    handlers: dict[str, Callable[[Any], Any]] = (
+        {"open": reader.open, "page": reader.page, "latest": reader.latest, "close": reader.close}
+        if read_only
+        else {
+            "open": writer.open,
+            "write": writer.write,
+            "write_ahead": writer.write_ahead,
+            "rows": writer.rows,
+            "counts": writer.counts,
+            "close": writer.close,
+        }
+    )
     encode = msgspec.msgpack.encode
     decode = msgspec.msgpack.decode
     while (frame := _read_frame(inp)) is not None:
@@ -248,4 +413,4 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.stdin.buffer, sys.stdout.buffer)
+    serve(sys.stdin.buffer, sys.stdout.buffer, read_only="--read" in sys.argv[1:])
