@@ -108,4 +108,6 @@ class ControlPlane:
             "dropped": stats.dropped_messages,
             "refused_overload": stats.refused_overload,
             "sink_errors": stats.sink_errors,
+            "queries": sum(n for k, n in stats.queries.items() if k.endswith(":ok")),
+            "query_errors": sum(n for k, n in stats.queries.items() if not k.endswith(":ok")),
         }

@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 
 from .core import FeedbackEvent, HealthStatus
 from .natsserver import NatsServer
+from .query_cli import print_table
 from .service import StoreService
 from .settings import Settings
 
@@ -153,6 +154,11 @@ async def run_demo(settings: Settings, seconds: float = 10.0, rate: int = 20_000
             sent, bad = feed.result()
             reply = await watcher.request(settings.subject("store", "health"), b"", timeout=5)
             health = HealthStatus.model_validate_json(reply.data)
+            latest = await watcher.request(
+                settings.subject("store", "latest", "quotes"),
+                msgspec.json.encode({"symbol": list(SYMBOLS[:4])}),
+                timeout=10,
+            )
         await watcher.flush()
         await watcher.drain()
         counts = await _count(settings)
@@ -164,6 +170,8 @@ async def run_demo(settings: Settings, seconds: float = 10.0, rate: int = 20_000
             f"last: {feedback[-1].model_dump_json()}"
         )
     print("stored per table: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    print(f"\nread back on {settings.subject('store', 'latest', 'quotes')} (the read API):")
+    print_table(msgspec.json.decode(latest.data).get("records", []), sys.stdout)
     print(
         f"health on {settings.subject('store', 'health')}: {health.state} ("
         + ", ".join(f"{c.name} {c.state}" for c in health.components)

@@ -71,6 +71,18 @@ class _StoreCollector(Collector):
             "kind",
             dict(stats.dropped_by_kind),
         )
+        queries = CounterMetricFamily(
+            "store_queries",
+            "Read API requests answered, by endpoint (query, latest) and outcome "
+            "(ok or the error reason).",
+            labels=["endpoint", "outcome"],
+        )
+        for key, value in sorted(stats.queries.items()):
+            queries.add_metric(key.split(":", 1), value)
+        yield queries
+        yield CounterMetricFamily(
+            "store_query_records", "Records sent in read API replies.", value=stats.query_records
+        )
         yield CounterMetricFamily(
             "store_writes_refused_overload",
             "Request-reply writes refused with 503 at the hard watermark.",
@@ -115,6 +127,13 @@ class Metrics:
         self.commit_seconds = Histogram(
             "store_commit_seconds",
             "Time to commit one batch, retries included.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=self.registry,
+        )
+        self.query_seconds = Histogram(
+            "store_query_seconds",
+            "Time to answer a read API request (successful ones), by endpoint.",
+            ["endpoint"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
             registry=self.registry,
         )

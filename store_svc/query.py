@@ -34,6 +34,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -221,6 +222,7 @@ class QueryApi:
         task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, msg: Msg) -> None:
+        began = time.perf_counter()
         latest = msg.subject.startswith(self._latest_prefix)
         endpoint = "latest" if latest else "query"
         fmt: Format = "json"
@@ -262,6 +264,7 @@ class QueryApi:
             log.warning("could not send a query reply: %s", exc)
             return
         self._svc.stats.queries[f"{endpoint}:ok"] += 1
+        self._svc.metrics.query_seconds.labels(endpoint).observe(time.perf_counter() - began)
 
     async def _page(self, plan: PagePlan) -> bytes:
         nc = self._nc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -31,9 +32,13 @@ from store_svc.pgserver import PostgresServer
 from store_svc.records import KINDS
 from store_svc.service import StoreService
 from store_svc.settings import Settings
-from store_svc.sinks.base import sort_key
+from store_svc.sinks.base import core_fields, sort_key
+from store_svc.sinks.sqlite import SqliteReader
+from store_svc.sinks.sqlite_worker import compile_readout, encoder_for, rfc3339
 
+from .conftest import until
 from .strategies import BY_KIND, as_utc
+from .test_metrics import scrape
 
 pytestmark = pytest.mark.slow
 
@@ -544,3 +549,62 @@ async def test_the_query_command_prints_pages_as_json_lines_or_a_table(
     )
     assert code == 1
     assert "400 invalid_range" in err
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_records_are_printed_exactly_as_core_prints_them(kind: str, data: st.DataObject) -> None:
+    spec = KINDS[kind]
+    record = data.draw(BY_KIND[kind])
+    when = data.draw(st.sampled_from(TIMES))
+    row = _row(kind, _values(kind, record, when))
+    fields = [[n, spec.columns.index(n), "t" if n in spec.time_columns else "-"]
+              for n in core_fields(kind)]  # fmt: skip
+    printed = encoder_for("json")(compile_readout(fields)(row))
+    expected = spec.to_core(row).model_dump_json().encode()
+    if kind == "options":  # the store adds its ts at the end
+        assert printed == expected[:-1] + b',"ts":"' + rfc3339(when).encode() + b'"}'
+    else:
+        assert printed == expected
+    assert msgspec.msgpack.decode(encoder_for("msgpack")(compile_readout(fields)(row))) == (
+        json.loads(printed)
+    )
+
+
+async def test_read_api_counts_show_in_metrics_and_service_stats(
+    make_settings: Callable[..., Settings], client: NATS
+) -> None:
+    async with StoreService(make_settings(metrics_port=0)) as svc:
+        await _write_many(client, "bars", [_bar("M", TIMES[2])])
+        for _ in range(2):
+            await _request(client, "mdp.store.query.bars", {"symbol": "M"})
+        await _request(client, "mdp.store.latest.bars", {"symbol": "M"})
+        await client.request("mdp.store.query.bars", b'{"symbol": 1}', timeout=10)
+        assert svc.metrics.port
+        m = await asyncio.to_thread(scrape, svc.metrics.port)
+        assert m[("store_queries_total", (("endpoint", "query"), ("outcome", "ok")))] == 2
+        assert m[("store_queries_total", (("endpoint", "latest"), ("outcome", "ok")))] == 1
+        invalid = (("endpoint", "query"), ("outcome", "invalid_request"))
+        assert m[("store_queries_total", invalid)] == 1
+        assert m[("store_query_records_total", ())] == 3
+        assert m[("store_query_seconds_count", (("endpoint", "query"),))] == 2
+        stats = await client.request("$SRV.STATS.market-data-store", b"", timeout=5)
+        data = json.loads(stats.data)["endpoints"][0]["data"]
+        assert data["queries"] == 3
+        assert data["query_errors"] == 1
+
+
+async def test_a_killed_reader_process_is_replaced(service: StoreService, client: NATS) -> None:
+    await _write_many(client, "bars", [_bar("K", TIMES[2])])
+    reader = service.query._reader if service.query else None
+    assert isinstance(reader, SqliteReader)
+    pids = [w.proc.pid for w in reader._all if w.proc is not None]
+    assert len(pids) == service.settings.query_concurrency
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    await until(lambda: not any(w.running for w in reader._all))
+    reply, headers = await _request(client, "mdp.store.query.bars", {"symbol": "K"})
+    assert "Nats-Service-Error-Code" not in headers
+    assert [r["symbol"] for r in reply["records"]] == ["K"]
+    assert all(w.proc is None or w.proc.pid not in pids for w in reader._all)

@@ -78,6 +78,9 @@ def test_plain_admin_token_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"soft_recovery_watermark": 0.45, "hard_recovery_watermark": 0.3}, "soft_recovery"),
         ({"feedback_heartbeat_s": 0}, "feedback_heartbeat_s"),
         ({"coordinator_id": ""}, "coordinator_id"),
+        ({"query_default_limit": 500, "query_max_limit": 100}, "query_default_limit"),
+        ({"query_timeout_s": 0}, "query_timeout_s"),
+        ({"query_concurrency": 0}, "query_concurrency"),
     ],
 )
 def test_invalid_combinations_are_refused(overrides: dict[str, object], message: str) -> None:
