@@ -210,12 +210,12 @@ class QueryApi:
         await self._reader.close()
 
     async def _on_msg(self, msg: Msg) -> None:
+        endpoint = "latest" if msg.subject.startswith(self._latest_prefix) else "query"
         if not msg.reply:
-            endpoint = "latest" if msg.subject.startswith(self._latest_prefix) else "query"
             self._svc.stats.queries[f"{endpoint}:no_reply_subject"] += 1
             return
         if len(self._tasks) >= self._backlog:
-            await self._error(msg, "json", "query", 503, "busy", "too many queries waiting; retry")
+            await self._error(msg, "json", endpoint, 503, "busy", "too many queries waiting; retry")
             return
         task = asyncio.create_task(self._answer(msg), name="query")
         self._tasks.add(task)

@@ -608,3 +608,28 @@ async def test_a_killed_reader_process_is_replaced(service: StoreService, client
     assert "Nats-Service-Error-Code" not in headers
     assert [r["symbol"] for r in reply["records"]] == ["K"]
     assert all(w.proc is None or w.proc.pid not in pids for w in reader._all)
+
+
+async def test_a_flood_of_queries_gets_503_busy_beyond_the_backlog(
+    service: StoreService, client: NATS
+) -> None:
+    base = datetime(2024, 1, 1, tzinfo=UTC).timestamp()
+    resolutions = ["1m", "5m", "1h"]
+    await _write_many(
+        client,
+        "bars",
+        [_bar("FLOOD", datetime.fromtimestamp(base + 60 * i, UTC), resolutions[i % 3])
+         for i in range(60_000)],
+    )  # fmt: skip
+    # Each of these sorts 60,000 bars; 2 readers x 32 waiting is the backlog.
+    body = json.dumps({"symbol": "FLOOD", "limit": 1}).encode()
+    replies = await asyncio.gather(
+        *(client.request("mdp.store.query.bars", body, timeout=60) for _ in range(120))
+    )
+    codes = [(r.headers or {}).get("Nats-Service-Error-Code", "ok") for r in replies]
+    assert codes.count("503") >= 40  # about 120 - 64: a few may finish while it floods
+    assert set(codes) == {"ok", "503"}
+    assert service.stats.queries["query:busy"] == codes.count("503")
+    # Without a reply subject nothing can be answered: counted, not run.
+    await client.publish("mdp.store.latest.bars", b'{"symbol": "FLOOD"}')
+    await until(lambda: service.stats.queries["latest:no_reply_subject"] == 1)
