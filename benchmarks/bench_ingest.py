@@ -2,10 +2,11 @@
 
 How to run (from the repository root, in the project's venv)::
 
-    .venv/bin/python benchmarks/bench_ingest.py            # full preset, ~17 min on 2 cores
+    .venv/bin/python benchmarks/bench_ingest.py            # full preset, ~19 min on 2 cores
     .venv/bin/python benchmarks/bench_ingest.py --quick    # CI smoke run, <= 5 min on 2 cores
     .venv/bin/python benchmarks/bench_ingest.py --only 'core-sqlite-*'
     .venv/bin/python benchmarks/bench_ingest.py --only 'jetstream-*-1000-*,rss-full-queue'
+    .venv/bin/python benchmarks/bench_ingest.py --only 'mixed-query-*'   # ~2 min
     .venv/bin/python benchmarks/bench_ingest.py --list     # the scenario names
 
 ``--only`` takes comma-separated ``fnmatch`` patterns (and may be repeated); a
@@ -21,7 +22,11 @@ Presets: ``--quick`` publishes 8,000 / 120 / 16 messages per throughput phase (1
 / 1000 records per message) and runs 0.75 s latency phases: a smoke test whose numbers
 mean little. The full preset (the default) publishes 300,000 / 8,000 / 800 messages
 (300,000 / 800,000 / 800,000 records: about 5 to 17 s per phase on 2 cores) and runs
-8 s latency phases; it took 17 minutes on 2 cores (a busy machine).
+8 s latency phases; it took 17 minutes on 2 cores (a busy machine) before the
+mixed-load scenarios, which add about 100 s. Mixed load: 500 (quick) / 8,000 (full)
+messages of 100 trades per ingest phase, a query load of 10 + 10 (quick) / 20 + 20
+(full) requests a second, and a closed-loop query run of 1 s (quick) / 4 s (full);
+both mixed scenarios take about 12 s in ``--quick``.
 
 Everything runs on one private ``nats-server`` with JetStream enabled (store in a
 temporary folder) and, when a PostgreSQL scenario is selected, one throwaway
@@ -49,6 +54,8 @@ merge nothing. Extras:
   stall; 1000-record trade messages are published until feedback says ``hard`` and
   then until the queue is full (read from the health endpoint); the service tree's
   RSS is read; the lock is released and every published record must get stored.
+* ``mixed-query-sqlite``, ``mixed-query-postgresql``: ingest with and without a
+  concurrent load on the read API (see **Mixed load** below).
 
 **Ceilings**, measured in the same run and shared: A once per (records per message,
 kind), B once per (sink, records per message, kind), on the same payloads.
@@ -101,9 +108,48 @@ and latency is the ack's arrival minus the send time, for every message. On a
 2-core machine the paced publisher, the service, its SQLite writer and nats-server
 share the cores, so latency near the maximum includes CPU contention.
 
+**Mixed load** (``mixed-query-<sink>``): does a query load slow ingest down? One
+service (core mode, default settings, so ``STORE_QUERY_CONCURRENCY`` 2: two SQLite
+reader processes, or a read-only pool of two PostgreSQL connections) on a fresh
+SQLite file or PostgreSQL database, started and probed as in the matrix. Three ingest
+phases of 100-record trade messages, each on fresh records (three payload sets with
+disjoint timestamps from the run's allocator, so no phase republishes records, which
+would be cheap no-op upserts), with the matrix's core publishers and flow control and
+the same end (the last reply) and row count check (``lost`` must be 0): (a) ingest
+alone, (b) ingest with the query load, (c) ingest alone again. The ratio is b's
+committed rows/s over the mean of a's and c's (the mean evens out a drift over the
+run, e.g. a growing database or a neighbour's load).
+
+The query load is its own process (``ingest_roles.py --query-load``), started before
+b's publishers (``GO`` about half a second before the first publish, while they start)
+and stopped (``STOP``) after the last reply. Four page workers, each on its own
+cursor chain (AAPL; MSFT and NVDA in one query; AMZN; GOOG: symbols the synthetic
+records use, about 1/8 of the records each), ask ``mdp.store.query.trades`` for the
+time range of phase a's records (``start`` = its first record, included; ``end`` =
+1 µs after its last, excluded; exact RFC 3339 text) with ``limit`` 1000, follow
+``next_cursor`` and start again at the first page when it is null; two latest
+workers ask ``mdp.store.latest.trades`` for the 8 synthetic symbols and 2 that are
+never written. Each endpoint has a fixed rate (20 pages/s and 20 latest/s in full,
+10 + 10 in quick), shared by its workers, each paced on its own schedule (behind
+schedule it asks at once; nothing is skipped, so a rate the service cannot keep
+shows as an achieved rate below the asked one); a worker waits for its reply before
+its next request, and at most 4 requests are in flight in all. Latency is request to
+reply per successful request (p50/p95/p99 per endpoint and per page chain); error
+replies are counted by ``Nats-Service-Error-Code`` (and time-outs after 10 s);
+records are counted (decoded as ``msgspec.Raw``, so the client costs little CPU).
+Every complete pass of a chain is checked against the records of its symbols in phase
+a, every latest reply against the 8 symbols (a mismatch is a note). Then, with no
+ingest, the same client runs closed-loop (every page worker asks again as soon as
+its reply is in, latest workers off, still at most 4 in flight) for 4 s (1 s in
+quick): the read path's maximum pages/s and records/s. For every phase the CPU
+seconds of the service tree (with its SQLite writer and readers), nats-server, the
+PostgreSQL server (with its reaped backends and parallel workers) and the harness'
+roles (publishers, query client) are reported, and the cores they kept busy.
+
 Targets (printed with met/missed and margin): core 1 record/msg >= 0.85 x A;
 1000 records/msg >= 0.9 x B (core) and >= 0.7 x B (JetStream); p99 <= 20 ms at 50 %
-of the maximum (every scenario); RSS <= 300 MB at full queue.
+of the maximum (every scenario); RSS <= 300 MB at full queue; mixed load: b >= 0.8 x
+mean(a, c).
 """
 
 from __future__ import annotations
@@ -122,12 +168,13 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -142,6 +189,7 @@ from benchmarks.ingest_ceilings import (
     measure_raw_executemany,
 )
 from benchmarks.ingest_infra import (
+    CpuMeter,
     FeedbackCounter,
     FlowControl,
     LoopThread,
@@ -157,6 +205,7 @@ from benchmarks.ingest_infra import (
     jetstream_state,
     machine_info,
     pg_version,
+    postmaster_pid,
     probe_core,
     probe_jetstream,
     reap,
@@ -173,14 +222,19 @@ from benchmarks.ingest_infra import (
 from benchmarks.ingest_report import print_report, targets, write_charts
 from benchmarks.ingest_roles import (
     _GO,
+    _STOP,
+    CLOSED_LOOP,
     CORE,
     JETSTREAM,
     PacedResult,
     PacedSpec,
+    PublishResult,
+    QueryLoadResult,
+    QueryLoadSpec,
     load_payloads,
     save_payloads,
 )
-from store_svc.demo import synthetic_records
+from store_svc.demo import SYMBOLS, synthetic_records
 from store_svc.natsserver import NatsServer
 from store_svc.pgserver import PostgresServer
 from store_svc.settings import Settings
@@ -196,9 +250,24 @@ RECORD_KINDS = ("trades", "bars")
 LATENCY_FRACTIONS = (0.5, 0.9)
 RSS_FULL_QUEUE = "rss-full-queue"
 SCALEOUT_PREFIX = "scaleout-"
+MIXED_PREFIX = "mixed-query-"
+#: The ingest of the mixed-load scenarios: core mode, 100-record trade messages.
+MIXED_PER_MSG = 100
+MIXED_KIND = "trades"
+#: The symbols of each page worker of the query client (one cursor chain each); the
+#: synthetic records spread evenly over :data:`store_svc.demo.SYMBOLS`.
+QUERY_CHAINS = (("AAPL",), ("MSFT", "NVDA"), ("AMZN",), ("GOOG",))
+#: Latest lookups ask for every synthetic symbol and two that are never written.
+LATEST_SYMBOLS = (*SYMBOLS, "IBM", "ORCL")
+LATEST_WORKERS = 2
+QUERY_PAGE_LIMIT = 1000
+#: Requests the query client keeps in flight at most (both endpoints together).
+QUERY_IN_FLIGHT = 4
 
 #: The defaults the service runs with (only URLs and the mode are set).
 DEFAULTS = Settings.model_construct()
+
+_T = TypeVar("_T")
 
 
 # ------------------------------------------------------------------------ config
@@ -241,7 +310,31 @@ MATRIX = tuple(
     for kind in RECORD_KINDS
 )
 SCALEOUT = tuple(Scenario(mode, POSTGRESQL, 1000, "trades", instances=2) for mode in MODES)
-ALL_NAMES = (*(s.name for s in MATRIX), *(s.name for s in SCALEOUT), RSS_FULL_QUEUE)
+
+
+@dataclass(frozen=True)
+class MixedScenario:
+    """A mixed-load scenario: ingest with and without a concurrent query load.
+
+    Attributes:
+        sink: ``sqlite`` or ``postgresql``.
+    """
+
+    sink: str
+
+    @property
+    def name(self) -> str:
+        """``mixed-query-<sink>``."""
+        return f"{MIXED_PREFIX}{self.sink}"
+
+
+MIXED = tuple(MixedScenario(sink) for sink in SINKS)
+ALL_NAMES = (
+    *(s.name for s in MATRIX),
+    *(s.name for s in SCALEOUT),
+    *(s.name for s in MIXED),
+    RSS_FULL_QUEUE,
+)
 
 
 @dataclass(frozen=True)
@@ -256,6 +349,11 @@ class Preset:
         js_window: JetStream: outstanding PubAcks a publisher allows.
         latency_seconds: length of each paced latency phase.
         rss_interval: seconds between RSS samples.
+        mixed_messages: mixed-load scenarios: 100-record messages per ingest phase.
+        query_rate: mixed-load scenarios: page queries a second of the query load.
+        latest_rate: mixed-load scenarios: latest lookups a second of the query load.
+        queries_alone_seconds: mixed-load scenarios: length of the closed-loop query
+            run without ingest.
     """
 
     name: str
@@ -265,6 +363,10 @@ class Preset:
     js_window: dict[int, int]
     latency_seconds: float
     rss_interval: float
+    mixed_messages: int
+    query_rate: float
+    latest_rate: float
+    queries_alone_seconds: float
 
     def flow(self, mode: str, per_msg: int) -> FlowControl:
         """The flow control of a throughput publisher.
@@ -290,6 +392,10 @@ QUICK = Preset(
     js_window=_JS_WINDOW,
     latency_seconds=0.75,
     rss_interval=0.05,
+    mixed_messages=500,
+    query_rate=10.0,
+    latest_rate=10.0,
+    queries_alone_seconds=1.0,
 )
 FULL = Preset(
     "full",
@@ -299,6 +405,10 @@ FULL = Preset(
     js_window=_JS_WINDOW,
     latency_seconds=8.0,
     rss_interval=0.1,
+    mixed_messages=8_000,
+    query_rate=20.0,
+    latest_rate=20.0,
+    queries_alone_seconds=4.0,
 )
 
 
@@ -388,6 +498,52 @@ class PayloadSet:
         return self.pool_file
 
 
+@dataclass(frozen=True)
+class PhasePayloads:
+    """The fresh records of one mixed-load ingest phase.
+
+    Attributes:
+        label: ``a``, ``b`` or ``c``.
+        file: the payload file of the publishers.
+        n_msgs: messages.
+        first_us: epoch microsecond of the first record (each next one 1 µs later).
+        records: records in all.
+        symbol_counts: records per symbol.
+    """
+
+    label: str
+    file: Path
+    n_msgs: int
+    first_us: int
+    records: int
+    symbol_counts: dict[str, int]
+
+    @classmethod
+    def make(
+        cls, directory: Path, label: str, n_msgs: int, ts: TsAllocator, seed: int
+    ) -> PhasePayloads:
+        """Build and save ``n_msgs`` messages of 100 trades on timestamps of their own."""
+        records = n_msgs * MIXED_PER_MSG
+        first = ts.take(records)
+        payloads = make_payloads(MIXED_KIND, MIXED_PER_MSG, n_msgs, first, seed)
+        file = directory / f"mixed-{label}-{MIXED_PER_MSG}-{MIXED_KIND}.msgpack"
+        save_payloads(file, payloads)
+        decode = msgspec.json.Decoder(list[_Symbol]).decode
+        counts = Counter(r.symbol for payload in payloads for r in decode(payload))
+        return cls(label, file, n_msgs, first, records, dict(counts))
+
+
+class _Symbol(msgspec.Struct):
+    """A record's symbol (the rest of the record is skipped when decoding)."""
+
+    symbol: str
+
+
+def rfc3339_us(epoch_us: int) -> str:
+    """An epoch microsecond as exact RFC 3339 text (a float of seconds would round)."""
+    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=epoch_us)).isoformat()
+
+
 # ------------------------------------------------------------------- run context
 
 
@@ -443,6 +599,26 @@ class RunContext:
     ceilings_a: dict[str, dict[str, Any]] = field(default_factory=dict)
     ceilings_b: dict[str, dict[str, Any]] = field(default_factory=dict)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mixed_phases: list[PhasePayloads] = field(default_factory=list)
+    #: Process trees whose CPU the mixed-load scenarios meter (nats-server, PostgreSQL).
+    cpu_roots: dict[str, int] = field(default_factory=dict)
+
+    def mixed_payloads(self) -> list[PhasePayloads]:
+        """The three ingest phases of the mixed-load scenarios (records disjoint in
+        time; shared by both sinks, each of which stores into a fresh database), built
+        on first use."""
+        if not self.mixed_phases:
+            n = self.preset.mixed_messages
+            self.progress.phase(f"generating 3 x {n:,} messages x {MIXED_PER_MSG} {MIXED_KIND}")
+            t0 = time.monotonic()
+            self.mixed_phases = [
+                PhasePayloads.make(self.workroot, label, n, self.ts, seed=10 + i)
+                for i, label in enumerate("abc")
+            ]
+            self.progress.log(
+                f"mixed-load payloads: 3 x {n:,} messages in {time.monotonic() - t0:.1f}s"
+            )
+        return self.mixed_phases
 
     def payload_set(self, per_msg: int, kind: str) -> PayloadSet:
         """The payloads of (records per message, kind), built on first use."""
@@ -572,6 +748,11 @@ def measure_latency(
     }
 
 
+def _require_pg(ctx: RunContext, sink: str) -> None:
+    if sink == POSTGRESQL and ctx.pg is None:
+        raise RuntimeError("no PostgreSQL server (see the log above)")
+
+
 def run_service_scenario(ctx: RunContext, sc: Scenario) -> dict[str, Any]:
     """One matrix or scale-out scenario: ceilings (shared), throughput with feedback and
     RSS, the row-count check, and latency at 50 % and 90 % of the maximum.
@@ -581,8 +762,7 @@ def run_service_scenario(ctx: RunContext, sc: Scenario) -> dict[str, Any]:
         the run fail).
     """
     p = ctx.progress
-    if sc.sink == POSTGRESQL and ctx.pg is None:
-        raise RuntimeError("no PostgreSQL server (see the log above)")
+    _require_pg(ctx, sc.sink)
     pset = ctx.payload_set(sc.per_msg, sc.kind)
     a_key, a = ctx.ceiling_a(sc.per_msg, sc.kind)
     b_key, b = ctx.ceiling_b(sc.sink, sc.per_msg, sc.kind)
@@ -798,6 +978,328 @@ def run_service_scenario(ctx: RunContext, sc: Scenario) -> dict[str, Any]:
     return out
 
 
+def run_mixed_scenario(ctx: RunContext, sc: MixedScenario) -> dict[str, Any]:
+    """``mixed-query-<sink>``: ingest throughput with and without a concurrent query load.
+
+    One service (core, default settings) on a fresh database; three ingest phases of
+    fresh 100-record trade messages with the matrix's publishers and flow control:
+    (a) alone, (b) with the paced query load, (c) alone again; the ratio is b over
+    the mean of a and c. Then the query client runs closed-loop with no ingest for
+    the preset's seconds (the read path's maximum).
+
+    Returns:
+        The scenario's section of the JSON report (``failures`` lists what must make
+        the run fail).
+    """
+    p = ctx.progress
+    _require_pg(ctx, sc.sink)
+    phases = ctx.mixed_payloads()
+    workdir = ctx.workroot / sc.name
+    workdir.mkdir()
+    if sc.sink == POSTGRESQL:
+        assert ctx.pg is not None
+        database_url = create_pg_database(ctx.pg, sc.name)
+    else:
+        database_url = f"sqlite:///{(workdir / 'service.db').resolve()}"
+    settings = service_settings(ctx.url, database_url)
+    subject = settings.subject("store", "write", MIXED_KIND)
+    flow = ctx.preset.flow(CORE, MIXED_PER_MSG)
+    first = phases[0]
+    load_spec = QueryLoadSpec(
+        ctx.url,
+        settings.subject("store", "query", MIXED_KIND),
+        settings.subject("store", "latest", MIXED_KIND),
+        page_chains=[list(c) for c in QUERY_CHAINS],
+        start=rfc3339_us(first.first_us),
+        end=rfc3339_us(first.first_us + first.records),
+        latest_symbols=list(LATEST_SYMBOLS),
+        query_rate=ctx.preset.query_rate,
+        latest_rate=ctx.preset.latest_rate,
+        limit=QUERY_PAGE_LIMIT,
+        latest_workers=LATEST_WORKERS,
+        in_flight=QUERY_IN_FLIGHT,
+    )
+    alone_spec = msgspec.structs.replace(load_spec, query_rate=CLOSED_LOOP, latest_rate=0.0)
+    out: dict[str, Any] = {
+        "name": sc.name,
+        "group": "mixed",
+        "mode": CORE,
+        "sink": sc.sink,
+        "records_per_msg": MIXED_PER_MSG,
+        "kind": MIXED_KIND,
+        "messages_per_phase": first.n_msgs,
+        "flow_control": {"chunk_msgs": flow.chunk, "window_requests": flow.window},
+        "publishers": ctx.publishers,
+        "query_range": {
+            "start": load_spec.start,
+            "end": load_spec.end,
+            "records": first.records,
+            "records_per_symbol": first.symbol_counts,
+        },
+    }
+    failures: list[str] = []
+    notes: list[str] = []
+    delete_stream(ctx.url, settings.js_stream)
+    service = ServiceProcess(settings, workdir / "service.log")
+    sampler: RssSampler | None = None
+    svc: dict[str, Any] = {}
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        p.phase("starting the service")
+        service.start()
+        asyncio.run(probe_core(ctx.url, subject, timeout=30.0))
+        sampler = RssSampler([service.pid], ctx.preset.rss_interval).start()
+        svc["rss_mb_idle"] = sampler.peak_mb()
+        meter = CpuMeter({"service": service.pid, **ctx.cpu_roots})
+        for phase, key in zip(phases, ("a_alone", "b_with_queries", "c_alone"), strict=True):
+            with_load = phase.label == "b"
+            p.phase(
+                f"{phase.label}: {phase.n_msgs:,} msgs x {MIXED_PER_MSG}"
+                + (" + query load" if with_load else "")
+            )
+            tp, load = _mixed_ingest(
+                ctx,
+                database_url,
+                subject,
+                phase,
+                flow,
+                sampler,
+                meter,
+                load_spec if with_load else None,
+            )
+            service.check_alive()
+            results[key] = tp
+            if load is not None:
+                out["query_load"] = summarize_query_load(load, load_spec, first)
+                tp["cpu"]["query_client_cpu_s"] = round(load.cpu_seconds, 3)
+            p.log(
+                f"{phase.label}: {tp['rows_per_s']:,.0f} rows/s, lost {tp['lost']}"
+                + (f"; {_query_line(out['query_load'])}" if load is not None else "")
+            )
+        p.phase(f"queries alone, closed loop ({ctx.preset.queries_alone_seconds:g} s)")
+        seconds = ctx.preset.queries_alone_seconds
+        cpu0, t0 = meter.read(), time.monotonic()
+        _, alone = _with_query_load(alone_spec, lambda: time.sleep(seconds))
+        wall = time.monotonic() - t0
+        cpu = CpuMeter.used(cpu0, meter.read(), wall)
+        cpu["query_client_cpu_s"] = round(alone.cpu_seconds, 3)
+        service.check_alive()
+        out["queries_alone"] = summarize_query_load(alone, alone_spec, first)
+        out["queries_alone"].update({"wall_s": round(wall, 3), "cpu": cpu})
+        p.log(f"queries alone: {_query_line(out['queries_alone'])}")
+    finally:
+        p.phase("stopping")
+        shutdown = service.stop()
+        if sampler is not None:
+            sampler.stop()
+            svc["peak_rss_mb"] = sampler.peak_mb()
+        svc["service_shutdown"] = shutdown
+        out["phases"] = results
+        if ctx.pg is not None and sc.sink == POSTGRESQL:
+            drop_pg_database(ctx.pg, database_url)
+    rates = {k: v["rows_per_s"] for k, v in results.items()}
+    out["rows_per_s"] = rates
+    alone_mean = (rates["a_alone"] + rates["c_alone"]) / 2
+    out["ratios"] = {
+        "with_queries_vs_alone": rates["b_with_queries"] / alone_mean if alone_mean else None,
+        "c_vs_a": rates["c_alone"] / rates["a_alone"] if rates["a_alone"] else None,
+    }
+    svc["lost_total"] = sum(v["lost"] for v in results.values())
+    svc["refused_total"] = sum(v["refused_records"] for v in results.values())
+    out["service"] = svc
+    if shutdown["crashed"]:
+        failures.append(f"{sc.name}: service crashed (exit code {shutdown['exit_code']})")
+    if svc["lost_total"]:
+        failures.append(f"{sc.name}: {svc['lost_total']:,} records lost")
+    for what in ("query_load", "queries_alone"):
+        notes.extend(f"{what}: {n}" for n in out[what].pop("problems"))
+    if notes:
+        out["notes"] = notes
+    p.log(
+        f"ratio {out['ratios']['with_queries_vs_alone']:.2f} "
+        f"(b {rates['b_with_queries']:,.0f} / mean of a {rates['a_alone']:,.0f} "
+        f"and c {rates['c_alone']:,.0f} rows/s)"
+    )
+    out["failures"] = failures
+    return out
+
+
+def _mixed_ingest(
+    ctx: RunContext,
+    database_url: str,
+    subject: str,
+    phase: PhasePayloads,
+    flow: FlowControl,
+    sampler: RssSampler,
+    meter: CpuMeter,
+    load_spec: QueryLoadSpec | None,
+) -> tuple[dict[str, Any], QueryLoadResult | None]:
+    """One ingest phase of a mixed-load scenario, with the query load when a spec is
+    given (started just before the publishers, stopped after the last reply).
+
+    Returns:
+        The phase's throughput, row count check, feedback, RSS and CPU seconds per
+        process tree; the load's result.
+    """
+    settings = service_settings(ctx.url, database_url)
+    before = count_stored(database_url, MIXED_KIND)
+    feedback = FeedbackCounter(ctx.lt, ctx.url, settings.subject("telemetry", "feedback"))
+    feedback.start()
+    cpu0, t0 = meter.read(), time.monotonic()
+
+    def publish() -> list[PublishResult]:
+        return run_publishers(
+            ctx.url, subject, phase.file, phase.n_msgs, CORE, flow, ctx.publishers
+        )
+
+    load: QueryLoadResult | None = None
+    try:
+        if load_spec is None:
+            results = publish()
+        else:
+            results, load = _with_query_load(load_spec, publish)
+    finally:
+        fb = feedback.stop()
+    t_end = time.monotonic()
+    cpu = CpuMeter.used(cpu0, meter.read(), t_end - t0)
+    tp = summarize(results, MIXED_PER_MSG)
+    refused = tp.error_replies * MIXED_PER_MSG
+    after = wait_rows(database_url, MIXED_KIND, before + tp.published_records - refused)
+    stored = after - before
+    out = tp.as_dict()
+    out.update(
+        {
+            "first_record_us": phase.first_us,
+            "stored": stored,
+            "refused_records": refused,
+            "lost": tp.published_records - stored - refused,
+            "rows_per_s": stored / tp.duration_s,
+            "msgs_per_s": stored / MIXED_PER_MSG / tp.duration_s,
+            "feedback": fb,
+            "peak_rss_mb": sampler.peak_mb(since=t0, until=t_end),
+            "wall_s": round(t_end - t0, 3),
+            "cpu": cpu,
+        }
+    )
+    return out, load
+
+
+def _with_query_load(spec: QueryLoadSpec, body: Callable[[], _T]) -> tuple[_T, QueryLoadResult]:
+    """Run ``body`` while the query client runs (``GO`` before, ``STOP`` after)."""
+    proc = spawn("--query-load", spec)
+    try:
+        await_ready(proc)
+        send_line(proc, _GO)
+        value = body()
+        send_line(proc, _STOP)
+        res = collect(proc, QueryLoadResult, timeout=120.0)
+    finally:
+        reap([proc])
+    return value, res
+
+
+def summarize_query_load(
+    res: QueryLoadResult, spec: QueryLoadSpec, data: PhasePayloads
+) -> dict[str, Any]:
+    """Per endpoint: requests, rates, records, errors by code and latency percentiles;
+    per page worker: its passes, checked against the records the range holds.
+
+    Args:
+        res: the query client's result.
+        spec: what it was asked to do.
+        data: the phase whose records the range covers (phase a).
+
+    Returns:
+        The report's section; ``problems`` lists wrong passes, wrong latest replies
+        and error replies (each becomes a note).
+    """
+    seconds = res.seconds
+    out: dict[str, Any] = {
+        "seconds": round(seconds, 3),
+        "max_in_flight": spec.in_flight,
+        "page_limit": spec.limit,
+    }
+    problems: list[str] = []
+    present = [s for s in spec.latest_symbols if data.symbol_counts.get(s)]
+    for endpoint, rate in (("query", spec.query_rate), ("latest", spec.latest_rate)):
+        workers = [w for w in res.workers if w.endpoint == endpoint]
+        if not workers:
+            continue
+        lat = sorted(x for w in workers for x in w.latencies_ms)
+        errors: Counter[str] = Counter()
+        for w in workers:
+            errors.update(w.errors)
+        requests = sum(w.requests for w in workers)
+        ok = sum(w.ok for w in workers)
+        records = sum(w.records for w in workers)
+        section: dict[str, Any] = {
+            "workers": len(workers),
+            "rate_asked_per_s": "closed loop" if rate < 0 else rate,
+            "requests": requests,
+            "ok": ok,
+            "errors": dict(errors),
+            "requests_per_s": requests / seconds if seconds > 0 else None,
+            "ok_per_s": ok / seconds if seconds > 0 else None,
+            "records": records,
+            "records_per_s": records / seconds if seconds > 0 else None,
+            "p50_ms": percentile(lat, 50),
+            "p95_ms": percentile(lat, 95),
+            "p99_ms": percentile(lat, 99),
+            "max_ms": lat[-1] if lat else None,
+            "mean_ms": sum(lat) / len(lat) if lat else None,
+        }
+        if errors:
+            problems.append(f"{endpoint} error replies {dict(errors)}")
+        if endpoint == "query":
+            chains = []
+            for w in workers:
+                expected = sum(data.symbol_counts.get(s, 0) for s in w.symbols)
+                wl = sorted(w.latencies_ms)
+                wrong = [n for n in w.passes if n != expected]
+                if wrong:
+                    problems.append(
+                        f"{','.join(w.symbols)}: passes of {wrong} records, expected {expected}"
+                    )
+                chains.append(
+                    {
+                        "symbols": w.symbols,
+                        "records_in_range": expected,
+                        "pages_per_pass": math.ceil(expected / spec.limit),
+                        "requests": w.requests,
+                        "records": w.records,
+                        "passes_complete": len(w.passes),
+                        "passes_wrong": len(wrong),
+                        "p50_ms": percentile(wl, 50),
+                        "p99_ms": percentile(wl, 99),
+                    }
+                )
+            section["chains"] = chains
+        else:
+            section["symbols"] = list(spec.latest_symbols)
+            section["symbols_with_records"] = len(present)
+            if ok and records != ok * len(present):
+                problems.append(
+                    f"latest: {records} records in {ok} replies, expected {len(present)} each"
+                )
+        out[endpoint] = section
+    out["problems"] = problems
+    return out
+
+
+def _query_line(q: dict[str, Any]) -> str:
+    """A log line on a query load's result."""
+    parts = []
+    for endpoint, unit in (("query", "pages"), ("latest", "latest")):
+        e = q.get(endpoint)
+        if e is not None:
+            parts.append(
+                f"{e['ok_per_s']:,.1f} {unit}/s (p50 {_f(e['p50_ms'])} / p99 "
+                f"{_f(e['p99_ms'])} ms, {e['records_per_s']:,.0f} rec/s, "
+                f"errors {sum(e['errors'].values())})"
+            )
+    return "; ".join(parts)
+
+
 def run_rss_full_queue(ctx: RunContext) -> dict[str, Any]:
     """``rss-full-queue``: the service tree's RSS with a full queue and stalled commits.
 
@@ -1007,6 +1509,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     preset = QUICK if args.quick else FULL
     names = select(args.only)
     by_name = {s.name: s for s in (*MATRIX, *SCALEOUT)}
+    mixed_by_name = {s.name: s for s in MIXED}
+    sink_of = {s.name: s.sink for s in (*MATRIX, *SCALEOUT)}
+    sink_of.update((s.name, s.sink) for s in MIXED)
     info = machine_info()
     started = time.monotonic()
     scenarios: list[dict[str, Any]] = []
@@ -1026,7 +1531,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         server = stack.enter_context(NatsServer(store_dir=workroot / "jetstream"))
         progress.log(f"nats-server on {server.url} (JetStream store in {workroot})")
         pg: PostgresServer | None = None
-        if any(by_name[n].sink == POSTGRESQL for n in names if n in by_name):
+        if any(sink_of.get(n) == POSTGRESQL for n in names):
             progress.phase("starting PostgreSQL")
             try:
                 pg = PostgresServer()
@@ -1043,12 +1548,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         ctx = RunContext(
             server.url, preset, args.publishers, workroot, lt, progress, pg, profile_dir
         )
+        if server.proc is not None:
+            ctx.cpu_roots["nats_server"] = server.proc.pid
+        if pg is not None and (pm := postmaster_pid(pg.data)) is not None:
+            ctx.cpu_roots["postgresql"] = pm
         for name in names:
             progress.start(name)
             t0 = time.monotonic()
             try:
                 if name == RSS_FULL_QUEUE:
                     result = run_rss_full_queue(ctx)
+                elif name in mixed_by_name:
+                    result = run_mixed_scenario(ctx, mixed_by_name[name])
                 else:
                     result = run_service_scenario(ctx, by_name[name])
             except Exception as exc:
@@ -1081,6 +1592,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "latency_seconds": preset.latency_seconds,
             "latency_fractions": LATENCY_FRACTIONS,
             "rss_sample_interval_s": preset.rss_interval,
+            "mixed": {
+                "messages_per_phase": preset.mixed_messages,
+                "records_per_msg": MIXED_PER_MSG,
+                "query_rate_per_s": preset.query_rate,
+                "latest_rate_per_s": preset.latest_rate,
+                "queries_alone_seconds": preset.queries_alone_seconds,
+                "page_chains": QUERY_CHAINS,
+                "latest_symbols": LATEST_SYMBOLS,
+                "latest_workers": LATEST_WORKERS,
+                "page_limit": QUERY_PAGE_LIMIT,
+                "max_in_flight": QUERY_IN_FLIGHT,
+            },
         },
         "publishers": args.publishers,
         "ceilings": {"bare_subscriber": ctx.ceilings_a, "raw_sink": ctx.ceilings_b},
@@ -1096,7 +1619,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark store-svc ingest: mode x sink x records/msg x kind, against a "
         "bare NATS subscriber and a raw sink insert measured in the same run; latency at "
-        "50%% and 90%% of the maximum; feedback events; RSS; scale-out; full-queue RSS.",
+        "50%% and 90%% of the maximum; feedback events; RSS; scale-out; full-queue RSS; "
+        "ingest with and without a concurrent query load.",
     )
     parser.add_argument(
         "--quick", action="store_true", help="small counts, <= 5 min on 2 cores (CI smoke run)"

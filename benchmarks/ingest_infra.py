@@ -7,6 +7,7 @@ Used by ``bench_ingest.py`` (the entry point); nothing here decides what is meas
 * :class:`LoopThread`, :class:`FeedbackCounter` and :func:`wait_stream_drained`: NATS
   watchers running on an event loop in a thread of the orchestrator;
 * :class:`RssSampler`: resident memory of the service's process tree (psutil);
+* :class:`CpuMeter`: CPU seconds of process trees and of the orchestrator's children;
 * row counts of a SQLite file or a PostgreSQL database, fresh PostgreSQL databases;
 * what the machine is (for the JSON report).
 """
@@ -19,6 +20,7 @@ import json
 import os
 import platform
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -691,17 +693,76 @@ class RssSampler:
         return [max(s[2][i] for s in self.samples) / 1e6 for i in range(len(self.roots))]
 
 
-def _tree_rss(pid: int) -> int:
+def _tree(pid: int) -> list[psutil.Process]:
+    """A process and its live descendants (empty when it is gone)."""
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0
+        return []
+
+
+def _tree_rss(pid: int) -> int:
     total = 0
-    for p in procs:
+    for p in _tree(pid):
         with suppress(psutil.Error):
             total += p.memory_info().rss
     return total
+
+
+# ------------------------------------------------------------------------- CPU
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a process tree has used so far: the root and its
+    live descendants, each with the children it has reaped (so short-lived workers,
+    e.g. PostgreSQL's parallel query workers, are counted once they are gone)."""
+    total = 0.0
+    for p in _tree(pid):
+        with suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+class CpuMeter:
+    """CPU seconds used between two readings, per named process tree, and by the
+    orchestrator's reaped children (the benchmark roles: publishers, query client).
+
+    Args:
+        roots: a name per root process id (e.g. the service, nats-server, the
+            PostgreSQL postmaster).
+    """
+
+    def __init__(self, roots: dict[str, int]) -> None:
+        self.roots = dict(roots)
+
+    def read(self) -> dict[str, float]:
+        """The CPU seconds used so far, per name and ``load_generators``."""
+        out = {name: tree_cpu_seconds(pid) for name, pid in self.roots.items()}
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out["load_generators"] = kids.ru_utime + kids.ru_stime
+        return out
+
+    @staticmethod
+    def used(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, Any]:
+        """CPU seconds per name between two readings, their total, and the cores
+        that total kept busy over ``seconds``."""
+        used = {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
+        total = sum(used.values())
+        return {
+            "cpu_s": used,
+            "total_cpu_s": round(total, 3),
+            "cores_busy": round(total / seconds, 3) if seconds > 0 else None,
+        }
+
+
+def postmaster_pid(data_dir: Path) -> int | None:
+    """The PostgreSQL server's process id (first line of ``postmaster.pid``)."""
+    try:
+        return int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
 
 
 # -------------------------------------------------------------------- databases

@@ -23,6 +23,8 @@ TARGET_JS_BATCH_VS_RAW = 0.7
 TARGET_P99_MS = 20.0
 TARGET_P99_AT_FRACTION = 0.5
 TARGET_RSS_MB = 300.0
+#: Mixed load: ingest rows/s with a concurrent query load >= this x without it.
+TARGET_MIXED_RATIO = 0.8
 
 # ---------------------------------------------------------------------- helpers
 
@@ -59,6 +61,11 @@ def _matrix(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [s for s in scenarios if s.get("group") in ("matrix", "scaleout") and "service" in s]
 
 
+def _mixed(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mixed-load scenarios that measured their three ingest phases."""
+    return [s for s in scenarios if s.get("group") == "mixed" and "ratios" in s]
+
+
 # ---------------------------------------------------------------------- targets
 
 
@@ -69,7 +76,9 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     * core, 1000 records per message: service ≥ 0.9 x ceiling B (raw sink insert);
     * JetStream, 1000 records per message: service ≥ 0.7 x ceiling B;
     * every scenario: p99 publish→commit ≤ 20 ms at 50 % of its maximum;
-    * ``rss-full-queue``: peak RSS of the service tree ≤ 300 MB with the queue full.
+    * ``rss-full-queue``: peak RSS of the service tree ≤ 300 MB with the queue full;
+    * ``mixed-query-*``: ingest rows/s with the query load ≥ 0.8 x the mean of the
+      phases without it.
     """
     out: list[dict[str, Any]] = []
 
@@ -138,6 +147,15 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "<=",
                 "RSS full queue (MB)",
             )
+    for s in _mixed(report["scenarios"]):
+        add(
+            s["name"],
+            "ingest_with_queries_vs_alone",
+            s["ratios"].get("with_queries_vs_alone"),
+            TARGET_MIXED_RATIO,
+            ">=",
+            "ingest w/ queries vs alone",
+        )
     return out
 
 
@@ -266,6 +284,7 @@ def print_report(report: dict[str, Any]) -> None:
             )
     if any(s.get("group") in ("scaleout", "rss") for s in scenarios):
         print()
+    _print_mixed(_mixed(scenarios), bool(matrix))
     _table(
         "Targets (information only: a missed target never fails the run)",
         report.get("targets", []),
@@ -288,6 +307,123 @@ def print_report(report: dict[str, Any]) -> None:
         print("\nFAILURES (exit code 1):")
         for f in failures:
             print(f"  {f}")
+
+
+def _print_mixed(mixed: list[dict[str, Any]], charted: bool) -> None:
+    """The mixed-load tables: ingest with and without queries, and the query figures."""
+    if not mixed:
+        return
+
+    def rate(phase: str) -> Callable[[dict[str, Any]], str]:
+        return lambda s: fmt(_get(s, "rows_per_s", phase), ",.0f")
+
+    _table(
+        "Ingest with a concurrent query load (core, 100 trades/msg, committed rows/s on "
+        "fresh records; a and c alone, b with the paced query load; ratio = b / mean(a, c))",
+        mixed,
+        [
+            ("scenario", lambda s: s["name"], "<"),
+            ("records/phase", lambda s: fmt(_get(s, "query_range", "records"), ",d"), ">"),
+            ("a rows/s", rate("a_alone"), ">"),
+            ("b rows/s", rate("b_with_queries"), ">"),
+            ("c rows/s", rate("c_alone"), ">"),
+            ("b/mean(a,c)", lambda s: fmt(_get(s, "ratios", "with_queries_vs_alone"), ".2f"), ">"),
+            ("c/a", lambda s: fmt(_get(s, "ratios", "c_vs_a"), ".2f"), ">"),
+            ("RSS MB", lambda s: fmt(_get(s, "service", "peak_rss_mb"), ".0f"), ">"),
+            ("lost", lambda s: fmt(_get(s, "service", "lost_total"), ",d"), ">"),
+        ],
+    )
+
+    def q(section: str, endpoint: str, key: str, spec: str) -> Callable[[dict[str, Any]], str]:
+        return lambda s: fmt(_get(s, section, endpoint, key), spec)
+
+    def asked(section: str, endpoint: str) -> Callable[[dict[str, Any]], str]:
+        def cell(s: dict[str, Any]) -> str:
+            value = _get(s, section, endpoint, "rate_asked_per_s")
+            return value if isinstance(value, str) else fmt(value, "g")
+
+        return cell
+
+    def errors(section: str) -> Callable[[dict[str, Any]], str]:
+        def cell(s: dict[str, Any]) -> str:
+            total: dict[str, int] = {}
+            for endpoint in ("query", "latest"):
+                for code, n in (_get(s, section, endpoint, "errors") or {}).items():
+                    total[code] = total.get(code, 0) + n
+            return ",".join(f"{c}:{n}" for c, n in sorted(total.items())) or "0"
+
+        return cell
+
+    _table(
+        "Query load during b (paced; pages of 1000 trades following next_cursor; latest of "
+        "10 symbols; latency in ms, request to reply)",
+        mixed,
+        [
+            ("scenario", lambda s: s["name"], "<"),
+            ("pages/s asked", asked("query_load", "query"), ">"),
+            ("got", q("query_load", "query", "ok_per_s", ".1f"), ">"),
+            ("p50", q("query_load", "query", "p50_ms", ".1f"), ">"),
+            ("p95", q("query_load", "query", "p95_ms", ".1f"), ">"),
+            ("p99", q("query_load", "query", "p99_ms", ".1f"), ">"),
+            ("latest/s asked", asked("query_load", "latest"), ">"),
+            ("got", q("query_load", "latest", "ok_per_s", ".1f"), ">"),
+            ("p50", q("query_load", "latest", "p50_ms", ".1f"), ">"),
+            ("p95", q("query_load", "latest", "p95_ms", ".1f"), ">"),
+            ("p99", q("query_load", "latest", "p99_ms", ".1f"), ">"),
+            ("records/s", q("query_load", "query", "records_per_s", ",.0f"), ">"),
+            ("errors", errors("query_load"), ">"),
+        ],
+    )
+    _table(
+        "Queries alone (no ingest; closed loop: each page worker asks again as soon as "
+        "its reply is in; pages of 1000 trades): the read path's maximum",
+        mixed,
+        [
+            ("scenario", lambda s: s["name"], "<"),
+            ("seconds", lambda s: fmt(_get(s, "queries_alone", "seconds"), ".1f"), ">"),
+            ("in flight", lambda s: fmt(_get(s, "queries_alone", "max_in_flight"), "d"), ">"),
+            ("pages/s", q("queries_alone", "query", "ok_per_s", ",.1f"), ">"),
+            ("records/s", q("queries_alone", "query", "records_per_s", ",.0f"), ">"),
+            ("p50", q("queries_alone", "query", "p50_ms", ".1f"), ">"),
+            ("p95", q("queries_alone", "query", "p95_ms", ".1f"), ">"),
+            ("p99", q("queries_alone", "query", "p99_ms", ".1f"), ">"),
+            ("errors", errors("queries_alone"), ">"),
+        ],
+    )
+    rows: list[dict[str, Any]] = []
+    for s in mixed:
+        parts = [
+            ("a", _get(s, "phases", "a_alone")),
+            ("b", _get(s, "phases", "b_with_queries")),
+            ("c", _get(s, "phases", "c_alone")),
+            ("queries alone", s.get("queries_alone")),
+        ]
+        rows.extend({"name": s["name"], "phase": label, **(part or {})} for label, part in parts)
+
+    def cpu(name: str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: fmt(_get(r, "cpu", "cpu_s", name), ".2f")
+
+    _table(
+        "CPU seconds per phase (process trees; load generators: the benchmark's publishers "
+        "and query client, process start included; cores busy = total / wall seconds)",
+        rows,
+        [
+            ("scenario", lambda r: r["name"], "<"),
+            ("phase", lambda r: r["phase"], "<"),
+            ("wall s", lambda r: fmt(r.get("wall_s"), ".1f"), ">"),
+            ("service", cpu("service"), ">"),
+            ("nats-server", cpu("nats_server"), ">"),
+            ("postgresql", cpu("postgresql"), ">"),
+            ("load gen.", cpu("load_generators"), ">"),
+            ("total", lambda r: fmt(_get(r, "cpu", "total_cpu_s"), ".2f"), ">"),
+            ("cores busy", lambda r: fmt(_get(r, "cpu", "cores_busy"), ".2f"), ">"),
+        ],
+    )
+    if charted:
+        _say(
+            "The mixed-query-* scenarios are not in throughput.png (three phases each; see above)."
+        )
+        print()
 
 
 # ----------------------------------------------------------------------- charts

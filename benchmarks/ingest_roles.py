@@ -2,16 +2,19 @@
 
 ``bench_ingest.py`` starts this file as ``python ingest_roles.py --ROLE SPEC`` (SPEC is
 JSON): a throughput publisher (``--publisher``), the paced latency publisher
-(``--paced``) or the bare subscriber of ceiling A (``--bare-subscriber``). A child
-prints ``READY`` once connected, waits for ``GO`` on stdin where it publishes, and
-prints its result as one JSON line at the end. It imports nothing of the service or
-of the other benchmark modules, so it starts fast.
+(``--paced``), the bare subscriber of ceiling A (``--bare-subscriber``) or the query
+client of the mixed-load scenarios (``--query-load``). A child prints ``READY`` once
+connected, waits for ``GO`` on stdin where it publishes (the query client then runs
+until ``STOP`` or the end of stdin), and prints its result as one JSON line at the
+end. It imports nothing of the service or of the other benchmark modules, so it
+starts fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import math
@@ -77,6 +80,37 @@ class SubscriberSpec(msgspec.Struct, frozen=True):
     queue: str
 
 
+class QueryLoadSpec(msgspec.Struct, frozen=True):
+    """What the query client sends (``--query-load``).
+
+    Page workers: one per entry of ``page_chains`` (the symbols of one query), each
+    following ``next_cursor`` through ``[start, end)`` with pages of ``limit`` and
+    starting again at the first page when the cursor is null. Latest workers:
+    ``latest_workers`` of them, each asking for ``latest_symbols``. A worker waits for
+    its reply before its next request, and all workers share ``in_flight`` slots: at
+    most that many requests are unanswered (a worker waits for a free slot; the wait
+    is not part of the latency). A rate > 0 is shared evenly by the endpoint's workers
+    (each paced on its own schedule; a worker behind schedule sends at once, nothing is
+    skipped, so a slow service shows as an achieved rate below the asked one); a rate
+    < 0 (:data:`CLOSED_LOOP`) sends the next request as soon as the reply is in; a
+    rate of 0 leaves the endpoint out.
+    """
+
+    url: str
+    query_subject: str
+    latest_subject: str
+    page_chains: list[list[str]]
+    start: str
+    end: str
+    latest_symbols: list[str]
+    query_rate: float
+    latest_rate: float
+    limit: int = 1000
+    latest_workers: int = 1
+    in_flight: int = 4
+    timeout: float = 10.0
+
+
 class PublishResult(msgspec.Struct):
     """What a throughput publisher reports (times are ``time.monotonic``, which is
     system-wide on Linux and so comparable across processes)."""
@@ -106,6 +140,34 @@ class PacedResult(msgspec.Struct):
     timed_out: bool
 
 
+class WorkerResult(msgspec.Struct):
+    """What one query worker did (``endpoint`` is ``query`` or ``latest``).
+
+    ``errors`` counts failed requests by ``Nats-Service-Error-Code`` (e.g. ``503``),
+    or ``timeout`` / ``no_responders`` / ``nats_error``; ``latencies_ms`` are those
+    of the successful replies (request sent to reply in); ``passes`` (page workers)
+    holds the records of each complete pass from the first page to a null cursor.
+    """
+
+    endpoint: str
+    symbols: list[str]
+    requests: int = 0
+    ok: int = 0
+    records: int = 0
+    errors: dict[str, int] = msgspec.field(default_factory=dict)
+    latencies_ms: list[float] = msgspec.field(default_factory=list)
+    passes: list[int] = msgspec.field(default_factory=list)
+
+
+class QueryLoadResult(msgspec.Struct):
+    """What the query client reports: its workers, the seconds from ``GO`` until the
+    last worker stopped, and the CPU seconds the client used meanwhile."""
+
+    seconds: float
+    workers: list[WorkerResult]
+    cpu_seconds: float = 0.0
+
+
 class SubscriberResult(msgspec.Struct):
     """What the bare subscriber reports."""
 
@@ -121,6 +183,13 @@ PACE_TICK_S = 0.001
 
 _READY = "READY"
 _GO = "GO"
+_STOP = "STOP"
+
+#: A query client rate meaning "as fast as replies come" (see :class:`QueryLoadSpec`).
+CLOSED_LOOP: Final = -1.0
+#: A query worker pauses this long after a failed request (a refusal comes back at
+#: once; closed-loop, it would otherwise be asked again in a tight loop).
+ERROR_PAUSE_S = 0.01
 
 
 # ------------------------------------------------------------------------ payloads
@@ -455,11 +524,170 @@ async def bare_subscriber_role(spec: SubscriberSpec) -> SubscriberResult:
     return result
 
 
+class _PageReply(msgspec.Struct):
+    """A query reply; the records are counted, not decoded."""
+
+    records: list[msgspec.Raw]
+    next_cursor: str | None = None
+
+
+class _LatestReply(msgspec.Struct):
+    """A latest reply; the records are counted, not decoded."""
+
+    records: list[msgspec.Raw]
+
+
+async def query_load_role(spec: QueryLoadSpec) -> QueryLoadResult:
+    """Ask the read API at fixed rates (or closed-loop) until told to stop.
+
+    After ``GO``, every worker runs (see :class:`QueryLoadSpec`) until ``STOP`` (or
+    the end of stdin); a request under way then gets its reply (or its time-out)
+    first. Reply bodies are checked and their records counted with msgspec
+    (``msgspec.Raw`` records: counted, not decoded), so the client costs the shared
+    cores little.
+
+    Args:
+        spec: where, what and how fast.
+
+    Returns:
+        What each worker did, and the seconds the load ran.
+    """
+    nc: NATS = await nats.connect(spec.url, name="bench-query-load")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    page_decoder = msgspec.json.Decoder(_PageReply)
+    latest_decoder = msgspec.json.Decoder(_LatestReply)
+    encode = msgspec.json.encode
+    slots = asyncio.Semaphore(max(1, spec.in_flight))
+
+    async def ask(w: WorkerResult, subject: str, body: bytes) -> Msg | None:
+        """One request; its latency and errors go to ``w``; None when it failed."""
+        try:
+            async with slots:
+                w.requests += 1
+                sent = time.monotonic()
+                msg = await nc.request(subject, body, timeout=spec.timeout)
+        except nats.errors.TimeoutError:
+            reason = "timeout"
+        except nats.errors.NoRespondersError:
+            reason = "no_responders"
+        except nats.errors.Error:
+            reason = "nats_error"
+        else:
+            code = (msg.headers or {}).get("Nats-Service-Error-Code")
+            if code is None:
+                w.latencies_ms.append((time.monotonic() - sent) * 1000)
+                w.ok += 1
+                return msg
+            reason = code
+        w.errors[reason] = w.errors.get(reason, 0) + 1
+        return None
+
+    def schedule(rate: float, index: int, count: int, t0: float) -> Callable[[], Awaitable[None]]:
+        """The wait before each request of worker ``index`` of ``count`` (from ``t0``)."""
+        if rate < 0:
+
+            async def closed_loop() -> None:
+                await asyncio.sleep(0)
+
+            return closed_loop
+        interval = count / rate
+        due = [t0 + index / rate]
+
+        async def paced() -> None:
+            delay = due[0] - time.monotonic()
+            due[0] += interval
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+
+        return paced
+
+    async def page_worker(w: WorkerResult, wait: Callable[[], Awaitable[None]]) -> None:
+        base: dict[str, Any] = {
+            "symbol": w.symbols[0] if len(w.symbols) == 1 else w.symbols,
+            "start": spec.start,
+            "end": spec.end,
+            "limit": spec.limit,
+        }
+        cursor: str | None = None
+        in_pass = 0
+        while True:
+            await wait()
+            if stop.is_set():
+                return
+            body = base if cursor is None else {**base, "cursor": cursor}
+            msg = await ask(w, spec.query_subject, encode(body))
+            if msg is None:
+                await asyncio.sleep(ERROR_PAUSE_S)
+                continue  # the same page again at the next turn
+            try:
+                page = page_decoder.decode(msg.data)
+            except msgspec.DecodeError:
+                w.errors["bad_reply"] = w.errors.get("bad_reply", 0) + 1
+                cursor, in_pass = None, 0
+                continue
+            w.records += len(page.records)
+            in_pass += len(page.records)
+            cursor = page.next_cursor
+            if cursor is None:
+                w.passes.append(in_pass)
+                in_pass = 0
+
+    async def latest_worker(w: WorkerResult, wait: Callable[[], Awaitable[None]]) -> None:
+        body = encode({"symbol": spec.latest_symbols})
+        while True:
+            await wait()
+            if stop.is_set():
+                return
+            msg = await ask(w, spec.latest_subject, body)
+            if msg is None:
+                await asyncio.sleep(ERROR_PAUSE_S)
+                continue
+            try:
+                w.records += len(latest_decoder.decode(msg.data).records)
+            except msgspec.DecodeError:
+                w.errors["bad_reply"] = w.errors.get("bad_reply", 0) + 1
+
+    async def watch_stdin() -> None:
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line or line.strip() == _STOP:
+                stop.set()
+                return
+
+    await nc.flush()
+    await _wait_for_go()
+    t0 = time.monotonic()
+    cpu0 = time.process_time()
+    tasks: list[asyncio.Task[None]] = []
+    workers: list[WorkerResult] = []
+    if spec.query_rate:
+        for i, symbols in enumerate(spec.page_chains):
+            w = WorkerResult("query", list(symbols))
+            wait = schedule(spec.query_rate, i, len(spec.page_chains), t0)
+            tasks.append(asyncio.create_task(page_worker(w, wait)))
+            workers.append(w)
+    if spec.latest_rate:
+        for i in range(spec.latest_workers):
+            w = WorkerResult("latest", list(spec.latest_symbols))
+            wait = schedule(spec.latest_rate, i, spec.latest_workers, t0)
+            tasks.append(asyncio.create_task(latest_worker(w, wait)))
+            workers.append(w)
+    watcher = asyncio.create_task(watch_stdin())
+    await asyncio.gather(*tasks)
+    seconds = time.monotonic() - t0
+    cpu = time.process_time() - cpu0
+    await watcher
+    await nc.close()
+    return QueryLoadResult(seconds, workers, cpu)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one role and print its result as a JSON line."""
     parser = argparse.ArgumentParser(description=__doc__)
     roles = parser.add_mutually_exclusive_group(required=True)
-    for role in ("--publisher", "--paced", "--bare-subscriber"):
+    for role in ("--publisher", "--paced", "--bare-subscriber", "--query-load"):
         roles.add_argument(role, metavar="SPEC")
     args = parser.parse_args(argv)
     result: msgspec.Struct
@@ -467,6 +695,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = uvloop.run(publisher_role(msgspec.json.decode(args.publisher, type=PublisherSpec)))
     elif args.paced:
         result = uvloop.run(paced_role(msgspec.json.decode(args.paced, type=PacedSpec)))
+    elif args.query_load:
+        spec_q = msgspec.json.decode(args.query_load, type=QueryLoadSpec)
+        result = uvloop.run(query_load_role(spec_q))
     else:
         spec = msgspec.json.decode(args.bare_subscriber, type=SubscriberSpec)
         result = uvloop.run(bare_subscriber_role(spec))

@@ -472,6 +472,11 @@ def page_sql(plan: PagePlan) -> tuple[str, list[Any]]:
     """The SQLite statement of one query page: ``limit + 1`` rows, record columns
     then the sort key.
 
+    Each symbol is read on its own (the table key's index gives its rows in time
+    order; only ties are sorted, and it stops after ``limit + 1``) and the
+    per-symbol pages are merged (``UNION ALL``), so a page costs about ``limit`` x
+    symbols rows however long the range.
+
     Args:
         plan: the validated page request.
 
@@ -481,29 +486,36 @@ def page_sql(plan: PagePlan) -> tuple[str, list[Any]]:
     spec = KINDS[plan.kind]
     key = _SORT[plan.kind]
     when = TIME_COLUMN[plan.kind]
-    where = [f"symbol IN ({', '.join('?' * len(plan.symbols))})"]
-    params: list[Any] = list(plan.symbols)
+    where = ["symbol = ?"]
+    filters: list[Any] = []
     if plan.resolution is not None:
         where.append("resolution = ?")
-        params.append(plan.resolution)
+        filters.append(plan.resolution)
     if plan.start is not None:
         where.append(f"{when} >= ?")
-        params.append(plan.start)
+        filters.append(plan.start)
     if plan.end is not None:
         where.append(f"{when} < ?")
-        params.append(plan.end)
+        filters.append(plan.end)
     if plan.after is not None:
         # The first condition is implied by the second; it lets the index seek.
         where.append(f"{when} >= ?")
-        params.append(plan.after[0])
+        filters.append(plan.after[0])
         where.append(f"({', '.join(key)}) > ({', '.join('?' * len(key))})")
-        params.extend(plan.after)
-    sql = (
-        f"SELECT {', '.join(spec.columns)}, {', '.join(key)} FROM {spec.table} "
+        filters.extend(plan.after)
+    named = ", ".join(f"{expr} AS k{i}" for i, expr in enumerate(key))
+    one = (
+        f"SELECT {', '.join(spec.columns)}, {named} FROM {spec.table} "
         f"WHERE {' AND '.join(where)} ORDER BY {', '.join(key)} LIMIT ?"
     )
-    params.append(plan.limit + 1)
-    return sql, params
+    params: list[Any] = []
+    for symbol in plan.symbols:
+        params += [symbol, *filters, plan.limit + 1]
+    if len(plan.symbols) == 1:
+        return one, params
+    merged = ", ".join(f"k{i}" for i in range(len(key)))
+    arms = " UNION ALL ".join(f"SELECT * FROM ({one})" for _ in plan.symbols)
+    return f"{arms} ORDER BY {merged} LIMIT ?", [*params, plan.limit + 1]
 
 
 def latest_sql(plan: LatestPlan) -> list[list[Any]]:
