@@ -249,6 +249,11 @@ class QueryApi:
         except SinkError as exc:
             await self._error(msg, fmt, endpoint, 503, "store_unavailable", str(exc))
             return
+        except Exception as exc:  # a bug must cost one reply, never the service
+            log.exception("query on %s failed", msg.subject[:200])
+            detail = f"{type(exc).__name__}; see the service log"
+            await self._error(msg, fmt, endpoint, 500, "internal_error", detail)
+            return
         nc = self._nc
         assert nc is not None
         if len(body) > nc.max_payload:

@@ -633,3 +633,23 @@ async def test_a_flood_of_queries_gets_503_busy_beyond_the_backlog(
     # Without a reply subject nothing can be answered: counted, not run.
     await client.publish("mdp.store.latest.bars", b'{"symbol": "FLOOD"}')
     await until(lambda: service.stats.queries["latest:no_reply_subject"] == 1)
+
+
+async def test_an_unexpected_failure_costs_one_reply_not_the_service(
+    service: StoreService, client: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert service.query is not None
+    reader = service.query._reader
+
+    async def broken(*_: Any) -> Any:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(reader, "page", broken)
+    msg = await client.request("mdp.store.query.bars", b'{"symbol": "X"}', timeout=10)
+    assert msg.headers is not None
+    assert msg.headers["Nats-Service-Error-Code"] == "500"
+    assert msg.headers["Nats-Service-Error"] == "internal_error: RuntimeError; see the service log"
+    monkeypatch.undo()
+    reply, headers = await _request(client, "mdp.store.query.bars", {"symbol": "X"})
+    assert "Nats-Service-Error-Code" not in headers
+    assert reply == {"records": [], "next_cursor": None}
