@@ -23,8 +23,9 @@ fingerprint, sort key]``. The sort key is that of the last record sent, so the n
 page starts strictly after it (keyset paging): pages never repeat or skip a record
 that was stored before the first page was asked for and not changed since; records
 stored meanwhile appear in a later page when they sort after the cursor. The
-fingerprint ties a cursor to its query (kind, symbols, resolution, start, end); the
-limit may change from page to page.
+fingerprint ties a cursor to its query (kind, symbols, resolution, start, end,
+order); the limit may change from page to page. ``"order": "desc"`` reverses the
+order (newest first) and pages backwards in time.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import logging
 import time
@@ -82,6 +84,7 @@ class QueryRequest(msgspec.Struct, forbid_unknown_fields=True):
     resolution: str | None = None
     limit: int | None = None
     cursor: str | None = None
+    order: Literal["asc", "desc"] = "asc"
 
 
 class LatestRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -105,7 +108,7 @@ _unpack = msgspec.msgpack.Decoder().decode
 
 
 def _fingerprint(plan: PagePlan) -> bytes:
-    what = [plan.kind, list(plan.symbols), plan.resolution, plan.start, plan.end]
+    what = [plan.kind, list(plan.symbols), plan.resolution, plan.start, plan.end, plan.descending]
     return hashlib.blake2b(_pack(what), digest_size=8).digest()
 
 
@@ -372,18 +375,10 @@ class QueryApi:
             after=None,
             limit=limit,
             fmt=fmt,
+            descending=req.order == "desc",
         )
         if req.cursor is not None:
-            plan = PagePlan(
-                kind=plan.kind,
-                symbols=plan.symbols,
-                resolution=plan.resolution,
-                start=plan.start,
-                end=plan.end,
-                after=decode_cursor(plan, req.cursor),
-                limit=plan.limit,
-                fmt=plan.fmt,
-            )
+            plan = dataclasses.replace(plan, after=decode_cursor(plan, req.cursor))
         return plan
 
     def _latest_plan(self, kind: str, data: bytes, fmt: Format) -> LatestPlan:

@@ -41,6 +41,9 @@ def add_query_parser(sub: Any) -> argparse.ArgumentParser:
     query.add_argument("--end", type=_time_arg, help="end time, excluded (RFC 3339 or epoch)")
     query.add_argument("--resolution", help="bars only: just this resolution (e.g. 1m)")
     query.add_argument(
+        "--newest-first", action="store_true", help="newest records first (order desc)"
+    )
+    query.add_argument(
         "--limit", type=int, default=100, help="most records to print (default 100; 0: all)"
     )
     query.add_argument(
@@ -69,6 +72,8 @@ async def run_query(settings: Settings, nc: NATS, args: argparse.Namespace) -> i
         for name in ("start", "end"):
             if getattr(args, name) is not None:
                 body[name] = getattr(args, name)
+        if args.newest_first:
+            body["order"] = "desc"
     want = args.limit if args.limit > 0 else None
     records: list[dict[str, Any]] = []
     while True:

@@ -226,6 +226,9 @@ async def test_written_records_come_back_equal_in_order_across_pages(
             body["resolution"] = resolution
     limit = data.draw(st.integers(1, 7), label="limit")
     body["limit"] = limit
+    descending = data.draw(st.booleans(), label="descending")
+    if descending:
+        body["order"] = "desc"
 
     def wanted(v: dict[str, Any]) -> bool:
         when = v[_time_field(kind)]
@@ -237,7 +240,9 @@ async def test_written_records_come_back_equal_in_order_across_pages(
         )
 
     expected = sorted(
-        (v for v in table.values() if wanted(v)), key=lambda v: sort_key(kind, _row(kind, v))
+        (v for v in table.values() if wanted(v)),
+        key=lambda v: sort_key(kind, _row(kind, v)),
+        reverse=descending,
     )
 
     got: list[dict[str, Any]] = []
@@ -330,6 +335,7 @@ BAD_REQUESTS = [
         "time out of range", Q, b'{"symbol": "A", "start": "1800-01-01T00:00:00Z"}', "invalid_time"
     ),
     _bad("unknown field", Q, b'{"symbols": ["A"]}', "invalid_request"),
+    _bad("unknown order", Q, b'{"symbol": "A", "order": "up"}', "invalid_request"),
     _bad("missing symbol", Q, b'{"limit": 5}', "invalid_request"),
     _bad("empty symbol list", Q, b'{"symbol": []}', "invalid_request"),
     _bad("padded symbol", Q, b'{"symbol": " A"}', "invalid_symbol"),
@@ -406,6 +412,7 @@ async def test_a_cursor_only_continues_its_own_query(service: StoreService, clie
         {"symbol": "D", "cursor": cursor},
         {"symbol": "C", "start": "2024-01-02T09:01:00Z", "cursor": cursor},
         {"symbol": "C", "resolution": "1m", "cursor": cursor},
+        {"symbol": "C", "order": "desc", "cursor": cursor},
     ):
         msg = await client.request("mdp.store.query.bars", json.dumps(other).encode(), timeout=10)
         assert msg.headers is not None
@@ -539,6 +546,14 @@ async def test_the_query_command_prints_pages_as_json_lines_or_a_table(
                             "resolution", "delayed"]  # fmt: skip
     assert set(rule) == {"-", " "}
     assert [r.split()[1] for r in rows] == [b["ts"].replace("+00:00", "Z") for b in bars[1:]]
+
+    code, out, err = await _cli(
+        url, "bars", "CLI", "--newest-first", "--limit", "2", "--format", "jsonl"
+    )
+    assert code == 0, err
+    assert [json.loads(line)["ts"] for line in out.splitlines()] == [
+        "2024-01-02T09:04:00Z", "2024-01-02T09:03:00Z",
+    ]  # fmt: skip
 
     code, out, err = await _cli(url, "bars", "CLI", "NONE", "--latest", "--format", "jsonl")
     assert code == 0, err

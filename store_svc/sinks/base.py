@@ -99,6 +99,8 @@ class PagePlan:
             first page).
         limit: most records in the page.
         fmt: the encoding of the records, ``json`` or ``msgpack``.
+        descending: newest first (the sort key reversed; ``after`` then means
+            "before").
     """
 
     kind: str
@@ -109,6 +111,7 @@ class PagePlan:
     after: tuple[int | str, ...] | None
     limit: int
     fmt: Literal["json", "msgpack"]
+    descending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +150,8 @@ class Reader(abc.ABC):
 
     @abc.abstractmethod
     async def page(self, plan: PagePlan, budget: int, timeout: float) -> Page:
-        """Read one page: records in sort-key order after ``plan.after``, each
+        """Read one page: records in sort-key order (reversed when
+        ``plan.descending``) after ``plan.after``, each
         encoded in ``plan.fmt``, together at most ``budget`` bytes (at least one
         record when any is left)."""
 

@@ -487,23 +487,25 @@ def page_sql(plan: PagePlan) -> tuple[str, list[Any]]:
         where.append(f"{when} >= {param(_from_micros(plan.start))}")
     if plan.end is not None:
         where.append(f"{when} < {param(_from_micros(plan.end))}")
+    past, way = ("<", " DESC") if plan.descending else (">", "")
     if plan.after is not None:
         after: list[Any] = list(plan.after)
         for i in _KEY_TIMES[plan.kind]:
             after[i] = _from_micros(int(after[i]))
         # The first condition is implied by the second; it lets the index seek.
-        where.append(f"{when} >= {param(after[0])}")
-        where.append(f"({', '.join(key)}) > ({', '.join(param(v) for v in after)})")
+        where.append(f"{when} {past}= {param(after[0])}")
+        where.append(f"({', '.join(key)}) {past} ({', '.join(param(v) for v in after)})")
     limit = param(plan.limit + 1)
     named = ", ".join(f"{expr} AS k{i}" for i, expr in enumerate(key))
     merged = ", ".join(
-        f'k{i} COLLATE "C"' if 'COLLATE "C"' in expr else f"k{i}" for i, expr in enumerate(key)
+        f'k{i} COLLATE "C"{way}' if 'COLLATE "C"' in expr else f"k{i}{way}"
+        for i, expr in enumerate(key)
     )
     sql = (
         "SELECT r.* FROM unnest($1::text[]) AS s(sym) CROSS JOIN LATERAL ("
         f"SELECT {', '.join(_q(c) for c in spec.columns)}, {named} FROM {spec.table} "
-        f"WHERE {' AND '.join(where)} ORDER BY {', '.join(key)} LIMIT {limit}) AS r "
-        f"ORDER BY {merged} LIMIT {limit}"
+        f"WHERE {' AND '.join(where)} ORDER BY {', '.join(k + way for k in key)} "
+        f"LIMIT {limit}) AS r ORDER BY {merged} LIMIT {limit}"
     )
     return sql, params
 

@@ -497,23 +497,24 @@ def page_sql(plan: PagePlan) -> tuple[str, list[Any]]:
     if plan.end is not None:
         where.append(f"{when} < ?")
         filters.append(plan.end)
+    past, way = ("<", " DESC") if plan.descending else (">", "")
     if plan.after is not None:
         # The first condition is implied by the second; it lets the index seek.
-        where.append(f"{when} >= ?")
+        where.append(f"{when} {past}= ?")
         filters.append(plan.after[0])
-        where.append(f"({', '.join(key)}) > ({', '.join('?' * len(key))})")
+        where.append(f"({', '.join(key)}) {past} ({', '.join('?' * len(key))})")
         filters.extend(plan.after)
     named = ", ".join(f"{expr} AS k{i}" for i, expr in enumerate(key))
     one = (
         f"SELECT {', '.join(spec.columns)}, {named} FROM {spec.table} "
-        f"WHERE {' AND '.join(where)} ORDER BY {', '.join(key)} LIMIT ?"
+        f"WHERE {' AND '.join(where)} ORDER BY {', '.join(k + way for k in key)} LIMIT ?"
     )
     params: list[Any] = []
     for symbol in plan.symbols:
         params += [symbol, *filters, plan.limit + 1]
     if len(plan.symbols) == 1:
         return one, params
-    merged = ", ".join(f"k{i}" for i in range(len(key)))
+    merged = ", ".join(f"k{i}{way}" for i in range(len(key)))
     arms = " UNION ALL ".join(f"SELECT * FROM ({one})" for _ in plan.symbols)
     return f"{arms} ORDER BY {merged} LIMIT ?", [*params, plan.limit + 1]
 
