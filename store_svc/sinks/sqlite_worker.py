@@ -44,9 +44,14 @@ from typing import Any, BinaryIO
 import msgspec
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-#: Checkpoint the WAL after this many commits, after replying, so the cost of a
-#: checkpoint never lands inside a commit's latency.
+#: Checkpoint the WAL after this many commits or rows, whichever comes first, after
+#: replying, so its cost never lands inside a commit's latency. It still delays the
+#: next batch: with 1000-row batches a checkpoint every 32 commits took about 14 ms
+#: and set the p99 publish→commit (23-24 ms at half load); every 8,000 rows it is
+#: a quarter of that (p99 13-21 ms in four runs, same throughput; benchmark
+#: core-sqlite-1000-trades).
 CHECKPOINT_EVERY = 32
+CHECKPOINT_ROWS = 8_000
 
 _encode_json = msgspec.json.encode
 
@@ -194,7 +199,8 @@ class Writer:
         self.sql: dict[str, str] = {}
         self.select: dict[str, str] = {}
         self.convert: dict[str, Callable[..., tuple[Any, ...]]] = {}
-        self.commits = 0
+        self.uncheckpointed_commits = 0
+        self.uncheckpointed_rows = 0
         self.failed = False
 
     def open(self, arg: dict[str, Any]) -> None:
@@ -256,15 +262,21 @@ class Writer:
             for kind, rows in batch.items():
                 convert = self.convert[kind]
                 conn.executemany(self.sql[kind], [convert(r, ingested_at) for r in rows])
+                self.uncheckpointed_rows += len(rows)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self.commits += 1
+        self.uncheckpointed_commits += 1
 
     def after_reply(self, op: str) -> None:
-        if op in ("write", "write_ahead") and self.commits % CHECKPOINT_EVERY == 0:
+        if op not in ("write", "write_ahead"):
+            return
+        due = self.uncheckpointed_commits >= CHECKPOINT_EVERY
+        if due or self.uncheckpointed_rows >= CHECKPOINT_ROWS:
+            self.uncheckpointed_commits = 0
+            self.uncheckpointed_rows = 0
             self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def rows(self, kind: str) -> list[tuple[Any, ...]]:
