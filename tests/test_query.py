@@ -441,19 +441,25 @@ async def _write_many(client: NATS, kind: str, records: list[dict[str, Any]]) ->
         assert json.loads(reply.data)["accepted"] == len(chunk)
 
 
-async def test_a_query_past_its_deadline_gets_a_504_and_the_service_goes_on(
-    store: StoreService, client: NATS
-) -> None:
-    # 60,000 bars of one symbol in three resolutions: ordering them by time needs
-    # a sort of all of them, far longer than the 2 ms allowed below.
+async def _write_slow_bars(client: NATS, symbol: str) -> None:
+    """60,000 one-minute-apart bars of ``symbol`` in three resolutions: a query for
+    them without a resolution sorts all of them (tens of milliseconds)."""
     base = datetime(2024, 1, 1, tzinfo=UTC).timestamp()
     resolutions = ["1m", "5m", "1h"]
     await _write_many(
         client,
         "bars",
-        [_bar("SLOW", datetime.fromtimestamp(base + 60 * i, UTC), resolutions[i % 3])
+        [_bar(symbol, datetime.fromtimestamp(base + 60 * i, UTC), resolutions[i % 3])
          for i in range(60_000)],
     )  # fmt: skip
+
+
+async def test_a_query_past_its_deadline_gets_a_504_and_the_service_goes_on(
+    store: StoreService, client: NATS
+) -> None:
+    # 60,000 bars of one symbol in three resolutions: ordering them by time needs
+    # a sort of all of them, far longer than the 2 ms allowed below.
+    await _write_slow_bars(client, "SLOW")
     body = json.dumps({"symbol": "SLOW", "limit": 10}).encode()
     ok = await client.request("mdp.store.query.bars", body, timeout=30)
     assert not (ok.headers or {}).get("Nats-Service-Error-Code")
@@ -628,14 +634,7 @@ async def test_a_killed_reader_process_is_replaced(service: StoreService, client
 async def test_a_flood_of_queries_gets_503_busy_beyond_the_backlog(
     service: StoreService, client: NATS
 ) -> None:
-    base = datetime(2024, 1, 1, tzinfo=UTC).timestamp()
-    resolutions = ["1m", "5m", "1h"]
-    await _write_many(
-        client,
-        "bars",
-        [_bar("FLOOD", datetime.fromtimestamp(base + 60 * i, UTC), resolutions[i % 3])
-         for i in range(60_000)],
-    )  # fmt: skip
+    await _write_slow_bars(client, "FLOOD")
     # Each of these sorts 60,000 bars; 2 readers x 32 waiting is the backlog.
     body = json.dumps({"symbol": "FLOOD", "limit": 1}).encode()
     replies = await asyncio.gather(
