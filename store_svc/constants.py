@@ -21,6 +21,9 @@ REASON_HEADER = "Store-Reject-Reason"
 DETAIL_HEADER = "Store-Reject-Detail"
 SUBJECT_HEADER = "Store-Original-Subject"
 INDEX_HEADER = "Store-Record-Index"
+#: On a DLQ message whose original did not fit beside the reject headers: the
+#: original's size in bytes (the body is then its first bytes only).
+TRUNCATED_HEADER = "Store-Payload-Truncated"
 
 #: ADR-32 service error headers, used on replies to request-reply writes.
 SERVICE_ERROR_HEADER = "Nats-Service-Error"

@@ -35,11 +35,13 @@ from .constants import (
     SERVICE_ERROR_CODE_HEADER,
     SERVICE_ERROR_HEADER,
     SUBJECT_HEADER,
+    TRUNCATED_HEADER,
 )
 from .core import BackpressureLevel
 from .decode import Decoded, PayloadDecoder, Reject, header
 from .errors import RejectedInput
 from .feedback import FeedbackLoop
+from .natsclient import payload_room
 from .queue import Envelope, QueueClosed, RecordQueue
 from .settings import Settings
 from .stats import Stats
@@ -324,8 +326,14 @@ class CoreIntake:
         if ctype:
             out["Content-Type"] = header_value(ctype)
         log.debug("rejected a %s record on %s: %s", kind, subject, rej.reason)
+        body = rej.raw
+        if len(body) > payload_room(self._nc, out):
+            # A message of nearly the server's maximum payload does not fit beside the
+            # reject headers: its first bytes go, with the original size.
+            out[TRUNCATED_HEADER] = str(len(body))
+            body = body[: max(0, payload_room(self._nc, out))]
         try:
-            await self._nc.publish(self._dlq_prefix + dlq_kind, rej.raw, headers=out)
+            await self._nc.publish(self._dlq_prefix + dlq_kind, body, headers=out)
         except NatsError as exc:  # e.g. the reconnect buffer is full: count, go on
             self._stats.dlq_failed += 1
             log.warning("could not publish a rejected record to the DLQ: %s", exc)

@@ -15,16 +15,39 @@ UNSUB issued just before it, which breaks what flush promises:
 This subclass queues the PING behind the pending commands, so the PONG means the
 server has processed everything sent before the flush. It overrides one private
 method; ``tests/test_natsclient.py`` fails if a nats-py upgrade changes it.
+
+nats-py also checks only the payload against the server's maximum payload, while
+the server counts the headers too. A message that fits without its headers but not
+with them gets ``-ERR maximum payload violation``, and nats-py then *closes* the
+connection for good: one malformed write of nearly 1 MiB, sent on to the DLQ with
+its reason headers, left the service deaf (measured). :meth:`_send_publish`
+here refuses such a message with ``MaxPayloadError`` before it is sent, and
+:func:`payload_room` tells callers how much payload fits beside given headers.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as _Client
+from nats.errors import MaxPayloadError
 
-__all__ = ["OrderedFlushClient"]
+__all__ = ["OrderedFlushClient", "header_bytes", "payload_room"]
+
+
+def header_bytes(headers: dict[str, str] | None) -> int:
+    """An upper bound of the size of ``headers`` on the wire (``NATS/1.0`` line, one
+    ``key: value`` line each, the blank line)."""
+    if not headers:
+        return 0
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def payload_room(nc: _Client, headers: dict[str, str] | None) -> int:
+    """Payload bytes a message with ``headers`` may carry on ``nc``'s connection."""
+    return int(nc.max_payload) - header_bytes(headers)
 
 
 class OrderedFlushClient(_Client):
@@ -36,3 +59,15 @@ class OrderedFlushClient(_Client):
         self._pongs.append(future)
         await self._send_command(PING_PROTO)
         await self._flush_pending()
+
+    async def _send_publish(
+        self,
+        subject: str,
+        reply: str,
+        payload: bytes,
+        payload_size: int,
+        headers: dict[str, Any] | None,
+    ) -> None:
+        if headers and payload_size + header_bytes(headers) > self._max_payload:
+            raise MaxPayloadError
+        await super()._send_publish(subject, reply, payload, payload_size, headers)

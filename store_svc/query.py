@@ -46,11 +46,18 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
-from .constants import CONTENT_TYPE_HEADER, SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER
+from .constants import (
+    CONTENT_TYPE_HEADER,
+    INT64_MAX,
+    INT64_MIN,
+    SERVICE_ERROR_CODE_HEADER,
+    SERVICE_ERROR_HEADER,
+)
 from .decode import content_format, header
 from .errors import BadQuery, QueryTimeout, RejectedInput, SinkError
 from .intake import header_value
-from .records import KINDS, LATEST_EXPIRY, RowContext, check_symbol, time_bound
+from .natsclient import payload_room
+from .records import EARLIEST, KINDS, LATEST_EXPIRY, RowContext, check_symbol, time_bound
 from .sinks.base import KEY_TYPES, LatestPlan, PagePlan, Reader
 from .sinks.sqlite_worker import rfc3339_micros
 from .tasks import cancel_and_wait
@@ -66,6 +73,9 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 64 * 1024
 #: Room left in a reply for everything but the records (map, cursor, headers).
 REPLY_OVERHEAD_BYTES = 2048
+#: Times a cursor may hold, in microseconds: stored times lie in [1900, 2200].
+CURSOR_EARLIEST = time_bound(EARLIEST, "cursor")
+CURSOR_LATEST = time_bound(LATEST_EXPIRY, "cursor")
 #: Requests waiting for a free reader, per reader, before new ones get a 503.
 BACKLOG_PER_READER = 32
 
@@ -158,9 +168,27 @@ def decode_cursor(plan: PagePlan, cursor: str) -> tuple[int | str, ...]:
         isinstance(key, list)
         and len(key) == len(types)
         and all(type(v) is t for v, t in zip(key, types, strict=True))
+        and _plausible(plan.kind, key)
     ):
         raise BadQuery("bad_cursor", "the cursor is not one this service issued")
     return tuple(key)
+
+
+def _plausible(kind: str, key: list[int | str]) -> bool:
+    # Cursors are not signed: values the store can never have issued (times outside
+    # [1900, 2200], integers beyond int64, a flag that is not 0 or 1, NUL in text)
+    # are refused here rather than failing in the database.
+    times = (0, 2) if kind == "options" else (0,)
+    for i, value in enumerate(key):
+        if isinstance(value, str):
+            if "\x00" in value:
+                return False
+        elif i in times:
+            if not CURSOR_EARLIEST <= value <= CURSOR_LATEST:
+                return False
+        elif not INT64_MIN <= value <= INT64_MAX:
+            return False
+    return kind != "trades" or key[4] in (0, 1)
 
 
 class QueryApi:
@@ -218,7 +246,12 @@ class QueryApi:
             self._svc.stats.queries[f"{endpoint}:no_reply_subject"] += 1
             return
         if len(self._tasks) >= self._backlog:
-            await self._error(msg, "json", endpoint, 503, "busy", "too many queries waiting; retry")
+            try:
+                ctype = header(msg.headers, CONTENT_TYPE_HEADER) if msg.headers else None
+                fmt = content_format(ctype)
+            except RejectedInput:
+                fmt = "json"
+            await self._error(msg, fmt, endpoint, 503, "busy", "too many queries waiting; retry")
             return
         task = asyncio.create_task(self._answer(msg), name="query")
         self._tasks.add(task)
@@ -259,15 +292,17 @@ class QueryApi:
             return
         nc = self._nc
         assert nc is not None
-        if len(body) > nc.max_payload:
+        headers = {CONTENT_TYPE_HEADER: _CONTENT_TYPES[fmt]}
+        if len(body) > payload_room(nc, headers):
+            hint = "fewer symbols or a resolution" if latest else "a smaller limit"
             await self._error(
                 msg, fmt, endpoint, 413, "reply_too_large",
                 f"the reply would be {len(body)} bytes, over the server's maximum payload "
-                f"of {nc.max_payload}; ask for fewer symbols or a resolution",
+                f"of {nc.max_payload}; ask for {hint}",
             )  # fmt: skip
             return
         try:
-            await nc.publish(msg.reply, body, headers={CONTENT_TYPE_HEADER: _CONTENT_TYPES[fmt]})
+            await nc.publish(msg.reply, body, headers=headers)
         except NatsError as exc:
             log.warning("could not send a query reply: %s", exc)
             return
@@ -277,7 +312,8 @@ class QueryApi:
     async def _page(self, plan: PagePlan) -> bytes:
         nc = self._nc
         assert nc is not None
-        budget = max(1, nc.max_payload - REPLY_OVERHEAD_BYTES)
+        room = payload_room(nc, {CONTENT_TYPE_HEADER: _CONTENT_TYPES[plan.fmt]})
+        budget = max(1, room - REPLY_OVERHEAD_BYTES)
         page = await self._reader.page(plan, budget, self._svc.settings.query_timeout_s)
         cursor = encode_cursor(plan, page.next_key) if page.next_key is not None else None
         self._svc.stats.query_records += len(page.records)
@@ -313,6 +349,8 @@ class QueryApi:
             raise BadQuery("malformed_request", f"not valid {what}: {exc}") from None
         except RecursionError:
             raise BadQuery("malformed_request", "the request is nested too deeply") from None
+        except UnicodeDecodeError:
+            raise BadQuery("malformed_request", "a text is not valid UTF-8") from None
 
     def _kind(self, kind: str) -> str:
         if kind not in KINDS:

@@ -148,8 +148,9 @@ class Settings(BaseSettings):
     """Longest a query may take, waiting for a free reader included; past it the
     database work is cancelled and the reply is a 504."""
 
-    query_max_symbols: int = Field(default=100, ge=1, le=10_000)
-    """Most symbols one query or latest request may name."""
+    query_max_symbols: int = Field(default=100, ge=1, le=500)
+    """Most symbols one query or latest request may name (at most 500: a SQLite page
+    reads each symbol in its own arm of a compound SELECT, which SQLite caps at 500)."""
 
     query_concurrency: int = Field(default=2, ge=1, le=64)
     """Queries run at once: SQLite reader processes, or PostgreSQL read connections.

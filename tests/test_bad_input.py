@@ -290,3 +290,23 @@ async def test_md_ts_matters_only_for_options(service: StoreService, client: NAT
         timeout=5,
     )
     assert json.loads(reply.data)["accepted"] == 1
+
+
+async def test_a_malformed_message_of_nearly_the_max_payload_leaves_the_service_connected(
+    service: StoreService, client: NATS, dlq: list[Msg]
+) -> None:
+    # Sent on to the DLQ with its reason headers, the whole body would exceed the
+    # server's maximum payload; the server would then cut the service's connection.
+    body = b"{" + b"x" * (client.max_payload - 100)
+    await client.publish("mdp.store.write.trades", body)
+    await until(lambda: len(dlq) == 1)
+    msg = dlq[0]
+    assert msg.headers is not None
+    assert msg.headers["Store-Reject-Reason"] == "malformed_payload"
+    assert msg.headers["Store-Payload-Truncated"] == str(len(body))
+    assert body.startswith(msg.data)
+    assert len(msg.data) > len(body) - 2048
+    assert service.nc is not None
+    assert service.nc.is_connected
+    reply = await client.request("mdp.store.write.trades", json.dumps(trade()).encode(), timeout=5)
+    assert json.loads(reply.data)["accepted"] == 1

@@ -29,10 +29,11 @@ from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
 from store_svc.pgserver import PostgresServer
+from store_svc.query import encode_cursor
 from store_svc.records import KINDS
 from store_svc.service import StoreService
 from store_svc.settings import Settings
-from store_svc.sinks.base import core_fields, sort_key
+from store_svc.sinks.base import PagePlan, core_fields, sort_key
 from store_svc.sinks.sqlite import SqliteReader
 from store_svc.sinks.sqlite_worker import compile_readout, encoder_for, rfc3339
 
@@ -355,6 +356,13 @@ BAD_REQUESTS = [
     _bad("not an object", Q, b"[1, 2]", "invalid_request"),
     _bad("empty body", "mdp.store.latest.bars", b"", "malformed_request"),
     _bad("malformed MessagePack", Q, b"\xc1", "malformed_request", "application/msgpack"),
+    _bad(
+        "MessagePack text not UTF-8",
+        Q,
+        b"\x81\xa6symbol\xa1\xff",
+        "malformed_request",
+        "application/msgpack",
+    ),
     _bad("unsupported content type", Q, b'{"symbol": "A"}', "unsupported_content_type", "text/csv"),
     _bad(
         "oversize request",
@@ -667,3 +675,57 @@ async def test_an_unexpected_failure_costs_one_reply_not_the_service(
     reply, headers = await _request(client, "mdp.store.query.bars", {"symbol": "X"})
     assert "Nats-Service-Error-Code" not in headers
     assert reply == {"records": [], "next_cursor": None}
+
+
+@pytest.mark.parametrize(
+    ("kind", "key"),
+    [
+        ("bars", [2**63, "F", "1m"]),
+        ("bars", [10**18, "F", "1m"]),
+        ("bars", [-(10**18), "F", "1m"]),
+        ("trades", [0, "F", "1", 2**64 - 1, 0, "", "[]"]),
+        ("trades", [0, "F", "1", 1, 2**40, "", "[]"]),
+        ("trades", [0, "F", "1", 1, 1, "X\x00", "[]"]),
+        ("options", [0, "F", 10**18, "1", "C"]),
+    ],
+)
+async def test_forged_cursors_are_refused_before_the_database(
+    store: StoreService, client: NATS, kind: str, key: list[Any]
+) -> None:
+    # Cursors are not signed, so anyone can build one that passes the fingerprint.
+    plan = PagePlan(kind, ("F",), None, None, None, None, 10, "json")
+    body = {"symbol": "F", "limit": 10, "cursor": encode_cursor(plan, key)}
+    msg = await client.request(f"mdp.store.query.{kind}", json.dumps(body).encode(), timeout=10)
+    assert msg.headers is not None
+    assert msg.headers["Nats-Service-Error-Code"] == "400"
+    assert msg.headers["Nats-Service-Error"].startswith("bad_cursor: ")
+    # The same plan's genuine cursor shape is accepted.
+    good = list(key)
+    good[0] = 0
+    if kind == "trades":
+        good[3], good[4], good[5] = 1, 1, "X"
+    if kind == "options":
+        good[2] = 0
+    body["cursor"] = encode_cursor(plan, good)
+    reply, headers = await _request(client, f"mdp.store.query.{kind}", body)
+    assert "Nats-Service-Error-Code" not in headers
+    assert reply == {"records": [], "next_cursor": None}
+
+
+async def test_a_stuck_reader_does_not_hold_up_shutdown(
+    make_settings: Callable[..., Settings],
+) -> None:
+    svc = StoreService(make_settings(shutdown_grace_s=5.0))
+    await svc.start()
+    try:
+        assert svc.query is not None
+        reader = svc.query._reader
+        assert isinstance(reader, SqliteReader)
+        stuck = reader._all[0].proc
+        assert stuck is not None
+        os.kill(stuck.pid, signal.SIGSTOP)
+        async with asyncio.timeout(8):
+            await svc.stop()
+        assert stuck.returncode is not None  # killed, not waited for
+    finally:
+        await svc.stop()

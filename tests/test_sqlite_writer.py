@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from store_svc.decode import PayloadDecoder
 from store_svc.sinks.sqlite import SqliteSink
-from store_svc.sinks.sqlite_worker import BatchAheadFailed, Writer
+from store_svc.sinks.sqlite_worker import BatchAheadFailed, Writer, key_decimal_text
 
 from .test_ingest import bar, locked
 
@@ -47,3 +48,25 @@ def test_a_batch_sent_ahead_is_refused_after_the_one_before_it_failed(tmp_path: 
     writer.write_ahead(wire(sink, "3"))  # after a success, a batch ahead is written
     assert stored_close(db) == "3"
     writer.close(None)
+
+
+def test_key_decimals_keep_all_their_digits() -> None:
+    # 30 and 38 significant digits: normalize() under the default 28-digit context
+    # rounded these, and two distinct trade prices became one key.
+    assert key_decimal_text("12345678901234567890123456789.10") == "12345678901234567890123456789.1"
+    assert key_decimal_text("12345678901234567890123456790") == "12345678901234567890123456790"
+    assert key_decimal_text("1.2345678901234567890123456789012345670") == (
+        "1.234567890123456789012345678901234567"
+    )
+    assert key_decimal_text("1.2E+2") == "120"
+    assert key_decimal_text("-0.00") == "0"
+
+
+async def test_trades_differing_beyond_28_digits_are_two_rows(tmp_path: Path) -> None:
+    ts = datetime(2024, 1, 2, tzinfo=UTC)
+    prices = [Decimal("12345678901234567890123456789.10"), Decimal("12345678901234567890123456790")]
+    rows = [("P", ts, price, 1, None, ()) for price in prices]
+    async with SqliteSink(tmp_path / "p.db") as sink:
+        await sink.write({"trades": rows})
+        stored = sorted(r[2] for r in await sink.rows("trades"))
+    assert stored == sorted(prices)

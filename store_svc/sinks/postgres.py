@@ -552,8 +552,10 @@ def latest_sql(plan: LatestPlan) -> tuple[str, list[Any]]:
 #: only cheap plan, whatever the statistics say. JIT compilation costs more than
 #: these short queries take.
 _READ_SETTINGS = {"default_transaction_read_only": "on", "enable_bitmapscan": "off", "jit": "off"}
-#: How long opening a read connection may take (not part of a query's deadline).
+#: How long opening a read connection may take (a query's deadline may cut it shorter).
 _CONNECT_TIMEOUT_S = 10.0
+#: How long closing the read pool may wait for queries under way before dropping them.
+_CLOSE_TIMEOUT_S = 2.0
 
 
 def _readout_fields(spec: KindSpec) -> list[list[Any]]:
@@ -603,21 +605,26 @@ class PostgresReader(Reader):
     async def _fetch(self, sql: str, params: list[Any], timeout: float) -> list[Any]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        pool = await self._pool_now()
         try:
+            # Opening the pool, waiting for a free connection: all within the deadline.
             async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                pool = await self._pool_now()
                 conn = await pool.acquire()
         except TimeoutError:
-            raise QueryTimeout("every query connection stayed busy until the deadline") from None
+            raise QueryTimeout(
+                "no query connection could be had before the deadline (all busy, or "
+                "PostgreSQL slow to accept one)"
+            ) from None
         except _RETRYABLE as exc:
             raise SinkError(f"cannot reach PostgreSQL for queries: {exc}") from exc
         try:
-            # asyncpg cancels the statement on the server when the timeout passes.
             return list(await conn.fetch(sql, *params, timeout=max(0.001, deadline - loop.time())))
-        except TimeoutError:
+        except (TimeoutError, asyncpg.QueryCanceledError):
+            # Past the deadline the connection is dropped rather than cancelled and
+            # reset: a release would wait for the server to acknowledge the cancel,
+            # which a stuck server never does, and the 504 would wait with it.
+            conn.terminate()
             raise QueryTimeout("the query ran past its deadline and was cancelled") from None
-        except asyncpg.QueryCanceledError:
-            raise QueryTimeout("the query was cancelled by the server") from None
         except _RETRYABLE as exc:
             raise SinkError(f"PostgreSQL query failed: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -645,7 +652,12 @@ class PostgresReader(Reader):
         return [encode(readout(row)) for row in rows]
 
     async def close(self) -> None:
-        """Close the pool; idempotent."""
+        """Close the pool (forcibly after a few seconds); idempotent."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        if pool is None:
+            return
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                await pool.close()
+        except TimeoutError:
+            pool.terminate()

@@ -289,14 +289,22 @@ class _Worker:
             proc.kill()
         await proc.wait()
 
-    async def close(self) -> None:
-        """Ask the process to close its database and end; idempotent."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Ask the process to close its database and end; idempotent.
+
+        Args:
+            timeout: how long to wait for it (a reader may still be running a
+                query); then it is killed. ``None`` waits (the writer checkpoints).
+        """
         if self.proc is None:
             return
         try:
-            await self.call("close", None)
+            async with asyncio.timeout(timeout):
+                await self.call("close", None)
         except SinkError as exc:
             log.warning("closing the SQLite %s: %s", self.role, exc)
+        except TimeoutError:
+            log.warning("the SQLite %s did not close within %gs; killed", self.role, timeout)
         await self.discard()
 
 
@@ -434,6 +442,9 @@ class SqliteSink(Sink):
         """
         return SqliteReader(self.path, concurrency, self._busy_timeout_ms)
 
+
+#: How long a reader process may take to close (a query it runs is abandoned).
+_READER_CLOSE_TIMEOUT_S = 1.0
 
 #: The sort key (see ``KEY_TYPES``) as SQLite expressions. Text compares as UTF-8
 #: bytes (BINARY collation), key Decimals are stored in canonical text.
@@ -621,6 +632,6 @@ class SqliteReader(Reader):
         return records
 
     async def close(self) -> None:
-        """End the reader processes."""
+        """End the reader processes (killed if one is stuck)."""
         for worker in self._all:
-            await worker.close()
+            await worker.close(_READER_CLOSE_TIMEOUT_S)

@@ -38,7 +38,7 @@ import traceback
 import urllib.parse
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any, BinaryIO
 
 import msgspec
@@ -54,6 +54,9 @@ CHECKPOINT_EVERY = 32
 CHECKPOINT_ROWS = 8_000
 
 _encode_json = msgspec.json.encode
+_pack_key = msgspec.msgpack.Encoder().encode
+#: Enough precision for every Decimal the store accepts (38 digits) to stay exact.
+_EXACT = Context(prec=80)
 
 
 class SchemaTooNew(Exception):
@@ -76,7 +79,9 @@ def key_decimal_text(text: str) -> str:
     if "E" not in text and not ("." in text and text[-1] == "0") and text != "-0":
         return text
     value = Decimal(text)
-    return format(value.normalize(), "f") if value else "0"
+    # normalize() rounds to its context's precision: the default 28 digits would
+    # merge keys that differ beyond the 28th of their up to 38 digits.
+    return format(value.normalize(_EXACT), "f") if value else "0"
 
 
 def conditions_text(value: list[str]) -> str:
@@ -145,7 +150,8 @@ def collect_page(
         encode: the reply format's encoder.
         key_start: where the sort key starts in a row.
         limit: the page size asked for.
-        budget: bytes the encoded records may take (the first is always taken).
+        budget: bytes the encoded records and the cursor may take (the first record
+            is always taken).
 
     Returns:
         The encoded records, and the sort key of the last one when more follow
@@ -156,7 +162,10 @@ def collect_page(
     for row in rows[:limit]:
         body = encode(readout(row))
         used += len(body) + 1
-        if out and used > budget:
+        # Should the page end here, its cursor (this row's key, MessagePack in
+        # base64) must fit too; keys hold free text (exchange, conditions).
+        cursor = len(_pack_key(list(row[key_start:]))) * 4 // 3 + 64
+        if out and used + cursor > budget:
             break
         out.append(body)
     if len(out) < len(rows):
