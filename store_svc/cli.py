@@ -51,10 +51,19 @@ async def _run(settings: Settings) -> int:
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    async with StoreService(settings):
-        await stop.wait()
-        log.info("signal received, shutting down")
-    return 0
+    async with StoreService(settings) as svc:
+        lost = asyncio.create_task(svc.connection_lost.wait())
+        signalled = asyncio.create_task(stop.wait())
+        await asyncio.wait({lost, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (lost, signalled):
+            task.cancel()
+        if svc.connection_lost.is_set():
+            log.error("shutting down: the NATS connection is gone (exit code 1)")
+            code = 1
+        else:
+            log.info("signal received, shutting down")
+            code = 0
+    return code
 
 
 def _cmd_run(args: argparse.Namespace) -> Coroutine[Any, Any, int]:

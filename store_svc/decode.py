@@ -160,7 +160,9 @@ class PayloadDecoder:
         out = Decoded(spec, [], [])
         try:
             whole = codec.whole.decode(payload)
-        except msgspec.ValidationError:
+        except (msgspec.ValidationError, UnicodeDecodeError):
+            # UnicodeDecodeError: MessagePack text that is not UTF-8, in one record or
+            # more; record by record, the others are still stored.
             try:
                 self._decode_each(spec, codec, payload, ctx, out)
             except RecursionError:
@@ -215,6 +217,8 @@ class PayloadDecoder:
             return codec.one.decode(raw)
         except msgspec.ValidationError:
             pass
+        except UnicodeDecodeError:
+            raise RejectedInput("invalid_text", "a text is not valid UTF-8") from None
         # The strict mirror said no; Core's own model decides, with its lax rules.
         try:
             if codec.msgpack:
@@ -225,6 +229,8 @@ class PayloadDecoder:
             raise RejectedInput(*_reason_from_pydantic(exc)) from None
         except msgspec.DecodeError as exc:
             raise RejectedInput("malformed_payload", _decode_detail(exc, codec)) from None
+        except UnicodeDecodeError:
+            raise RejectedInput("invalid_text", "a text is not valid UTF-8") from None
         values = model.model_dump()
         return spec.struct(**values)
 

@@ -113,6 +113,9 @@ class StoreService:
         self.paused = False
         self.rtt_ms: float | None = None
         self._stopped = asyncio.Event()
+        #: Set when the NATS connection was closed for good while running;
+        #: ``store-svc run`` then shuts down and exits with code 1.
+        self.connection_lost = asyncio.Event()
 
     async def start(self) -> None:
         """Connect to NATS, open the sink and start taking writes.
@@ -174,6 +177,7 @@ class StoreService:
                     servers=self.settings.nats_servers,
                     name=f"store-svc {self.settings.queue_group}",
                     error_cb=self._on_nats_error,
+                    closed_cb=self._on_closed,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     # Once connected, never give up: a NATS restart must not end the service.
@@ -377,6 +381,19 @@ class StoreService:
         self.feedback.set_sink_down(down)
         if self._intake is not None:
             self._intake.sink_state(down)
+
+    async def _on_closed(self) -> None:
+        # With reconnects unlimited, nats-py closes the connection on its own only
+        # after a protocol error (e.g. a message the server refused as too large).
+        # A service without its connection takes no writes and answers nothing:
+        # say so, so the process can end and be restarted.
+        if self.status is Status.RUNNING:
+            nc = self.nc
+            log.error(
+                "the NATS connection was closed (%s); the service cannot go on",
+                nc.last_error if nc is not None else "?",
+            )
+            self.connection_lost.set()
 
     async def _on_disconnected(self) -> None:
         if self.status is Status.RUNNING:

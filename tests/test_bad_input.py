@@ -310,3 +310,25 @@ async def test_a_malformed_message_of_nearly_the_max_payload_leaves_the_service_
     assert service.nc.is_connected
     reply = await client.request("mdp.store.write.trades", json.dumps(trade()).encode(), timeout=5)
     assert json.loads(reply.data)["accepted"] == 1
+
+
+async def test_msgpack_text_that_is_not_utf8_costs_only_its_record(
+    store: StoreService, client: NATS, dlq: list[Msg]
+) -> None:
+    good = [msgspec.msgpack.encode(trade(symbol=f"GOOD{i}")) for i in (1, 2)]
+    bad = msgspec.msgpack.encode(trade(symbol="BADUTF8")).replace(b"BADUTF8", b"BAD\xff\xfeF8")
+    payload = b"\x93" + good[0] + bad + good[1]  # a 3-element MessagePack array
+    reply = await client.request(
+        "mdp.store.write.trades",
+        payload,
+        headers={"Content-Type": "application/msgpack"},
+        timeout=10,
+    )
+    body = json.loads(reply.data)
+    assert body["accepted"] == 2
+    assert body["errors"] == [
+        {"index": 1, "reason": "invalid_text", "detail": "a text is not valid UTF-8"}
+    ]
+    assert await symbols(store) == ["GOOD1", "GOOD2"]
+    await until(lambda: len(dlq) == 1)
+    assert dlq[0].data == bad

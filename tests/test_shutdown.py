@@ -168,3 +168,16 @@ async def test_stop_after_nats_is_gone_still_commits(
     await asyncio.wait_for(svc.stop(), 15)
     assert svc.status is Status.STOPPED
     assert count(db_path, "trades") == 50
+
+
+async def test_a_connection_closed_under_the_service_is_reported_not_ignored(
+    make_settings: Callable[..., Settings],
+) -> None:
+    async with StoreService(make_settings()) as svc:
+        assert svc.nc is not None
+        await svc.nc.close()  # as nats-py does after a protocol error
+        await until(svc.connection_lost.is_set)
+    # A normal stop closes the connection too, without reporting it as lost.
+    async with StoreService(make_settings()) as svc2:
+        pass
+    assert not svc2.connection_lost.is_set()
