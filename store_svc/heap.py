@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import gc
 
-#: Young, middle and old generation thresholds (CPython's default: 700, 10, 10).
-GC_THRESHOLDS = (10_000, 10, 10)
+from .sinks.sqlite_worker import GC_THRESHOLDS
+
+__all__ = ["GC_THRESHOLDS", "settle_heap"]
 
 
 def settle_heap() -> None:

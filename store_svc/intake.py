@@ -66,6 +66,15 @@ def header_value(text: str) -> str:
     return clean[:MAX_HEADER_VALUE_CHARS]
 
 
+def error_headers(code: int, reason: str, detail: str) -> dict[str, str]:
+    """The ADR-32 error headers of a refused request: ``Nats-Service-Error:
+    <reason>: <detail>`` (made header-safe) and ``Nats-Service-Error-Code``."""
+    return {
+        SERVICE_ERROR_HEADER: header_value(f"{reason}: {detail}"),
+        SERVICE_ERROR_CODE_HEADER: str(code),
+    }
+
+
 def write_reply(accepted: int, rejects: list[Reject]) -> bytes:
     """The JSON body of a reply to a request-reply write.
 
@@ -293,11 +302,7 @@ class CoreIntake:
         body: bytes = b"",
         headers: dict[str, str] | None = None,
     ) -> None:
-        out = {
-            SERVICE_ERROR_HEADER: header_value(f"{reason}: {detail}"),
-            SERVICE_ERROR_CODE_HEADER: str(code),
-            **(headers or {}),
-        }
+        out = {**error_headers(code, reason, detail), **(headers or {})}
         try:
             await self._nc.publish(reply, body, headers=out)
         except NatsError as exc:

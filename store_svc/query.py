@@ -50,15 +50,13 @@ from .constants import (
     CONTENT_TYPE_HEADER,
     INT64_MAX,
     INT64_MIN,
-    SERVICE_ERROR_CODE_HEADER,
-    SERVICE_ERROR_HEADER,
 )
 from .decode import content_format, header
 from .errors import BadQuery, QueryTimeout, RejectedInput, SinkError
-from .intake import header_value
+from .intake import error_headers
 from .natsclient import payload_room
 from .records import EARLIEST, KINDS, LATEST_EXPIRY, RowContext, check_symbol, time_bound
-from .sinks.base import KEY_TYPES, LatestPlan, PagePlan, Reader
+from .sinks.base import KEY_TIMES, KEY_TYPES, LatestPlan, PagePlan, Reader
 from .sinks.sqlite_worker import rfc3339_micros
 from .tasks import cancel_and_wait
 
@@ -178,7 +176,7 @@ def _plausible(kind: str, key: list[int | str]) -> bool:
     # Cursors are not signed: values the store can never have issued (times outside
     # [1900, 2200], integers beyond int64, a flag that is not 0 or 1, NUL in text)
     # are refused here rather than failing in the database.
-    times = (0, 2) if kind == "options" else (0,)
+    times = KEY_TIMES[kind]
     for i, value in enumerate(key):
         if isinstance(value, str):
             if "\x00" in value:
@@ -189,6 +187,15 @@ def _plausible(kind: str, key: list[int | str]) -> bool:
         elif not INT64_MIN <= value <= INT64_MAX:
             return False
     return kind != "trades" or key[4] in (0, 1)
+
+
+def _request_format(msg: Msg) -> Format:
+    """The encoding a request names with ``Content-Type`` (none: JSON).
+
+    Raises:
+        RejectedInput: ``unsupported_content_type``.
+    """
+    return content_format(header(msg.headers, CONTENT_TYPE_HEADER) if msg.headers else None)
 
 
 class QueryApi:
@@ -247,26 +254,23 @@ class QueryApi:
             return
         if len(self._tasks) >= self._backlog:
             try:
-                ctype = header(msg.headers, CONTENT_TYPE_HEADER) if msg.headers else None
-                fmt = content_format(ctype)
+                fmt = _request_format(msg)
             except RejectedInput:
                 fmt = "json"
             await self._error(msg, fmt, endpoint, 503, "busy", "too many queries waiting; retry")
             return
-        task = asyncio.create_task(self._answer(msg), name="query")
+        task = asyncio.create_task(self._answer(msg, endpoint), name="query")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, msg: Msg) -> None:
+    async def _answer(self, msg: Msg, endpoint: str) -> None:
         began = time.perf_counter()
-        latest = msg.subject.startswith(self._latest_prefix)
-        endpoint = "latest" if latest else "query"
+        latest = endpoint == "latest"
         fmt: Format = "json"
         settings = self._svc.settings
         try:
             try:
-                ctype = header(msg.headers, CONTENT_TYPE_HEADER) if msg.headers else None
-                fmt = content_format(ctype)
+                fmt = _request_format(msg)
             except RejectedInput as exc:
                 raise BadQuery(exc.reason, exc.detail) from None
             prefix = self._latest_prefix if latest else self._query_prefix
@@ -392,7 +396,7 @@ class QueryApi:
         if start is not None and end is not None and end <= start:
             raise BadQuery(
                 "invalid_range",
-                f"end ({_text(end)}) must be after start ({_text(start)}); "
+                f"end ({rfc3339_micros(end)}) must be after start ({rfc3339_micros(start)}); "
                 "start is included, end is not",
             )
         limit = settings.query_default_limit if req.limit is None else req.limit
@@ -446,16 +450,8 @@ class QueryApi:
         if nc is None or not msg.reply:
             return
         body = _ENCODERS[fmt].encode({"error": reason, "detail": detail})
-        headers = {
-            SERVICE_ERROR_HEADER: header_value(f"{reason}: {detail}"),
-            SERVICE_ERROR_CODE_HEADER: str(code),
-            CONTENT_TYPE_HEADER: _CONTENT_TYPES[fmt],
-        }
+        headers = {**error_headers(code, reason, detail), CONTENT_TYPE_HEADER: _CONTENT_TYPES[fmt]}
         try:
             await nc.publish(msg.reply, body, headers=headers)
         except NatsError as exc:
             log.warning("could not send a query error reply: %s", exc)
-
-
-def _text(micros: int) -> str:
-    return rfc3339_micros(micros)

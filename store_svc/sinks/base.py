@@ -12,6 +12,7 @@ from ..records import KINDS, Row
 from .sqlite_worker import conditions_text, key_decimal_text, time_micros
 
 __all__ = [
+    "KEY_TIMES",
     "KEY_TYPES",
     "TIME_COLUMN",
     "Batch",
@@ -40,6 +41,13 @@ KEY_TYPES: dict[str, tuple[type, ...]] = {
     # exchange, conditions
     "quotes": (int, str),  # timestamp, symbol
     "options": (int, str, int, str, str),  # ts, symbol, expiry, strike, option_type
+}
+#: Positions of the times (microseconds) in each sort key.
+KEY_TIMES: dict[str, tuple[int, ...]] = {
+    "bars": (0,),
+    "trades": (0,),
+    "quotes": (0,),
+    "options": (0, 2),
 }
 
 

@@ -31,6 +31,7 @@ import asyncpg
 from ..errors import QueryTimeout, SchemaError, SinkError
 from ..records import EPOCH, KINDS, KindSpec, Row
 from .base import (
+    KEY_TIMES,
     TIME_COLUMN,
     Batch,
     LatestPlan,
@@ -448,8 +449,6 @@ _SORT = {
         'option_type COLLATE "C"',
     ),
 }
-#: Positions of times (microseconds in a cursor, timestamptz in SQL) in each sort key.
-_KEY_TIMES = {"bars": (0,), "trades": (0,), "quotes": (0,), "options": (0, 2)}
 
 
 def _from_micros(value: int) -> datetime:
@@ -490,7 +489,7 @@ def page_sql(plan: PagePlan) -> tuple[str, list[Any]]:
     past, way = ("<", " DESC") if plan.descending else (">", "")
     if plan.after is not None:
         after: list[Any] = list(plan.after)
-        for i in _KEY_TIMES[plan.kind]:
+        for i in KEY_TIMES[plan.kind]:
             after[i] = _from_micros(int(after[i]))
         # The first condition is implied by the second; it lets the index seek.
         where.append(f"{when} {past}= {param(after[0])}")
@@ -639,7 +638,7 @@ class PostgresReader(Reader):
             rows, self._readout[plan.kind], encoder_for(plan.fmt), width, plan.limit, budget
         )
         if key is not None:
-            for i in _KEY_TIMES[plan.kind]:
+            for i in KEY_TIMES[plan.kind]:
                 key[i] = time_micros(key[i])
         return Page(records, key)
 

@@ -179,7 +179,7 @@ class _Sent(Prepared):
         self._reply = reply
 
     async def commit(self) -> None:
-        await self._sink._result(self._reply)
+        await self._sink._writer.result(self._reply)
 
     async def abort(self) -> None:
         # A batch handed to the writer cannot be called back; it may still commit
@@ -383,9 +383,6 @@ class SqliteSink(Sink):
         except BaseException:
             await self._writer.discard()
             raise
-
-    async def _result(self, fut: asyncio.Future[Any]) -> Any:
-        return await self._writer.result(fut)
 
     def _wire(self, batch: Batch) -> list[Any]:
         return [

@@ -55,6 +55,10 @@ CHECKPOINT_ROWS = 8_000
 
 _encode_json = msgspec.json.encode
 _pack_key = msgspec.msgpack.Encoder().encode
+#: Young, middle and old generation thresholds of the cyclic garbage collector
+#: (CPython's default: 700, 10, 10), for this process and the service's
+#: (store_svc/heap.py has the measurements).
+GC_THRESHOLDS = (10_000, 10, 10)
 #: Enough precision for every Decimal the store accepts (38 digits) to stay exact.
 _EXACT = Context(prec=80)
 
@@ -389,7 +393,7 @@ def serve(inp: BinaryIO, out: BinaryIO, read_only: bool = False) -> None:
     """Answer requests until ``close`` or the end of input."""
     # Batches arrive as lists of tuples of atoms: nothing the cyclic collector needs
     # to chase at CPython's default rate (store_svc/heap.py has the measurements).
-    gc.set_threshold(10_000, 10, 10)
+    gc.set_threshold(*GC_THRESHOLDS)
     writer = Writer()
     reader = Reader()
     handlers: dict[str, Callable[[Any], Any]] = (
