@@ -150,9 +150,11 @@ def run_publishers(
     mode: str,
     flow: FlowControl,
     publishers: int,
+    timeout: float = 300.0,
 ) -> list[PublishResult]:
     """Start ``publishers`` throughput publishers on contiguous slices, release them
-    together and collect their results.
+    together and collect their results (each waits at most ``timeout`` seconds for
+    its last reply).
     """
     bounds = [n_msgs * k // publishers for k in range(publishers + 1)]
     procs = [
@@ -166,7 +168,7 @@ def run_publishers(
                 bounds[k + 1],
                 flow.chunk,
                 flow.window,
-                timeout=300.0,
+                timeout=timeout,
                 mode=mode,
             ),
         )
@@ -251,11 +253,15 @@ class ServiceProcess:
             it is not ``core``, are passed; every other ``STORE_*`` variable is removed
             from its environment, so it runs with the defaults).
         log_path: where its stderr goes.
+        extra_env: more environment variables (e.g. ``STORE_METRICS_PORT``).
     """
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(
+        self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.extra_env = dict(extra_env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self.exited_early: int | None = None
@@ -282,6 +288,7 @@ class ServiceProcess:
         env["STORE_DATABASE_URL"] = self.settings.database_url
         if self.settings.ingest_mode != CORE:
             env["STORE_INGEST_MODE"] = self.settings.ingest_mode
+        env.update(self.extra_env)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [self.executable(), "run"], env=env, stdout=subprocess.DEVNULL, stderr=self._log

@@ -6,7 +6,8 @@ in constant time). Every instance listens (no queue group), so one request steer
 the whole fleet; the requester gets the first answer and every instance audits its
 own. Replies are Core ``ControlResult`` JSON; refusals also carry
 ``Nats-Service-Error(-Code)`` headers (401 bad or missing token, 403 control
-disabled because no token is configured, 404 unknown action, 400 invalid reload).
+disabled because no token is configured, 404 unknown action, 400 invalid reload,
+503 while the service is starting or stopping, with ``Store-Retry-After-Ms``).
 Every attempt on a known action, allowed or refused, is published as a Core
 ``AuditEnvelope`` on ``<prefix>.telemetry.audit``. The token never appears in a
 log line, a reply or an audit event.
@@ -24,14 +25,19 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from .constants import SERVICE_ERROR_CODE_HEADER, SERVICE_ERROR_HEADER
+from .constants import (
+    OVERLOAD_RETRY_AFTER_MS,
+    RETRY_AFTER_HEADER,
+    SERVICE_ERROR_CODE_HEADER,
+    SERVICE_ERROR_HEADER,
+)
 from .core import AuditEnvelope, ControlAction, ControlResult
 from .intake import header_value
 
 if TYPE_CHECKING:
     from .service import StoreService
 
-__all__ = ["AdminControl"]
+__all__ = ["AdminControl", "NotRunning"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,19 @@ AUTH_HEADER = "Authorization"
 ACTOR_HEADER = "Md-Actor"
 #: Longer Authorization values are refused before any comparison.
 MAX_AUTH_CHARS = 4096
+
+
+class NotRunning(ValueError):
+    """A control action arrived while the service is not running (starting,
+    stopping): not the caller's fault, so it is answered 503 with a retry hint.
+
+    Attributes:
+        status: what the service is doing instead (``starting``, ``draining`` ...).
+    """
+
+    def __init__(self, status: str) -> None:
+        super().__init__(f"the service is {status}; retry shortly")
+        self.status = status
 
 
 class AdminControl:
@@ -107,6 +126,14 @@ class AdminControl:
             return
         try:
             detail = await self._act(action)
+        except NotRunning as exc:
+            result = ControlResult(status="error", detail=str(exc))
+            log.warning("control %s by %r refused: %s", action.value, actor, exc)
+            await self._audit(actor, "admin", action, result)
+            await self._reply(
+                msg, 503, str(exc), result, {RETRY_AFTER_HEADER: str(OVERLOAD_RETRY_AFTER_MS)}
+            )
+            return
         except ValueError as exc:
             result = ControlResult(status="error", detail=str(exc))
             log.warning("control %s by %r failed: %s", action.value, actor, exc)
@@ -122,7 +149,12 @@ class AdminControl:
             await self._nc.publish(msg.reply, result.model_dump_json().encode())
 
     async def _reply(
-        self, msg: Msg, code: int, detail: str, result: ControlResult | None = None
+        self,
+        msg: Msg,
+        code: int,
+        detail: str,
+        result: ControlResult | None = None,
+        extra: dict[str, str] | None = None,
     ) -> None:
         if not msg.reply or self._nc is None:
             return
@@ -133,6 +165,7 @@ class AdminControl:
             headers={
                 SERVICE_ERROR_HEADER: header_value(detail),
                 SERVICE_ERROR_CODE_HEADER: str(code),
+                **(extra or {}),
             },
         )
 

@@ -21,12 +21,13 @@ import random
 from collections import defaultdict
 from collections.abc import Callable
 
+from .constants import TURN_SLICE_S
 from .errors import SchemaError, SinkError
 from .queue import Envelope, RecordQueue
 from .records import Row
 from .sinks.base import Batch, Prepared, Sink
 from .stats import Stats
-from .tasks import cancel_and_wait
+from .tasks import Turns, cancel_and_wait
 
 __all__ = ["Batcher"]
 
@@ -78,6 +79,7 @@ class Batcher:
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self.in_flight = 0
+        self._turns = Turns(TURN_SLICE_S)
         self.sink_ok = True
         self.on_commit = on_commit
         self.on_sink_state = on_sink_state
@@ -282,3 +284,5 @@ class Batcher:
                     await env.ack()
                 except Exception as exc:  # an ack that fails must not stop the batcher
                     log.warning("acknowledging a committed %s message failed: %s", env.kind, exc)
+                # A batch of single-record messages is a thousand acks or replies.
+                await self._turns.take()

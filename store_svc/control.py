@@ -110,4 +110,5 @@ class ControlPlane:
             "sink_errors": stats.sink_errors,
             "queries": sum(n for k, n in stats.queries.items() if k.endswith(":ok")),
             "query_errors": sum(n for k, n in stats.queries.items() if not k.endswith(":ok")),
+            "nats": {conn.role: conn.figures() for conn in (svc.ingest_nats, svc.control_nats)},
         }

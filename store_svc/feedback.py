@@ -84,6 +84,10 @@ class FeedbackLoop:
         self._soft = self.marks.soft
         self._wm = Watermarks(self.marks, settings.feedback_min_dwell_ms / 1000, time.monotonic())
         self.depth = 0
+        #: Records (estimated) still waiting in the NATS client in front of the queue:
+        #: under a flood the backlog builds there, not in the queue, and feedback that
+        #: watched only the queue would say ``ok`` while the client drops messages.
+        self.backlog = 0
         self.published = 0
         self.failed = 0
         self._pending: deque[FeedbackEvent] = deque(maxlen=MAX_PENDING_EVENTS)
@@ -114,11 +118,16 @@ class FeedbackLoop:
         """The current level."""
         return self._wm.level
 
+    @property
+    def waiting(self) -> int:
+        """Records waiting in the store: the queue's and the client's backlog."""
+        return self.depth + self.backlog
+
     def event(self) -> FeedbackEvent:
         """A Core ``FeedbackEvent`` describing the current state."""
         return FeedbackEvent(
             coordinator_id=self.coordinator_id,
-            queue_size=self.depth,
+            queue_size=self.waiting,
             capacity=self.capacity,
             level=self._wm.level,
             source="store",
@@ -138,13 +147,25 @@ class FeedbackLoop:
         self._wm.forced = down
         self.on_depth(self.depth, force=True)
 
+    def on_backlog(self, records: int) -> None:
+        """Take a new estimate of the records waiting in the NATS client (intake).
+
+        Args:
+            records: records received by the client and not yet queued.
+        """
+        self.backlog = records
+        self.on_depth(self.depth)
+
     def on_depth(self, depth: int, force: bool = False) -> None:
         """Take a new queue depth (called by the queue on every change).
+
+        The marks apply to the queue's depth plus the client's backlog.
 
         Args:
             depth: records in the queue.
         """
         self.depth = depth
+        depth += self.backlog
         wm = self._wm
         if depth < self._soft and wm.level is BackpressureLevel.ok and not force:
             return
@@ -160,7 +181,13 @@ class FeedbackLoop:
                     ts=time.time(),
                 )
             )
-            log.info("backpressure %s at queue depth %d/%d", level.value, depth, self.capacity)
+            log.info(
+                "backpressure %s at %d records waiting (%d queued)/%d",
+                level.value,
+                depth,
+                self.depth,
+                self.capacity,
+            )
             self._wake.set()
         due = wm.due(depth)
         if due is not None and self._recheck is None:

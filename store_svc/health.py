@@ -6,17 +6,23 @@ slow reply).
 
 Components and their states:
 
-============  =====================================================================
-``nats``      healthy when connected; unhealthy while disconnected
-``queue``     healthy at ``ok``; degraded at ``soft`` or ``hard``
-``sink``      healthy while commits succeed; unhealthy while they fail (retrying)
-``intake``    healthy while taking writes; degraded while starting, paused or draining
-============  =====================================================================
+=================  ================================================================
+``nats-ingest``    the connection of the write traffic: healthy when connected;
+                   unhealthy while disconnected (counters: reconnects, disconnects,
+                   server_closed, faults)
+``nats-control``   the connection of health, micro, control, reads and telemetry
+``queue``          healthy at ``ok``; degraded at ``soft`` or ``hard``
+``sink``           healthy while commits succeed; unhealthy while they fail (retrying)
+``intake``         healthy while taking writes; degraded while starting, paused or
+                   draining, or with a warning (a stream that captures the writes)
+``loop``           the event loop: ``lag_ms`` (how late it runs); over HTTP,
+                   unhealthy once it has been stuck for ``STORE_LOOP_STALL_S``
+=================  ================================================================
 
 The overall state is the worst component state (unhealthy > degraded > healthy).
-*Ready* means: running (not starting, paused or draining), connected to NATS, and the
-sink committing; a service that is not ready answers ``ready`` with a 503 service
-error besides the status.
+*Ready* means: running (not starting, paused or draining), both NATS connections up,
+and the sink committing; a service that is not ready answers ``ready`` with a 503
+service error besides the status.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .constants import SERVICE_NAME
 from .core import BackpressureLevel, HealthComponent, HealthStatus
+from .probes import loop_component
 
 if TYPE_CHECKING:
     from .service import StoreService
@@ -54,18 +61,6 @@ def health_status(svc: StoreService) -> HealthStatus:
 
     loop = asyncio.get_running_loop()
     stats = svc.stats
-    nc = svc.nc
-    connected = bool(nc is not None and nc.is_connected)
-    nats_c = HealthComponent(
-        name="nats",
-        state="healthy" if connected else "unhealthy",
-        details={
-            "connected": str(connected).lower(),
-            "server": nc.connected_url.netloc if nc is not None and nc.connected_url else "",
-            "reconnects": str(nc.stats.get("reconnects", 0) if nc is not None else 0),
-            "rtt_ms": f"{svc.rtt_ms:.3f}" if svc.rtt_ms is not None else "unknown",
-        },
-    )
     level = svc.feedback.level
     queue_c = HealthComponent(
         name="queue",
@@ -93,8 +88,9 @@ def health_status(svc: StoreService) -> HealthStatus:
     running = svc.status is Status.RUNNING and not svc.paused
     intake_c = HealthComponent(
         name="intake",
-        state="healthy" if running else "degraded",
+        state="healthy" if running and not svc.warnings else "degraded",
         details={
+            **({"warning": " | ".join(svc.warnings)[:1000]} if svc.warnings else {}),
             "mode": svc.settings.ingest_mode,
             "status": "paused" if svc.paused else svc.status.value,
             "messages": str(stats.messages),
@@ -114,7 +110,14 @@ def health_status(svc: StoreService) -> HealthStatus:
             ),
         },
     )
-    components = [nats_c, queue_c, sink_c, intake_c]
+    components = [
+        svc.ingest_nats.component(),
+        svc.control_nats.component(),
+        queue_c,
+        sink_c,
+        intake_c,
+        loop_component(svc.snapshot.lag_ms),
+    ]
     return HealthStatus(
         service=SERVICE_NAME,
         state=_worst([c.state for c in components]),
@@ -140,8 +143,9 @@ def readiness(svc: StoreService) -> tuple[bool, str, HealthStatus]:
         return False, f"service is {svc.status.value}", status
     if svc.paused:
         return False, "intake is paused", status
-    if svc.nc is None or not svc.nc.is_connected:
-        return False, "not connected to NATS", status
+    for conn in (svc.ingest_nats, svc.control_nats):
+        if not conn.connected:
+            return False, f"the NATS {conn.role} connection is down", status
     if not svc.batcher.sink_ok:
         return False, "the database is failing commits", status
     return True, "", status

@@ -36,6 +36,7 @@ from .constants import (
     SERVICE_ERROR_HEADER,
     SUBJECT_HEADER,
     TRUNCATED_HEADER,
+    TURN_SLICE_S,
 )
 from .core import BackpressureLevel
 from .decode import Decoded, PayloadDecoder, Reject, header
@@ -45,6 +46,7 @@ from .natsclient import payload_room
 from .queue import Envelope, QueueClosed, RecordQueue
 from .settings import Settings
 from .stats import Stats
+from .tasks import Turns
 
 __all__ = ["CoreIntake", "header_value", "write_reply"]
 
@@ -125,6 +127,11 @@ class CoreIntake:
         self._write_prefix = settings.subject("store", "write") + "."
         self._dlq_prefix = settings.subject("store", "dlq") + "."
         self._loop = asyncio.get_running_loop()
+        self._turns = Turns(TURN_SLICE_S)
+        # Records per message, smoothed: turns the client's backlog into records.
+        self._records_per_msg = 1.0
+        self._backlog_reported = 0
+        self._backlog_step = max(1, settings.queue_capacity // 100)
 
     @property
     def subject(self) -> str:
@@ -142,8 +149,8 @@ class CoreIntake:
             self.subject,
             queue=self._settings.queue_group,
             cb=self._on_msg,
-            pending_msgs_limit=self._settings.nats_pending_msgs_limit,
-            pending_bytes_limit=self._settings.nats_pending_bytes_limit,
+            pending_msgs_limit=self._settings.write_pending_msgs,
+            pending_bytes_limit=self._settings.write_pending_bytes,
         )
         # A round trip makes the server know the subscription before start() returns,
         # so a write sent right after start-up finds a responder.
@@ -167,6 +174,9 @@ class CoreIntake:
             await asyncio.shield(draining)
             if self._draining is draining:
                 self._draining = None
+        if self._backlog_reported:
+            self._backlog_reported = 0
+            self._feedback.on_backlog(0)
 
     def sink_state(self, down: bool) -> None:
         """The database started (True) or stopped (False) failing commits."""
@@ -198,6 +208,8 @@ class CoreIntake:
             await sub.unsubscribe()
 
     async def _on_msg(self, msg: Msg) -> None:
+        await self._turns.take()
+        self._report_backlog()
         self._stats.messages += 1
         if msg.reply and self._feedback.level is BackpressureLevel.hard:
             # A publisher that waits for an answer can slow down or go elsewhere:
@@ -215,6 +227,7 @@ class CoreIntake:
         kind, decoded = await self._examine(msg)
         if decoded is None:
             return
+        self._records_per_msg += (len(decoded.rows) - self._records_per_msg) / 16
         ack = fail = None
         if msg.reply:
             ack = self._reply_after_commit(msg, decoded)
@@ -230,6 +243,18 @@ class CoreIntake:
             )
             if msg.reply:
                 await self._error_reply(msg.reply, 503, "shutting_down", "the service is stopping")
+
+    def _report_backlog(self) -> None:
+        """Tell feedback what waits in the client, when it has moved by 1 % of capacity."""
+        sub = self._sub
+        if sub is None:
+            return
+        records = int(sub.pending_msgs * self._records_per_msg)
+        if abs(records - self._backlog_reported) >= self._backlog_step or (
+            records == 0 and self._backlog_reported
+        ):
+            self._backlog_reported = records
+            self._feedback.on_backlog(records)
 
     async def _examine(self, msg: Msg) -> tuple[str, Decoded | None]:
         """Decode and validate a write message; send its rejects to the DLQ.

@@ -157,8 +157,8 @@ class JetStreamIntake(CoreIntake):
         self._sub = await self._nc.subscribe(
             self._inbox,
             cb=self._on_delivery,
-            pending_msgs_limit=self._settings.nats_pending_msgs_limit,
-            pending_bytes_limit=self._settings.nats_pending_bytes_limit,
+            pending_msgs_limit=self._settings.write_pending_msgs,
+            pending_bytes_limit=self._settings.write_pending_bytes,
         )
         await self._nc.flush()
         self._outstanding = 0
@@ -288,6 +288,7 @@ class JetStreamIntake(CoreIntake):
             await self._woken(0.002 if blocked_by_room else min(self._heartbeat, 0.25))
 
     async def _on_delivery(self, msg: Msg) -> None:
+        await self._turns.take()
         headers = msg.headers
         if not msg.data and headers and _STATUS in headers:
             self._on_status(headers)

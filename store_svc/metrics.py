@@ -1,4 +1,5 @@
-"""Prometheus metrics on ``STORE_METRICS_PORT`` (prometheus-client).
+"""The HTTP endpoint on ``STORE_METRICS_PORT``: Prometheus ``/metrics`` and the
+``/healthz`` / ``/readyz`` probes (``probes.py``), served from threads.
 
 Counters and gauges are read from the service's own counters when scraped, so the
 hot path pays nothing for them; the two histograms (records per commit, commit
@@ -9,15 +10,17 @@ several services in one process (tests) do not collide.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .core import BackpressureLevel
+from .probes import HealthSnapshot
 
 if TYPE_CHECKING:
     from .service import StoreService
@@ -106,6 +109,60 @@ class _StoreCollector(Collector):
             "1 while commits succeed, 0 while they fail.",
             value=1 if svc.batcher.sink_ok else 0,
         )
+        connected = GaugeMetricFamily(
+            "store_nats_connected", "1 while the connection is up.", labels=["connection"]
+        )
+        faults = CounterMetricFamily(
+            "store_nats_faults",
+            "nats-py tasks that ended under a connected client (each one reconnected).",
+            labels=["connection"],
+        )
+        disconnects = CounterMetricFamily(
+            "store_nats_disconnects",
+            "Connections lost while in use, by connection (ingest, control).",
+            labels=["connection"],
+        )
+        for conn in (svc.ingest_nats, svc.control_nats):
+            connected.add_metric([conn.role], 1 if conn.connected else 0)
+            faults.add_metric([conn.role], conn.faults)
+            disconnects.add_metric([conn.role], conn.disconnects)
+        yield connected
+        yield faults
+        yield disconnects
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    # A thread per request: a slow scrape never holds up a probe.
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes arrive every few seconds; they are not worth a log line."""
+
+
+def _app(registry: CollectorRegistry, snapshot: HealthSnapshot) -> Any:
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/healthz", "/readyz"):
+            if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+                start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+                return [b""]
+            code, body = snapshot.answer(path)
+            start_response(
+                "200 OK" if code == 200 else "503 Service Unavailable",
+                [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(body))),
+                    ("Cache-Control", "no-store"),
+                ],
+            )
+            return [body]
+        return metrics(environ, start_response)  # type: ignore[no-any-return]
+
+    return app
 
 
 class Metrics:
@@ -113,9 +170,11 @@ class Metrics:
 
     Args:
         svc: the service whose counters are exported.
+        snapshot: what ``/healthz`` and ``/readyz`` answer from.
     """
 
-    def __init__(self, svc: StoreService) -> None:
+    def __init__(self, svc: StoreService, snapshot: HealthSnapshot) -> None:
+        self._snapshot = snapshot
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_StoreCollector(svc))
         self.batch_records = Histogram(
@@ -156,13 +215,23 @@ class Metrics:
         return self._server.server_port if self._server is not None else None
 
     def start(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Serve ``/metrics`` on ``port`` (0 picks a free port) from a daemon thread.
+        """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``port`` (0 picks a free
+        port) from daemon threads.
 
         Args:
             port: TCP port.
             addr: address to bind.
         """
-        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        server = make_server(
+            addr,
+            port,
+            _app(self.registry, self._snapshot),
+            server_class=_Server,
+            handler_class=_QuietHandler,
+        )
+        thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+        thread.start()
+        self._server, self._thread = server, thread
 
     def stop(self) -> None:
         """Stop the endpoint; idempotent."""

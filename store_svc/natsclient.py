@@ -23,6 +23,23 @@ connection for good: one malformed write of nearly 1 MiB, sent on to the DLQ wit
 its reason headers, left the service deaf (measured). :meth:`_send_publish`
 here refuses such a message with ``MaxPayloadError`` before it is sent, and
 :func:`payload_room` tells callers how much payload fits beside given headers.
+
+And nats-py 2.16 ends its read loop when a PONG arrives for a ``flush()`` or
+``rtt()`` that has already timed out: the timed-out wait cancels its future but
+leaves it queued, ``_process_pong`` calls ``set_result`` on it, ``InvalidStateError``
+escapes the parser, and the read loop logs ``nats: encountered error`` and stops,
+with the socket left open. The client then reads nothing until its stale-connection
+pings give up on it minutes later (measured: 5½ minutes deaf after a write flood
+made one RTT probe late). :meth:`_process_pong` here skips a wait that is already
+over, as the PONG still belongs to it. ``connection.py`` also watches the client's
+tasks, so any other death of the read loop is a connection fault, not silence.
+
+Last, nats-py's read loop does not suspend while its socket buffer holds data: a
+write flood kept it parsing for 40+ ms per turn of the event loop (measured with
+asyncio's slow-callback log), and every other task, health on the other connection
+included, waited that long for each of its steps. The parser here yields to the
+loop once it has parsed for ``TURN_SLICE_S`` (checked every 4 KiB; a read is up to
+32 KiB).
 """
 
 from __future__ import annotations
@@ -33,6 +50,10 @@ from typing import Any
 from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as _Client
 from nats.errors import MaxPayloadError
+from nats.protocol.parser import Parser
+
+from .constants import TURN_SLICE_S
+from .tasks import Turns
 
 __all__ = ["OrderedFlushClient", "header_bytes", "payload_room"]
 
@@ -50,8 +71,30 @@ def payload_room(nc: _Client, headers: dict[str, str] | None) -> int:
     return int(nc.max_payload) - header_bytes(headers)
 
 
+#: Bytes parsed before the parser looks at the clock (about 20 small messages).
+PARSE_SLICE = 4096
+
+
+class _TurnTakingParser(Parser):
+    def __init__(self, nc: _Client) -> None:
+        super().__init__(nc)
+        self._turns = Turns(TURN_SLICE_S)
+
+    async def parse(self, data: bytes = b"") -> None:
+        # The parser keeps a partial message for the next call, so a read can be
+        # parsed in slices, with a turn of the loop whenever the time slice is used.
+        for start in range(0, len(data), PARSE_SLICE):
+            await super().parse(data[start : start + PARSE_SLICE])
+            await self._turns.take()
+
+
 class OrderedFlushClient(_Client):
-    """A nats-py client whose PINGs travel behind the commands sent before them."""
+    """A nats-py client whose PINGs travel behind the commands sent before them, whose
+    read loop survives a late PONG, and that never sends a message the server refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ps = _TurnTakingParser(self)
 
     async def _send_ping(self, future: asyncio.Future[bool] | None = None) -> None:
         if future is None:
@@ -59,6 +102,17 @@ class OrderedFlushClient(_Client):
         self._pongs.append(future)
         await self._send_command(PING_PROTO)
         await self._flush_pending()
+
+    async def _process_pong(self) -> None:
+        # PONGs come back in the order of the PINGs, so the head of the queue is this
+        # PONG's wait even when it has given up (timed out, cancelled): pop it, and
+        # only a wait still waiting gets the answer.
+        if self._pongs:
+            future = self._pongs.pop(0)
+            if not future.done():
+                future.set_result(True)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
 
     async def _send_publish(
         self,

@@ -1,12 +1,20 @@
 """The service: wires intake, queue, batcher and sink, and owns the lifecycle.
 
-Start-up order: metrics endpoint → connect NATS → health, readiness and control answer
-(``starting``) → open the sink (schema) → the read API answers → announce the
-feedback level → start the batcher → start intake. Shutdown runs the other way in a
-fixed order, each step bounded by what is left of ``STORE_SHUTDOWN_GRACE_S``: stop intake (messages
-already delivered are still handled) → close the queue → the batcher flushes, commits
-and replies → publish the final feedback state → the read API stops (queries under
-way finish) → drain the NATS connection → close the sink.
+The service holds two NATS connections: *ingest* carries the write traffic (the write
+subscription or the JetStream pulls and acks, DLQ copies, write replies) and *control*
+carries everything that must answer under a write flood (health, readiness, the micro
+service, admin control and audit, the read API, feedback). A backlog of writes in one
+socket then never delays a health answer or a feedback event in the other.
+
+Start-up order: HTTP endpoint (metrics, probes) → connect both NATS connections →
+health, readiness and control answer (``starting``) → open the sink (schema) → the read
+API answers → announce the feedback level → start the batcher → start intake.
+
+Shutdown runs the other way in a fixed order, each step bounded by what is left of
+``STORE_SHUTDOWN_GRACE_S``: stop intake (messages already delivered are still handled)
+→ close the queue → the batcher flushes, commits, acks and replies → drain the ingest
+connection → publish the final feedback state → the read API stops (queries under way
+finish) → drain the control connection → close the sink.
 """
 
 from __future__ import annotations
@@ -14,26 +22,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import nats
 import pydantic
 from nats.aio.client import Client as NATS
 from nats.errors import SlowConsumerError
 
-from .admin import AdminControl
+from .admin import AdminControl, NotRunning
 from .batcher import Batcher
+from .connection import NatsConnection
 from .control import ControlPlane
 from .core import ControlAction, FeedbackPublisher
 from .decode import PayloadDecoder
-from .errors import ConfigError, NatsUnavailable, ShutdownTimeout
+from .errors import ConfigError, ShutdownTimeout
 from .feedback import FeedbackLoop, NatsFeedbackPublisher
 from .intake import CoreIntake
 from .jsintake import JetStreamIntake
 from .metrics import Metrics
-from .natsclient import OrderedFlushClient
+from .probes import HealthSnapshot
 from .query import QueryApi
 from .queue import RecordQueue
 from .records import KINDS
@@ -99,23 +109,43 @@ class StoreService:
         )
         self.decoder = PayloadDecoder(settings.max_payload_bytes, settings.max_future_skew_s)
         self.status = Status.CREATED
-        self.nc: NATS | None = None
+        #: Set when a NATS connection was closed for good while running;
+        #: ``store-svc run`` then shuts down and exits with code 1.
+        self.connection_lost = asyncio.Event()
+        self.ingest_nats = NatsConnection(
+            "ingest",
+            settings,
+            on_lost=self._on_connection_lost,
+            on_reconnected=self._on_reconnected,
+            on_slow_consumer=self._on_slow_consumer,
+        )
+        self.control_nats = NatsConnection("control", settings, on_lost=self._on_connection_lost)
+        #: Why health is degraded besides its components (e.g. a stream that captures
+        #: the write subjects in core mode); empty when nothing is wrong.
+        self.warnings: list[str] = []
         self._intake: CoreIntake | None = None
         self._batcher_task: asyncio.Task[None] | None = None
         self._feedback_task: asyncio.Task[None] | None = None
-        self._rtt_task: asyncio.Task[None] | None = None
-        self.metrics = Metrics(self)
+        self.snapshot = HealthSnapshot(settings.loop_stall_s)
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self.metrics = Metrics(self, self.snapshot)
         self.batcher.on_commit = self.metrics.observe_commit
         self.batcher.on_sink_state = self._on_sink_state
         self.control = ControlPlane(self)
         self.admin = AdminControl(self, self._act)
         self.query: QueryApi | None = None
         self.paused = False
-        self.rtt_ms: float | None = None
         self._stopped = asyncio.Event()
-        #: Set when the NATS connection was closed for good while running;
-        #: ``store-svc run`` then shuts down and exits with code 1.
-        self.connection_lost = asyncio.Event()
+
+    @property
+    def nc(self) -> NATS:
+        """The ingest connection's client (writes, DLQ, write replies, JetStream)."""
+        return self.ingest_nats.nc
+
+    @property
+    def control_nc(self) -> NATS:
+        """The control connection's client (health, micro, admin, reads, telemetry)."""
+        return self.control_nats.nc
 
     async def start(self) -> None:
         """Connect to NATS, open the sink and start taking writes.
@@ -125,41 +155,46 @@ class StoreService:
             NatsUnavailable: NATS cannot be reached within ``STORE_NATS_CONNECT_TIMEOUT_S``.
         """
         self.status = Status.STARTING
+        self._snapshot_task = asyncio.create_task(self.snapshot.keep_fresh(self), name="snapshot")
         if self.settings.metrics_port is not None:
             try:
                 self.metrics.start(self.settings.metrics_port)
             except OSError as exc:
+                await cancel_and_wait(self._snapshot_task)
                 raise ConfigError(
                     f"cannot serve metrics on port {self.settings.metrics_port}: {exc}"
                 ) from exc
         try:
-            self.nc = OrderedFlushClient()
-            await self._connect(self.nc)
+            await self.control_nats.connect()
+            await self.ingest_nats.connect()
+            control_nc = self.control_nats.nc
             # Health answers from here on: while the database opens (a schema check, a
             # locked file, a slow server) a probe sees "starting" rather than nothing.
-            await self.control.start(self.nc)
-            await self.admin.start(self.nc)
+            await self.control.start(control_nc)
+            await self.admin.start(control_nc)
             await self.sink.open()
-            await self._start_query(self.nc)
+            await self._start_query(control_nc)
             if self.feedback.publisher is None:
                 self.feedback.publisher = NatsFeedbackPublisher(
-                    self.nc, self.settings.subject("telemetry", "feedback")
+                    control_nc, self.settings.subject("telemetry", "feedback")
                 )
             await self.feedback.announce()
             self._feedback_task = asyncio.create_task(self.feedback.run(), name="feedback")
             self._batcher_task = asyncio.create_task(self.batcher.run(), name="batcher")
-            intake_type = (
-                JetStreamIntake if self.settings.ingest_mode == "jetstream" else CoreIntake
-            )
+            if self.settings.ingest_mode == "jetstream":
+                intake_type: type[CoreIntake] = JetStreamIntake
+            else:
+                intake_type = CoreIntake
+                await self._check_no_stream_captures_writes()
             self._intake = intake_type(
                 self.nc, self.settings, self.decoder, self.queue, self.stats, self.feedback
             )
             await self._intake.start()
-            self._rtt_task = asyncio.create_task(self._probe_rtt(), name="rtt")
         except BaseException:
             await self._abort()
             raise
         self.status = Status.RUNNING
+        self.snapshot.refresh(self)
         log.info(
             "store-svc running: nats=%s sink=%s queue=%d batch=%d",
             self.nc.connected_url.netloc if self.nc.connected_url else "?",
@@ -168,25 +203,31 @@ class StoreService:
             self.settings.batch_size,
         )
 
-    async def _connect(self, nc: NATS) -> None:
-        url = self.settings.nats_url
-        limit = self.settings.nats_connect_timeout_s
+    async def _check_no_stream_captures_writes(self) -> None:
+        """Core mode: warn when a JetStream stream also captures the write subjects.
+
+        Such a stream answers every request-reply write with its own PubAck (often
+        before the store does, even for junk), so publishers believe writes the store
+        refused were stored; and it keeps a copy nobody consumes.
+        """
+        subject = self.settings.subject("store", "write", ">")
         try:
-            async with asyncio.timeout(limit):
-                await nc.connect(
-                    servers=self.settings.nats_servers,
-                    name=f"store-svc {self.settings.queue_group}",
-                    error_cb=self._on_nats_error,
-                    closed_cb=self._on_closed,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                    # Once connected, never give up: a NATS restart must not end the service.
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py takes floats
-                    connect_timeout=min(5.0, limit),  # type: ignore[arg-type]
-                )
-        except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
-            raise NatsUnavailable(f"cannot reach NATS at {url} within {limit:g}s") from exc
+            reply = await self.control_nc.request(
+                "$JS.API.STREAM.NAMES", json.dumps({"subject": subject}).encode(), timeout=2
+            )
+            names = json.loads(reply.data).get("streams") or []
+        except (nats.errors.Error, TimeoutError, ValueError, AttributeError):
+            return  # no JetStream on this server (no responders) or no answer: no stream
+        if not isinstance(names, list) or not names:
+            return
+        text = (
+            f"JetStream stream(s) {', '.join(map(str, names[:5]))} capture {subject} in "
+            "core mode: they answer request-reply writes with their own PubAck, so "
+            "publishers may take refused writes as stored; delete them or run in "
+            "jetstream mode"
+        )
+        log.warning("%s", text)
+        self.warnings.append(text)
 
     async def stop(self) -> None:
         """Shut down cleanly within the grace period; idempotent.
@@ -202,38 +243,38 @@ class StoreService:
             self.status = Status.STOPPED
             return
         self.status = Status.DRAINING
+        self.snapshot.refresh(self)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.shutdown_grace_s
         pending = 0
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         try:
             if self._intake is not None:
                 log.info("stopping intake")
-                await self._intake.stop(max(0.0, deadline - loop.time()) / 2)
+                await self._intake.stop(left() / 2)
             self.queue.close()
             if self._batcher_task is not None:
                 log.info("flushing %d queued records", self.queue.depth)
-                done, _ = await asyncio.wait(
-                    {self._batcher_task}, timeout=max(0.0, deadline - loop.time())
-                )
+                done, _ = await asyncio.wait({self._batcher_task}, timeout=left())
                 if not done:
                     pending = self.queue.depth + self.batcher.in_flight
                     await cancel_and_wait(self._batcher_task)
                     log.error("grace period over: %d records were not committed", pending)
             if self._intake is not None:
                 await self._intake.close()  # JetStream: hand back what was not committed
+            await self.ingest_nats.drain(left())
             await self._stop_feedback()
-            await self._stop_query(deadline - loop.time())
+            await self._stop_query(left())
             await self._stop_control()
-            if self.nc is not None and not self.nc.is_closed:
-                try:
-                    async with asyncio.timeout(max(0.1, deadline - loop.time())):
-                        await self.nc.drain()
-                except (TimeoutError, nats.errors.Error) as exc:
-                    log.warning("NATS drain did not finish (%s); closing", exc or "timeout")
-                    with contextlib.suppress(OSError, nats.errors.Error):
-                        await self.nc.close()  # a lost connection has nothing left to flush
+            await self.control_nats.drain(left())
         finally:
+            await self.ingest_nats.close()
+            await self.control_nats.close()
             await self.sink.close()
+            await cancel_and_wait(self._snapshot_task)
             self.metrics.stop()
             self.status = Status.STOPPED
             self._stopped.set()
@@ -258,26 +299,16 @@ class StoreService:
         if pending:
             raise ShutdownTimeout(pending)
 
-    async def _probe_rtt(self) -> None:
-        # Health must not wait on the network, so the round-trip time is measured here.
-        while True:
-            nc = self.nc
-            if nc is not None and nc.is_connected:
-                try:
-                    self.rtt_ms = await nc.rtt(timeout=2) * 1000
-                except (TimeoutError, nats.errors.Error):
-                    self.rtt_ms = None
-            await asyncio.sleep(self.settings.feedback_heartbeat_s)
-
     async def _act(self, action: ControlAction) -> str:
         """Carry out an authorised control action; return what was done."""
         intake = self._intake
         if self.status is not Status.RUNNING or intake is None:
-            raise ValueError(f"the service is {self.status.value}")
+            raise NotRunning(self.status.value)
         if action is ControlAction.pause:
             if self.paused:
                 return "intake was already paused"
             self.paused = True
+            self.snapshot.refresh(self)
             await intake.stop(self.settings.shutdown_grace_s / 2)
             return f"intake paused; {self.queue.depth} queued records are still being committed"
         if action is ControlAction.resume:
@@ -285,6 +316,7 @@ class StoreService:
                 return "intake was not paused"
             await intake.start()
             self.paused = False
+            self.snapshot.refresh(self)
             return "intake resumed"
         try:
             new = reloaded(self.settings)
@@ -305,8 +337,6 @@ class StoreService:
     async def _stop_control(self) -> None:
         with contextlib.suppress(nats.errors.Error):
             await self.admin.stop()
-        task, self._rtt_task = self._rtt_task, None
-        await cancel_and_wait(task)
         with contextlib.suppress(nats.errors.Error):
             await self.control.stop()
 
@@ -342,9 +372,10 @@ class StoreService:
         self.feedback.close()
         self.queue.close()
         await cancel_and_wait(self._batcher_task)
-        if self.nc is not None and not self.nc.is_closed:
-            await self.nc.close()
+        await self.ingest_nats.close()
+        await self.control_nats.close()
         await self.sink.close()
+        await cancel_and_wait(self._snapshot_task)
         self.metrics.stop()
         self.status = Status.STOPPED
         self._stopped.set()
@@ -361,46 +392,30 @@ class StoreService:
     ) -> None:
         await self.stop()
 
-    async def _on_nats_error(self, exc: Exception) -> None:
-        if isinstance(exc, SlowConsumerError):
-            self.stats.dropped_messages += 1
-            tail = (exc.subject or "").removeprefix(self.settings.subject("store", "write") + ".")
-            kind = tail.partition(".")[0]
-            self.stats.dropped_by_kind[kind if kind in KINDS else "unknown"] += 1
-            if self.stats.dropped_messages == 1 or self.stats.dropped_messages % 1000 == 0:
-                log.error(
-                    "NATS client dropped write messages as a slow consumer (%d so far); "
-                    "raise STORE_NATS_PENDING_MSGS_LIMIT / STORE_NATS_PENDING_BYTES_LIMIT "
-                    "or add instances",
-                    self.stats.dropped_messages,
-                )
-            return
-        log.warning("NATS error: %s", exc)
+    def _on_slow_consumer(self, exc: SlowConsumerError) -> None:
+        self.stats.dropped_messages += 1
+        tail = (exc.subject or "").removeprefix(self.settings.subject("store", "write") + ".")
+        kind = tail.partition(".")[0]
+        self.stats.dropped_by_kind[kind if kind in KINDS else "unknown"] += 1
+        if self.stats.dropped_messages == 1 or self.stats.dropped_messages % 1000 == 0:
+            log.error(
+                "NATS client dropped write messages as a slow consumer (%d so far); "
+                "raise STORE_NATS_PENDING_MSGS_LIMIT / STORE_NATS_PENDING_BYTES_LIMIT "
+                "or add instances",
+                self.stats.dropped_messages,
+            )
 
     def _on_sink_state(self, down: bool) -> None:
         self.feedback.set_sink_down(down)
         if self._intake is not None:
             self._intake.sink_state(down)
 
-    async def _on_closed(self) -> None:
-        # With reconnects unlimited, nats-py closes the connection on its own only
-        # after a protocol error (e.g. a message the server refused as too large).
-        # A service without its connection takes no writes and answers nothing:
+    def _on_connection_lost(self) -> None:
+        # A service without its connections takes no writes and answers nothing:
         # say so, so the process can end and be restarted.
-        if self.status is Status.RUNNING:
-            nc = self.nc
-            log.error(
-                "the NATS connection was closed (%s); the service cannot go on",
-                nc.last_error if nc is not None else "?",
-            )
+        if self.status in (Status.STARTING, Status.RUNNING):
             self.connection_lost.set()
 
-    async def _on_disconnected(self) -> None:
-        if self.status is Status.RUNNING:
-            log.warning("disconnected from NATS; reconnecting")
-
-    async def _on_reconnected(self) -> None:
-        url: Any = self.nc.connected_url if self.nc else None
-        log.info("reconnected to NATS at %s", url.netloc if url else "?")
+    def _on_reconnected(self) -> None:
         if self._intake is not None:
             self._intake.reconnected()

@@ -182,12 +182,20 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=30.0, gt=0.0)
     """Upper bound on a clean shutdown: flush, commit, reply and drain."""
 
-    nats_pending_msgs_limit: int = Field(default=512 * 1024, gt=0)
+    nats_pending_msgs_limit: int | None = Field(default=None, gt=0)
     """Messages the NATS client buffers for the write subscription before it drops
-    them as a slow consumer (each drop is counted and logged)."""
+    them as a slow consumer (each drop is counted and logged); unset means the queue
+    capacity (at least 65,536), so the buffer in front of the queue holds about as
+    much as the queue and a burst costs bounded memory and catch-up time."""
 
-    nats_pending_bytes_limit: int = Field(default=256 * 1024 * 1024, gt=0)
-    """Bytes the NATS client buffers for the write subscription (see above)."""
+    nats_pending_bytes_limit: int | None = Field(default=None, gt=0)
+    """Payload bytes the NATS client buffers for the write subscription (see above);
+    unset means 512 bytes per record of queue capacity, at least 64 MiB."""
+
+    loop_stall_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+    """``GET /healthz`` and ``/readyz`` answer 503 (``loop`` unhealthy) once the event
+    loop has not refreshed their snapshot for this long: the process is stuck, and a
+    liveness probe should restart it. They answer from the HTTP thread either way."""
 
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
     """SQLite ``synchronous`` pragma. ``NORMAL`` with WAL survives a process crash;
@@ -292,6 +300,16 @@ class Settings(BaseSettings):
     def nats_servers(self) -> list[str]:
         """The NATS URLs of ``nats_url``, one per server."""
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+    @property
+    def write_pending_msgs(self) -> int:
+        """The effective ``nats_pending_msgs_limit`` of the write subscription."""
+        return self.nats_pending_msgs_limit or max(self.queue_capacity, 65_536)
+
+    @property
+    def write_pending_bytes(self) -> int:
+        """The effective ``nats_pending_bytes_limit`` of the write subscription."""
+        return self.nats_pending_bytes_limit or max(self.queue_capacity * 512, 64 * 1024 * 1024)
 
     @property
     def soft_recovery(self) -> float:

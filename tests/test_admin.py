@@ -298,3 +298,26 @@ async def test_a_shutdown_during_a_pause_waits_for_the_pause_drain(
     result, _ = await pausing
     assert result.status == "ok"
     assert count(db_path, "trades") == 60, "nothing the pause was still delivering is lost"
+
+
+async def test_control_while_starting_is_503_with_a_retry_hint(
+    make_settings: Callable[..., Settings],
+    client: NATS,
+    db_path: Path,
+    audit: list[AuditEnvelope],
+) -> None:
+    async with StoreService(make_settings()):
+        pass  # create the database, so it can be locked below
+    svc = StoreService(make_settings(admin_token=TOKEN))
+    with locked(db_path):  # the schema check waits for the lock: start-up hangs there
+        starting = asyncio.create_task(svc.start())
+        await until(lambda: svc.admin._sub is not None)
+        result, headers = await control(client, "pause", bearer())
+        assert result.status == "error"
+        assert "starting" in result.detail
+        assert headers["Nats-Service-Error-Code"] == "503"
+        assert int(headers["Store-Retry-After-Ms"]) > 0
+        await until(lambda: len(audit) == 1)
+        assert audit[0].result.status == "error"
+    await asyncio.wait_for(starting, 30)
+    await svc.stop()

@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from store_svc.core import HealthStatus
 from store_svc.errors import ConfigError, JetStreamUnavailable
 from store_svc.natsserver import NatsServer
 from store_svc.service import StoreService
@@ -310,3 +311,29 @@ async def test_a_lone_instance_takes_back_what_it_handed_back(
         await until(lambda: count(db_path, "trades") == 150, timeout=20)
         await until_async(lambda: _settled(js, settings))
         assert svc.stats.js_redelivered > 0, "handed-back messages came back once it recovered"
+
+
+async def test_core_mode_warns_when_a_stream_captures_the_write_subjects(
+    js_server: NatsServer,
+    js_client: NATS,
+    db_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    js = js_client.jetstream()
+    await js.add_stream(name="LEFTOVER", subjects=["mdp.store.write.trades.*"])
+    settings = load_settings(nats_url=js_server.url, database_url=f"sqlite:///{db_path}")
+    async with StoreService(settings) as svc:
+        assert len(svc.warnings) == 1
+        assert "LEFTOVER" in svc.warnings[0]
+        assert "LEFTOVER" in caplog.text
+        reply = await js_client.request("mdp.store.health", b"", timeout=2)
+        status = HealthStatus.model_validate_json(reply.data)
+        assert status.state == "degraded"
+        intake = next(c for c in status.components if c.name == "intake")
+        assert intake.state == "degraded"
+        assert "LEFTOVER" in intake.details["warning"]
+    await js.delete_stream("LEFTOVER")
+    # Without such a stream (JetStream enabled, other streams present), no warning.
+    await js.add_stream(name="OTHER", subjects=["elsewhere.>"])
+    async with StoreService(settings) as svc:
+        assert svc.warnings == []
