@@ -88,7 +88,7 @@ def print_table(report: dict[str, Any]) -> None:
     head = (
         f"{'scenario':<16}{'p50':>7}{'p99':>7}{'max':>7}{'idle p99':>9}{'missed':>7}"
         f"{'published':>10}{'committed':>10}{'dropped':>9}{'refused':>8}{'lost':>6}"
-        f"{'µs/rec':>8}  goal"
+        f"{'µs/rec':>8}{'lag max':>8}  goal"
     )
     print(head)
     for name, s in report["scenarios"].items():
@@ -99,7 +99,8 @@ def print_table(report: dict[str, Any]) -> None:
             f"{_ms(s['health_ms_idle']['p99']):>9}{s['probe_missed']:>7}"
             f"{s['published_records']:>10}{s['committed']:>10}{s['dropped_msgs']:>9}"
             f"{s['refused_msgs']:>8}{s['unaccounted']:>6}"
-            f"{_ms(s['service_cpu_us_per_record']):>8}  {'met' if met else 'missed'}"
+            f"{_ms(s['service_cpu_us_per_record']):>8}{_ms(s['loop_lag_ms_max']):>8}"
+            f"  {'met' if met else 'missed'}"
         )
 
 

@@ -111,6 +111,8 @@ class FloodResult:
     probe_ms_outside: list[float] = field(default_factory=list)
     probe_missed_outside: int = 0
     probe_states: dict[str, int] = field(default_factory=dict)
+    #: The service's event-loop lag (ms) as reported in health during the flood.
+    loop_lag_ms: list[float] = field(default_factory=list)
     after_write: dict[str, Any] = field(default_factory=dict)
     service_cpu_s: float = 0.0
     nats_cpu_s: float = 0.0
@@ -164,6 +166,7 @@ class FloodResult:
                 "p99": self.probe_percentile(99),
                 "max": max(self.probe_ms) if self.probe_ms else None,
             },
+            "loop_lag_ms_max": max(self.loop_lag_ms) if self.loop_lag_ms else None,
             "health_ms_idle": {
                 "p50": self.probe_percentile(50, idle=True),
                 "p99": self.probe_percentile(99, idle=True),
@@ -203,6 +206,9 @@ class _Prober:
         #: time.monotonic() of every probe that got no answer in time.
         self.missed: list[float] = []
         self.states: dict[str, int] = {}
+        #: (time sent, the service's own event-loop lag in ms) from each health body:
+        #: how late the loop ran a timer, as opposed to the machine's scheduling.
+        self.lags: list[tuple[float, float]] = []
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
@@ -219,7 +225,12 @@ class _Prober:
                 else:
                     took = time.perf_counter() - started
                     self.answered.append((time.monotonic() - took, took * 1000))
-                    state = str(json.loads(reply.data).get("state"))
+                    body = json.loads(reply.data)
+                    state = str(body.get("state"))
+                    for comp in body.get("components", []):
+                        if comp.get("name") == "loop":
+                            lag = float(comp["details"]["lag_ms"])
+                            self.lags.append((time.monotonic() - took, lag))
                     self.states[state] = self.states.get(state, 0) + 1
                 next_at += self.every
                 delay = next_at - loop.time()
@@ -335,6 +346,7 @@ def run_flood(
         ]
         res.probe_missed_outside = len(prober.missed) - res.probe_missed
         res.probe_states = prober.states
+        res.loop_lag_ms = [lag for at, lag in prober.lags if window[0] <= at <= window[1]]
         used = CpuMeter.used(before, meter.read(), 1.0)["cpu_s"]
         res.service_cpu_s = used["service"]
         res.nats_cpu_s = used["nats"]

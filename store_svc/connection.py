@@ -218,8 +218,13 @@ class NatsConnection:
     def _task_ended(self, what: str, attr: str, task: asyncio.Task[Any]) -> None:
         nc = self.nc
         # A task replaced by a reconnect, or ended by close, drain or reconnect (each
-        # leaves the CONNECTED state first), is no fault.
-        if getattr(nc, attr, None) is not task or not nc.is_connected or nc.is_draining:
+        # leaves the CONNECTED state first), or of a connection being closed, is no fault.
+        if (
+            not self._in_use
+            or getattr(nc, attr, None) is not task
+            or not nc.is_connected
+            or nc.is_draining
+        ):
             return
         cause = ""
         if not task.cancelled() and task.exception() is not None:
@@ -238,6 +243,8 @@ class NatsConnection:
 
     async def _recover(self) -> None:
         nc = self.nc
+        if not self._in_use or nc.is_draining:
+            return  # closing or draining meanwhile: a reconnect would undo that
         with contextlib.suppress(nats.errors.Error, OSError):
             await nc.force_reconnect()
         if nc.is_reconnecting or nc.is_closed:

@@ -151,6 +151,7 @@ def _app(registry: CollectorRegistry, snapshot: HealthSnapshot) -> Any:
                 start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
                 return [b""]
             code, body = snapshot.answer(path)
+            head = environ["REQUEST_METHOD"] == "HEAD"
             start_response(
                 "200 OK" if code == 200 else "503 Service Unavailable",
                 [
@@ -159,7 +160,7 @@ def _app(registry: CollectorRegistry, snapshot: HealthSnapshot) -> Any:
                     ("Cache-Control", "no-store"),
                 ],
             )
-            return [body]
+            return [b"" if head else body]
         return metrics(environ, start_response)  # type: ignore[no-any-return]
 
     return app

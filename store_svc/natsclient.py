@@ -77,15 +77,25 @@ PARSE_SLICE = 4096
 
 class _TurnTakingParser(Parser):
     def __init__(self, nc: _Client) -> None:
+        self.generation = 0
         super().__init__(nc)
         self._turns = Turns(TURN_SLICE_S)
+
+    def reset(self) -> None:
+        # A reset (a reconnect) starts a new byte stream: counted, so that a read of
+        # the old connection being parsed across a turn of the loop is not fed on.
+        self.generation += 1
+        super().reset()
 
     async def parse(self, data: bytes = b"") -> None:
         # The parser keeps a partial message for the next call, so a read can be
         # parsed in slices, with a turn of the loop whenever the time slice is used.
+        generation = self.generation
         for start in range(0, len(data), PARSE_SLICE):
             await super().parse(data[start : start + PARSE_SLICE])
             await self._turns.take()
+            if self.generation != generation:
+                return  # the connection was reset meanwhile: the rest is of the old one
 
 
 class OrderedFlushClient(_Client):
@@ -95,6 +105,17 @@ class OrderedFlushClient(_Client):
     def __init__(self) -> None:
         super().__init__()
         self._ps = _TurnTakingParser(self)
+
+    async def _process_connect_init(self) -> None:
+        await super()._process_connect_init()
+        # _send_ping queues PINGs in _pending, which a reconnect keeps and sends on the
+        # new connection, while the waits they belonged to were dropped with the old
+        # _pongs: their PONGs would then answer the next flush() before its own PING
+        # has been processed. Those waits time out either way; their PINGs go here.
+        stale = sum(1 for cmd in self._pending if cmd is PING_PROTO)
+        if stale:
+            self._pending = [cmd for cmd in self._pending if cmd is not PING_PROTO]
+            self._pending_data_size -= stale * len(PING_PROTO)
 
     async def _send_ping(self, future: asyncio.Future[bool] | None = None) -> None:
         if future is None:

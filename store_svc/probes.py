@@ -18,6 +18,7 @@ loop has been stuck.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from .service import StoreService
 
 __all__ = ["HealthSnapshot", "loop_component"]
+
+log = logging.getLogger(__name__)
 
 #: The snapshot is refreshed this often at most (a quarter of the stall limit when
 #: that is shorter), so a stall is told from a refresh that is merely due.
@@ -67,6 +70,7 @@ class HealthSnapshot:
         self.lag_ms = 0.0
         # One tuple, replaced whole, so a reading thread never sees half an update.
         self._state: tuple[float, HealthStatus, bool] | None = None
+        self._last_error = ""
 
     async def keep_fresh(self, svc: StoreService) -> None:
         """Refresh the snapshot from ``svc`` until cancelled.
@@ -89,7 +93,21 @@ class HealthSnapshot:
         """
         from .health import readiness
 
-        ready, _reason, status = readiness(svc)
+        try:
+            ready, _reason, status = readiness(svc)
+        except Exception as exc:
+            # A bug in building the status must not pass for a stuck loop (liveness
+            # would restart a working store) nor abort a shutdown: the loop is alive,
+            # so the last status is kept with a fresh time, and the bug is logged.
+            text = repr(exc)
+            if text != self._last_error:
+                self._last_error = text
+                log.exception("building the health snapshot failed")
+            state = self._state
+            if state is not None:
+                self._state = (time.monotonic(), state[1], state[2])
+            return
+        self._last_error = ""
         self._state = (time.monotonic(), status, ready)
 
     def answer(self, path: str) -> tuple[int, bytes]:

@@ -47,7 +47,7 @@ async def late_pong(nc: Client, server: NatsServer) -> None:
     """An RTT probe whose PONG comes back after the probe has given up."""
     with frozen(server), pytest.raises(NatsTimeout):
         await nc.rtt(timeout=0.2)  # type: ignore[arg-type]
-    await asyncio.sleep(0.3)  # the PONG arrives once the server runs again
+    # The PONG arrives once the server runs again.
 
 
 async def responder(url: str) -> Client:
@@ -87,7 +87,9 @@ async def test_a_late_pong_kills_plain_nats_py_but_not_the_service_client(
 
         ours = OrderedFlushClient()
         await ours.connect(nats_server.url)
+        before = ours._pongs_received
         await late_pong(ours, nats_server)
+        await until(lambda: ours._pongs_received > before)  # the late PONG was read
         assert ours._reading_task is not None
         assert not ours._reading_task.done()
         reply = await ours.request("echo", b"2", timeout=2)
@@ -171,6 +173,10 @@ async def test_a_dead_read_loop_is_a_counted_fault_and_the_connection_comes_back
         assert details["faults"] == "1"
         assert details["connected"] == "true"
         assert (await stats_data(client))["nats"][role]["faults"] == 1
+        # The other connection was not touched: they reconnect independently.
+        other = svc.control_nats if role == "ingest" else svc.ingest_nats
+        assert other.faults == 0
+        assert other.nc.stats["reconnects"] == 0
         assert not svc.connection_lost.is_set()
 
 

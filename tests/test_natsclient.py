@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from pathlib import Path
+from typing import Any
 
-from nats.aio.client import Client
+import pytest
+from nats.aio.client import PING_PROTO, Client
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.protocol.parser import Parser
 
-from store_svc.natsclient import OrderedFlushClient
+from store_svc.natsclient import OrderedFlushClient, _TurnTakingParser
 from store_svc.natsserver import NatsServer
 
 
@@ -60,3 +65,122 @@ async def test_drain_keeps_every_message_already_published(nats_server: NatsServ
         assert len(got) == 100
         await pub_nc.close()
         await sub_nc.close()
+
+
+def test_the_other_overridden_methods_still_exist_upstream() -> None:
+    assert list(inspect.signature(Client._process_connect_init).parameters) == ["self"]
+    assert list(inspect.signature(Parser.parse).parameters) == ["self", "data"]
+    assert list(inspect.signature(Parser.reset).parameters) == ["self"]
+    assert "self._ps.parse(" in inspect.getsource(Client._read_loop)
+
+
+async def test_messages_of_every_size_arrive_whole_through_the_sliced_parser(
+    nats_server: NatsServer,
+) -> None:
+    # Reads are parsed in 4 KiB slices with turns of the loop between them: messages
+    # larger than a slice, and headers and payloads cut at any byte, must arrive whole.
+    sizes = [0, 1, 4095, 4096, 4097, 9000, 40_000, 100_000, 3, 8191, 12_289]
+    sub_nc = await connect(nats_server.url)
+    pub_nc = await connect(nats_server.url)
+    got: list[tuple[bytes, dict[str, str] | None]] = []
+
+    async def collect(msg: Msg) -> None:
+        got.append((msg.data, msg.headers))
+
+    await sub_nc.subscribe("sizes", cb=collect)
+    await sub_nc.flush()
+    sent = []
+    for round_ in range(20):
+        for i, size in enumerate(sizes):
+            body = bytes((round_ * 31 + i + k) % 251 for k in range(size)).replace(b"\r", b"\n")
+            headers = {"N": str(i), "Pad": "x" * (i * 397 % 3000)} if i % 2 else None
+            sent.append((body, headers))
+            await pub_nc.publish("sizes", body, headers=headers)
+    await pub_nc.flush()
+    async with asyncio.timeout(10):
+        while len(got) < len(sent):
+            await asyncio.sleep(0.01)
+    assert got == sent
+    await pub_nc.close()
+    await sub_nc.close()
+
+
+class _Recorder:
+    """What a parser dispatches (pure logic: no connection)."""
+
+    def __init__(self) -> None:
+        self.msgs: list[bytes] = []
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, hdr: Any
+    ) -> None:
+        self.msgs.append(data)
+
+    async def _process_pong(self) -> None: ...
+
+
+async def test_a_reset_while_parsing_drops_the_rest_of_the_old_read() -> None:
+    nc = _Recorder()
+    parser = _TurnTakingParser(nc)  # type: ignore[arg-type]
+    stream = b"".join(b"MSG a 1 1000\r\n" + bytes([65 + i]) * 1000 + b"\r\n" for i in range(40))
+
+    async def reset_soon() -> None:
+        await asyncio.sleep(0)
+        parser.reset()  # as a reconnect does while the read loop yields
+
+    resetter = asyncio.create_task(reset_soon())
+    # Use every turn: a clock that has always run past the slice.
+    parser._turns._slice = 0.0
+    await parser.parse(stream)
+    await resetter
+    assert 0 < len(nc.msgs) < 40, "the old stream was fed on after the reset"
+    assert parser.buf == bytearray()
+    # The fresh parser reads a new stream from its start.
+    await parser.parse(b"MSG b 1 2\r\nok\r\n")
+    assert nc.msgs[-1] == b"ok"
+
+
+async def test_pings_queued_while_disconnected_are_not_sent_after_the_reconnect(
+    tmp_path: Path,
+) -> None:
+    server = NatsServer().start()
+    port = server.port
+    nc = OrderedFlushClient()
+    reconnected = asyncio.Event()
+
+    async def on_reconnected() -> None:
+        reconnected.set()
+
+    await nc.connect(
+        server.url,
+        reconnected_cb=on_reconnected,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.2,  # type: ignore[arg-type]
+    )
+    after_init: list[list[bytes]] = []
+    original = nc._process_connect_init
+
+    async def spy() -> None:
+        await original()
+        after_init.append(list(nc._pending))
+
+    nc._process_connect_init = spy  # type: ignore[method-assign]
+    try:
+        server.stop()
+        async with asyncio.timeout(10):
+            while nc.is_connected:
+                await asyncio.sleep(0.01)
+        # An RTT probe while the server is away: its PING waits in the pending buffer.
+        with pytest.raises(NatsTimeout):
+            await nc.rtt(timeout=0.3)  # type: ignore[arg-type]
+        assert PING_PROTO in nc._pending
+        server = NatsServer(port=port).start()
+        await asyncio.wait_for(reconnected.wait(), 15)
+        assert after_init, "the reconnect did not go through _process_connect_init"
+        assert PING_PROTO not in after_init[-1]
+        # Round trips match their own PONGs after the reconnect.
+        assert await nc.rtt(timeout=2) < 2  # type: ignore[arg-type]
+        assert nc._pongs == []
+    finally:
+        await nc.close()
+        server.stop()

@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from nats.aio.client import Client as NATS
 
 from store_svc.core import HealthStatus
@@ -115,3 +116,26 @@ async def test_healthz_turns_unhealthy_while_the_loop_is_stuck_and_http_still_an
         code, body = await http_until(port, "/healthz", 200)
         status = HealthStatus.model_validate_json(body)
         assert component_state(status, "loop") == "healthy"
+
+
+async def test_a_failing_health_build_is_logged_not_taken_for_a_stuck_loop(
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with StoreService(make_settings(metrics_port=0, loop_stall_s=1.0)) as svc:
+        port = svc.metrics.port
+
+        def broken(svc: StoreService) -> HealthStatus:
+            raise RuntimeError("a bug in health")
+
+        monkeypatch.setattr("store_svc.health.health_status", broken)
+        # Longer than the stall limit, with every refresh failing meanwhile.
+        await asyncio.sleep(1.5)
+        code, body, _ = await asyncio.to_thread(get, port, "/healthz")
+        assert code == 200  # the loop is alive: the last good status, freshly dated
+        assert HealthStatus.model_validate_json(body).state == "healthy"
+        assert caplog.text.count("building the health snapshot failed") == 1
+        # Leaving the block stops the service, which refreshes the snapshot too: the
+        # failure must not abort the shutdown.
+    assert svc.status.value == "stopped"
