@@ -21,7 +21,6 @@ import random
 from collections import defaultdict
 from collections.abc import Callable
 
-from .constants import TURN_SLICE_S
 from .errors import SchemaError, SinkError
 from .queue import Envelope, RecordQueue
 from .records import Row
@@ -79,7 +78,7 @@ class Batcher:
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self.in_flight = 0
-        self._turns = Turns(TURN_SLICE_S)
+        self._turns = Turns()
         self.sink_ok = True
         self.on_commit = on_commit
         self.on_sink_state = on_sink_state

@@ -36,7 +36,6 @@ from .constants import (
     SERVICE_ERROR_HEADER,
     SUBJECT_HEADER,
     TRUNCATED_HEADER,
-    TURN_SLICE_S,
 )
 from .core import BackpressureLevel
 from .decode import Decoded, PayloadDecoder, Reject, header
@@ -127,7 +126,7 @@ class CoreIntake:
         self._write_prefix = settings.subject("store", "write") + "."
         self._dlq_prefix = settings.subject("store", "dlq") + "."
         self._loop = asyncio.get_running_loop()
-        self._turns = Turns(TURN_SLICE_S)
+        self._turns = Turns()
         # Records per message, smoothed: turns the client's backlog into records.
         self._records_per_msg = 1.0
         self._backlog_reported = 0
@@ -227,7 +226,7 @@ class CoreIntake:
         kind, decoded = await self._examine(msg)
         if decoded is None:
             return
-        self._records_per_msg += (len(decoded.rows) - self._records_per_msg) / 16
+        self._observe_size(len(decoded.rows))
         ack = fail = None
         if msg.reply:
             ack = self._reply_after_commit(msg, decoded)
@@ -243,6 +242,11 @@ class CoreIntake:
             )
             if msg.reply:
                 await self._error_reply(msg.reply, 503, "shutting_down", "the service is stopping")
+
+    def _observe_size(self, records: int) -> None:
+        """Fold one message's record count into the smoothed records per message
+        (which turns a backlog in messages into records, and sizes JetStream pulls)."""
+        self._records_per_msg += (records - self._records_per_msg) / 16
 
     def _report_backlog(self) -> None:
         """Tell feedback what waits in the client, when it has moved by 1 % of capacity."""

@@ -313,8 +313,7 @@ class JetStreamIntake(CoreIntake):
         kind, decoded = await self._examine(msg)
         if decoded is None:
             return
-        # Records per message, smoothed: sizes the next pull requests.
-        self._records_per_msg += (len(decoded.rows) - self._records_per_msg) / 16
+        self._observe_size(len(decoded.rows))  # sizes the next pull requests
         env = Envelope(kind, decoded.rows, received, self._acker(msg), self._failer(msg, kind))
         self._held[reply] = _Held(msg, env, received)
         self._stats.accepted[kind] += len(decoded.rows)

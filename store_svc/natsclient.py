@@ -52,7 +52,6 @@ from nats.aio.client import Client as _Client
 from nats.errors import MaxPayloadError
 from nats.protocol.parser import Parser
 
-from .constants import TURN_SLICE_S
 from .tasks import Turns
 
 __all__ = ["OrderedFlushClient", "header_bytes", "payload_room"]
@@ -79,7 +78,7 @@ class _TurnTakingParser(Parser):
     def __init__(self, nc: _Client) -> None:
         self.generation = 0
         super().__init__(nc)
-        self._turns = Turns(TURN_SLICE_S)
+        self._turns = Turns()
 
     def reset(self) -> None:
         # A reset (a reconnect) starts a new byte stream: counted, so that a read of

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from .constants import TURN_SLICE_S
+
 __all__ = ["Turns", "cancel_and_wait"]
 
 
@@ -30,10 +32,10 @@ class Turns:
     for every step. Each calls :meth:`take` between units of work.
 
     Args:
-        slice_s: seconds of work between two turns.
+        slice_s: seconds of work between two turns (``TURN_SLICE_S`` by default).
     """
 
-    def __init__(self, slice_s: float) -> None:
+    def __init__(self, slice_s: float = TURN_SLICE_S) -> None:
         self._slice = slice_s
         self._since = time.perf_counter()
 
