@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from store_svc.connection import NatsConnection
@@ -36,8 +37,15 @@ from .test_bad_input import trade
 def frozen(server: NatsServer) -> Iterator[None]:
     """The server process stopped (SIGSTOP) for the block, as a stalled peer would be."""
     assert server.proc is not None
-    os.kill(server.proc.pid, signal.SIGSTOP)
+    pid = server.proc.pid
+    os.kill(pid, signal.SIGSTOP)
     try:
+        # The signal is asynchronous: wait until the kernel shows the process stopped,
+        # so nothing sent from here on can be answered before SIGCONT.
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            assert time.monotonic() < deadline, "the server did not stop"
+            time.sleep(0.001)
         yield
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
@@ -164,7 +172,9 @@ async def test_a_dead_read_loop_is_a_counted_fault_and_the_connection_comes_back
                         "mdp.store.write.trades", json.dumps(trade(size=2)).encode(), timeout=1
                     )
                     break
-                except NatsTimeout:
+                except (NatsTimeout, NoRespondersError):
+                    # Until the server has the re-sent subscription, a request finds no
+                    # responder (or the one it found was the broken read loop).
                     continue
         assert json.loads(reply.data)["accepted"] == 1
         reply = await client.request("mdp.store.health", b"", timeout=2)
