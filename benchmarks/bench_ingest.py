@@ -30,7 +30,7 @@ both mixed scenarios take about 12 s in ``--quick``.
 
 Everything runs on one private ``nats-server`` with JetStream enabled (store in a
 temporary folder) and, when a PostgreSQL scenario is selected, one throwaway
-PostgreSQL server (:class:`~store_svc.pgserver.PostgresServer`), all removed at the
+PostgreSQL server (:class:`~store_svc.devtools.pgserver.PostgresServer`), all removed at the
 end, so the ratios compare like with like on the same (possibly busy) machine.
 
 **Scenarios.** The matrix is ingest mode (``core``, ``jetstream``) x sink (``sqlite``,
@@ -40,7 +40,7 @@ end, so the ratios compare like with like on the same (possibly busy) machine.
 ``store-svc run`` console script as a subprocess with default settings except
 ``STORE_NATS_URL``, ``STORE_DATABASE_URL`` (a fresh SQLite file, or a fresh
 PostgreSQL database) and ``STORE_INGEST_MODE``. Payloads are built once per (records
-per message, kind) with :func:`store_svc.demo.synthetic_records`, every record 1 µs
+per message, kind) with :func:`store_svc.devtools.demo.synthetic_records`, every record 1 µs
 after the one before, so no two records share an idempotency key (bars: symbol,
 resolution, ts; trades: symbol, ts, price, size, exchange, conditions) and upserts
 merge nothing. Extras:
@@ -234,9 +234,9 @@ from benchmarks.ingest_roles import (
     load_payloads,
     save_payloads,
 )
-from store_svc.demo import SYMBOLS, synthetic_records
-from store_svc.natsserver import NatsServer
-from store_svc.pgserver import PostgresServer
+from store_svc.devtools.demo import SYMBOLS, synthetic_records
+from store_svc.devtools.natsserver import NatsServer
+from store_svc.devtools.pgserver import PostgresServer
 from store_svc.settings import Settings
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -255,7 +255,7 @@ MIXED_PREFIX = "mixed-query-"
 MIXED_PER_MSG = 100
 MIXED_KIND = "trades"
 #: The symbols of each page worker of the query client (one cursor chain each); the
-#: synthetic records spread evenly over :data:`store_svc.demo.SYMBOLS`.
+#: synthetic records spread evenly over :data:`store_svc.devtools.demo.SYMBOLS`.
 QUERY_CHAINS = (("AAPL",), ("MSFT", "NVDA"), ("AMZN",), ("GOOG",))
 #: Latest lookups ask for every synthetic symbol and two that are never written.
 LATEST_SYMBOLS = (*SYMBOLS, "IBM", "ORCL")
@@ -432,7 +432,7 @@ class TsAllocator:
 
 
 def make_payloads(kind: str, per_msg: int, n_msgs: int, first_us: int, seed: int) -> list[bytes]:
-    """JSON messages of ``kind`` built with :func:`store_svc.demo.synthetic_records`.
+    """JSON messages of ``kind`` built with :func:`store_svc.devtools.demo.synthetic_records`.
 
     Args:
         kind: ``trades`` or ``bars``.

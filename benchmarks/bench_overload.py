@@ -36,7 +36,7 @@ if __package__ in (None, ""):
 from benchmarks.ingest_infra import git_state, machine_info
 from benchmarks.ingest_roles import CORE, JETSTREAM
 from benchmarks.overload import FloodConfig, make_trades, run_flood
-from store_svc.natsserver import NatsServer
+from store_svc.devtools.natsserver import NatsServer
 
 GOAL_P99_MS = 20.0
 GOAL_MAX_MS = 100.0

@@ -43,12 +43,12 @@ from benchmarks.ingest_infra import (
     summarize,
 )
 from benchmarks.ingest_roles import CORE, SubscriberResult, SubscriberSpec
-from store_svc.decode import PayloadDecoder
-from store_svc.records import KINDS, Row
+from store_svc.ingest.decode import PayloadDecoder
+from store_svc.ingest.records import KINDS, Row
 from store_svc.settings import Settings
-from store_svc.sinks.postgres import PostgresSink, merge_sql, staging_records
-from store_svc.sinks.sqlite import SqliteSink, to_sqlite_rows, upsert_sql
-from store_svc.sinks.sqlite_worker import time_micros
+from store_svc.store.postgres import PostgresSink, merge_sql, staging_records
+from store_svc.store.sqlite import SqliteSink, to_sqlite_rows, upsert_sql
+from store_svc.store.sqlite_worker import time_micros
 
 
 def measure_bare_subscriber(

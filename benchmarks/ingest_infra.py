@@ -53,8 +53,8 @@ from benchmarks.ingest_roles import (
     PublisherSpec,
     PublishResult,
 )
-from store_svc.natsserver import find_nats_server
-from store_svc.pgserver import PostgresServer, find_pg_bin
+from store_svc.devtools.natsserver import find_nats_server
+from store_svc.devtools.pgserver import PostgresServer, find_pg_bin
 from store_svc.settings import Settings
 
 _T = TypeVar("_T")

@@ -45,7 +45,7 @@ from benchmarks.ingest_infra import (
     summarize,
 )
 from benchmarks.ingest_roles import CORE, JETSTREAM, save_payloads
-from store_svc.demo import synthetic_records
+from store_svc.devtools.demo import synthetic_records
 
 __all__ = ["FloodConfig", "FloodResult", "make_trades", "run_flood"]
 

@@ -1,32 +1,36 @@
 """market-data-store: a NATS-native store for Core market data.
 
-The path of a record through the package::
+The folders follow a record's path (docs/architecture.md draws it)::
 
-    intake.py      NATS write subscription (core mode)
-    decode.py      payload -> validated rows + rejects (records.py: msgspec mirrors)
-    queue.py       bounded queue, counted in records
-    batcher.py     size-or-linger batches, retry, ack/reply after commit
-    sinks/         SQLite (embedded default)
-    service.py     lifecycle and shutdown order; cli.py the ``store-svc`` command
+    bus/       the NATS client, connections, header helpers shared by every edge
+    ingest/    write subjects -> decode -> bounded queue -> batcher
+    store/     the sink interface, SQLite (writer and reader processes), PostgreSQL
+    read/      the read API (query / latest over request-reply) and ``store-svc query``
+    control/   health, readiness, micro, admin, feedback, metrics, HTTP probes
+    runtime/   the service's wiring and lifecycle
+    devtools/  private nats-server and PostgreSQL runners, the demo
+
+Every name below is imported on first use, so a child process that imports one
+module of the package (the SQLite worker) pays for nothing else.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from .errors import (
-    ConfigError,
-    NatsUnavailable,
-    RejectedInput,
-    SchemaError,
-    ShutdownTimeout,
-    SinkError,
-    StoreError,
-)
-from .settings import Settings, load_settings
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("market-data-store")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0"
+if TYPE_CHECKING:
+    from store_svc.errors import (
+        ConfigError,
+        NatsUnavailable,
+        RejectedInput,
+        SchemaError,
+        ShutdownTimeout,
+        SinkError,
+        StoreError,
+    )
+    from store_svc.runtime.service import StoreService
+    from store_svc.settings import Settings, load_settings
 
 __all__ = [
     "ConfigError",
@@ -42,11 +46,31 @@ __all__ = [
     "load_settings",
 ]
 
+_HOMES = {
+    "ConfigError": "store_svc.errors",
+    "NatsUnavailable": "store_svc.errors",
+    "RejectedInput": "store_svc.errors",
+    "SchemaError": "store_svc.errors",
+    "ShutdownTimeout": "store_svc.errors",
+    "SinkError": "store_svc.errors",
+    "StoreError": "store_svc.errors",
+    "StoreService": "store_svc.runtime.service",
+    "Settings": "store_svc.settings",
+    "load_settings": "store_svc.settings",
+}
 
-def __getattr__(name: str) -> object:
-    # The service pulls in nats-py and Core; import it only when asked for.
-    if name == "StoreService":
-        from .service import StoreService
 
-        return StoreService
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("market-data-store")
+        except PackageNotFoundError:  # a source tree that was not installed
+            value = "0.0.0"
+    elif name in _HOMES:
+        value = getattr(import_module(_HOMES[name]), name)
+    else:
+        raise AttributeError(f"module 'store_svc' has no attribute {name!r}")
+    globals()[name] = value
+    return value

@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from store_svc.cli import main
 
 sys.exit(main())

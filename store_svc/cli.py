@@ -21,11 +21,11 @@ import pydantic
 import uvloop
 from nats.aio.client import Client as NATS
 
-from . import __version__
-from .errors import StoreError
-from .heap import settle_heap
-from .query_cli import add_query_parser
-from .settings import Settings, load_settings, unknown_environment
+from store_svc import __version__
+from store_svc.errors import StoreError
+from store_svc.read.cli import add_query_parser
+from store_svc.runtime.heap import settle_heap
+from store_svc.settings import Settings, load_settings, unknown_environment
 
 __all__ = ["main"]
 
@@ -47,7 +47,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 
 async def _run(settings: Settings) -> int:
-    from .service import StoreService
+    from store_svc.runtime.service import StoreService
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
@@ -75,7 +75,7 @@ def _cmd_run(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
-    from .demo import run_demo
+    from store_svc.devtools.demo import run_demo
 
     settings = load_settings(**({"database_url": args.database_url} if args.database_url else {}))
     _setup_logging("WARNING")
@@ -84,7 +84,7 @@ def _cmd_demo(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
 
 async def _client(settings: Settings, timeout: float, command: str) -> NATS | None:
     """A short-lived client for an operator command, or None (reported) if NATS is away."""
-    from .natsclient import OrderedFlushClient
+    from store_svc.bus.client import OrderedFlushClient
 
     nc = OrderedFlushClient()
     try:
@@ -161,7 +161,7 @@ def _cmd_probe(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
 
 
 async def _query(settings: Settings, args: argparse.Namespace) -> int:
-    from .query_cli import run_query
+    from store_svc.read.cli import run_query
 
     nc = await _client(settings, args.timeout, "query")
     if nc is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from .constants import TURN_SLICE_S
+from store_svc.constants import TURN_SLICE_S
 
 __all__ = ["Turns", "cancel_and_wait"]
 

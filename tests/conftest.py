@@ -14,10 +14,10 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
 
-from store_svc.natsclient import OrderedFlushClient
-from store_svc.natsserver import NatsServer
-from store_svc.pgserver import PostgresServer
-from store_svc.service import StoreService
+from store_svc.bus.client import OrderedFlushClient
+from store_svc.devtools.natsserver import NatsServer
+from store_svc.devtools.pgserver import PostgresServer
+from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings, load_settings
 
 

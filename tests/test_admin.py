@@ -18,8 +18,8 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 
 from store_svc.core import AuditEnvelope, ControlAction, ControlResult, HealthStatus
-from store_svc.natsserver import NatsServer
-from store_svc.service import StoreService
+from store_svc.devtools.natsserver import NatsServer
+from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings
 
 from .conftest import until

@@ -14,7 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 
-from store_svc.service import StoreService
+from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings
 
 from .conftest import until

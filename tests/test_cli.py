@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import store_svc
-from store_svc.natsserver import NatsServer
+from store_svc.devtools.natsserver import NatsServer
 
 STORE_SVC = str(Path(sys.executable).parent / "store-svc")
 

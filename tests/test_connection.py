@@ -22,11 +22,11 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from store_svc.connection import NatsConnection
+from store_svc.bus.client import OrderedFlushClient
+from store_svc.bus.connection import NatsConnection
 from store_svc.core import HealthStatus
-from store_svc.natsclient import OrderedFlushClient
-from store_svc.natsserver import NatsServer
-from store_svc.service import StoreService
+from store_svc.devtools.natsserver import NatsServer
+from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings, load_settings
 
 from .conftest import connected, until

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from store_svc.decode import PayloadDecoder
-from store_svc.records import KINDS, Time
+from store_svc.ingest.decode import PayloadDecoder
+from store_svc.ingest.records import KINDS, Time
 
 from .contracts.update import HERE, MODELS, schema_text
 from .strategies import BY_KIND, as_utc

@@ -16,8 +16,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from store_svc.core import HealthStatus
-from store_svc.natsserver import NatsServer
-from store_svc.service import Status, StoreService
+from store_svc.devtools.natsserver import NatsServer
+from store_svc.runtime.service import Status, StoreService
 from store_svc.settings import Settings
 
 from .conftest import until

@@ -26,8 +26,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from store_svc.natsserver import NatsServer
-from store_svc.pgserver import PostgresServer
+from store_svc.devtools.natsserver import NatsServer
+from store_svc.devtools.pgserver import PostgresServer
 
 from .conftest import FAULT_REPORT
 from .test_ingest import locked

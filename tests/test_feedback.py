@@ -14,11 +14,11 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from store_svc.bus.client import OrderedFlushClient
+from store_svc.control.feedback import FeedbackLoop, NatsFeedbackPublisher
 from store_svc.core import BackpressureLevel, FeedbackEvent, FeedbackPublisher, RateAdjustment
-from store_svc.feedback import FeedbackLoop, NatsFeedbackPublisher
-from store_svc.natsclient import OrderedFlushClient
-from store_svc.natsserver import NatsServer
-from store_svc.service import StoreService
+from store_svc.devtools.natsserver import NatsServer
+from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings
 
 from .conftest import until

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from store_svc.heap import GC_THRESHOLDS, settle_heap
+from store_svc.runtime.heap import GC_THRESHOLDS, settle_heap
 
 
 def test_settle_heap_freezes_startup_objects_and_raises_the_young_threshold() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
-from store_svc.service import StoreService
+from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings
 
 from .conftest import until

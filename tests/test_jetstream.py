@@ -15,9 +15,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from store_svc.core import HealthStatus
+from store_svc.devtools.natsserver import NatsServer
 from store_svc.errors import ConfigError, JetStreamUnavailable
-from store_svc.natsserver import NatsServer
-from store_svc.service import StoreService
+from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings, load_settings
 
 from .conftest import connected, until, until_async
@@ -268,7 +268,7 @@ async def test_a_deleted_consumer_is_made_again(
     ],
 )
 def test_delivery_count_from_the_ack_subject(reply: str | None, count: int | None) -> None:
-    from store_svc.jsintake import delivery_count
+    from store_svc.ingest.jetstream import delivery_count
 
     assert delivery_count(reply) == count
 

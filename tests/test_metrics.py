@@ -10,7 +10,7 @@ from collections.abc import Callable
 from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 
-from store_svc.service import StoreService
+from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings
 
 from .conftest import until

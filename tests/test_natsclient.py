@@ -13,8 +13,8 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.protocol.parser import Parser
 
-from store_svc.natsclient import OrderedFlushClient, _TurnTakingParser
-from store_svc.natsserver import NatsServer
+from store_svc.bus.client import OrderedFlushClient, _TurnTakingParser
+from store_svc.devtools.natsserver import NatsServer
 
 
 async def connect(url: str) -> OrderedFlushClient:

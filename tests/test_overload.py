@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.overload import FloodConfig, FloodResult, make_trades, run_flood
-from store_svc.natsserver import NatsServer
+from store_svc.devtools.natsserver import NatsServer
 
 from .conftest import FAULT_REPORT
 

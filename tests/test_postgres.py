@@ -14,12 +14,12 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from store_svc.core import HealthStatus
+from store_svc.devtools.pgserver import PostgresServer
 from store_svc.errors import SchemaError
-from store_svc.pgserver import PostgresServer
-from store_svc.records import KINDS
-from store_svc.service import StoreService
+from store_svc.ingest.records import KINDS
+from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings
-from store_svc.sinks.postgres import PostgresSink
+from store_svc.store.postgres import PostgresSink
 
 from .conftest import until
 from .test_bad_input import barrier, trade

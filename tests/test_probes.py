@@ -15,7 +15,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from store_svc.core import HealthStatus
-from store_svc.service import StoreService
+from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings
 
 from .conftest import until
@@ -129,7 +129,7 @@ async def test_a_failing_health_build_is_logged_not_taken_for_a_stuck_loop(
         def broken(svc: StoreService) -> HealthStatus:
             raise RuntimeError("a bug in health")
 
-        monkeypatch.setattr("store_svc.health.health_status", broken)
+        monkeypatch.setattr("store_svc.control.health.health_status", broken)
         # Longer than the stall limit, with every refresh failing meanwhile.
         await asyncio.sleep(1.5)
         code, body, _ = await asyncio.to_thread(get, port, "/healthz")

@@ -28,14 +28,14 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
-from store_svc.pgserver import PostgresServer
-from store_svc.query import encode_cursor
-from store_svc.records import KINDS
-from store_svc.service import StoreService
+from store_svc.devtools.pgserver import PostgresServer
+from store_svc.ingest.records import KINDS
+from store_svc.read.api import encode_cursor
+from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings
-from store_svc.sinks.base import PagePlan, core_fields, sort_key
-from store_svc.sinks.sqlite import SqliteReader
-from store_svc.sinks.sqlite_worker import compile_readout, encoder_for, rfc3339
+from store_svc.store.base import PagePlan, core_fields, sort_key
+from store_svc.store.sqlite import SqliteReader
+from store_svc.store.sqlite_worker import compile_readout, encoder_for, rfc3339
 
 from .conftest import until
 from .strategies import BY_KIND, as_utc

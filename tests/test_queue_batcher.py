@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from store_svc.batcher import Batcher
-from store_svc.queue import Envelope, QueueClosed, RecordQueue
-from store_svc.sinks.memory import MemorySink
-from store_svc.stats import Stats
+from store_svc.ingest.batcher import Batcher
+from store_svc.ingest.queue import Envelope, QueueClosed, RecordQueue
+from store_svc.state import Stats
+from store_svc.store.memory import MemorySink
 
 from .conftest import until
 

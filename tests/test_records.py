@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from store_svc.constants import MAX_DECIMAL_ADJUSTED_EXPONENT, MAX_DECIMAL_DIGITS
 from store_svc.errors import RejectedInput
-from store_svc.records import check_decimal
+from store_svc.ingest.records import check_decimal
 
 
 def within_bounds(value: Decimal) -> bool:

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
-from store_svc.records import KINDS
-from store_svc.service import StoreService
+from store_svc.ingest.records import KINDS
+from store_svc.runtime.service import StoreService
 
 from .strategies import BY_KIND, as_utc
 

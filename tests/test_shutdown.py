@@ -18,9 +18,9 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from store_svc.natsclient import OrderedFlushClient
-from store_svc.natsserver import NatsServer
-from store_svc.service import Status, StoreService
+from store_svc.bus.client import OrderedFlushClient
+from store_svc.devtools.natsserver import NatsServer
+from store_svc.runtime.service import Status, StoreService
 from store_svc.settings import Settings
 
 from .conftest import until

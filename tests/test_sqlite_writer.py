@@ -12,9 +12,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from store_svc.decode import PayloadDecoder
-from store_svc.sinks.sqlite import SqliteSink
-from store_svc.sinks.sqlite_worker import BatchAheadFailed, Writer, key_decimal_text
+from store_svc.ingest.decode import PayloadDecoder
+from store_svc.store.sqlite import SqliteSink
+from store_svc.store.sqlite_worker import BatchAheadFailed, Writer, key_decimal_text
 
 from .test_ingest import bar, locked
 

@@ -1,0 +1,147 @@
+"""The NATS client the service uses: nats-py's, with ``flush()`` kept in order.
+
+nats-py 2.16 writes the PING of ``flush()`` straight to the socket, ahead of the
+commands still waiting in its outgoing buffer (``_send_ping`` bypasses
+``_pending``). A flush can then return before the server has seen a SUB, PUB or
+UNSUB issued just before it, which breaks what flush promises:
+
+* a subscription made at start-up is not yet known to the server when ``start()``
+  returns (measured: about 1 in 60 first requests answered "no responders");
+* ``Subscription.drain()`` sends UNSUB then flushes: the PONG can come back before
+  the server has processed the UNSUB, the client then forgets the subscription,
+  and messages the server was still sending to it are dropped unseen (measured:
+  up to 95 of 100 messages lost with plain nats-py and nats-server 2.15).
+
+This subclass queues the PING behind the pending commands, so the PONG means the
+server has processed everything sent before the flush. It overrides one private
+method; ``tests/test_natsclient.py`` fails if a nats-py upgrade changes it.
+
+nats-py also checks only the payload against the server's maximum payload, while
+the server counts the headers too. A message that fits without its headers but not
+with them gets ``-ERR maximum payload violation``, and nats-py then *closes* the
+connection for good: one malformed write of nearly 1 MiB, sent on to the DLQ with
+its reason headers, left the service deaf (measured). :meth:`_send_publish`
+here refuses such a message with ``MaxPayloadError`` before it is sent, and
+:func:`payload_room` tells callers how much payload fits beside given headers.
+
+And nats-py 2.16 ends its read loop when a PONG arrives for a ``flush()`` or
+``rtt()`` that has already timed out: the timed-out wait cancels its future but
+leaves it queued, ``_process_pong`` calls ``set_result`` on it, ``InvalidStateError``
+escapes the parser, and the read loop logs ``nats: encountered error`` and stops,
+with the socket left open. The client then reads nothing until its stale-connection
+pings give up on it minutes later (measured: 5½ minutes deaf after a write flood
+made one RTT probe late). :meth:`_process_pong` here skips a wait that is already
+over, as the PONG still belongs to it. ``connection.py`` also watches the client's
+tasks, so any other death of the read loop is a connection fault, not silence.
+
+Last, nats-py's read loop does not suspend while its socket buffer holds data: a
+write flood kept it parsing for 40+ ms per turn of the event loop (measured with
+asyncio's slow-callback log), and every other task, health on the other connection
+included, waited that long for each of its steps. The parser here yields to the
+loop once it has parsed for ``TURN_SLICE_S`` (checked every 4 KiB; a read is up to
+32 KiB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from nats.aio.client import PING_PROTO
+from nats.aio.client import Client as _Client
+from nats.errors import MaxPayloadError
+from nats.protocol.parser import Parser
+
+from store_svc.tasks import Turns
+
+__all__ = ["OrderedFlushClient", "header_bytes", "payload_room"]
+
+
+def header_bytes(headers: dict[str, str] | None) -> int:
+    """An upper bound of the size of ``headers`` on the wire (``NATS/1.0`` line, one
+    ``key: value`` line each, the blank line)."""
+    if not headers:
+        return 0
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def payload_room(nc: _Client, headers: dict[str, str] | None) -> int:
+    """Payload bytes a message with ``headers`` may carry on ``nc``'s connection."""
+    return int(nc.max_payload) - header_bytes(headers)
+
+
+#: Bytes parsed before the parser looks at the clock (about 20 small messages).
+PARSE_SLICE = 4096
+
+
+class _TurnTakingParser(Parser):
+    def __init__(self, nc: _Client) -> None:
+        self.generation = 0
+        super().__init__(nc)
+        self._turns = Turns()
+
+    def reset(self) -> None:
+        # A reset (a reconnect) starts a new byte stream: counted, so that a read of
+        # the old connection being parsed across a turn of the loop is not fed on.
+        self.generation += 1
+        super().reset()
+
+    async def parse(self, data: bytes = b"") -> None:
+        # The parser keeps a partial message for the next call, so a read can be
+        # parsed in slices, with a turn of the loop whenever the time slice is used.
+        generation = self.generation
+        for start in range(0, len(data), PARSE_SLICE):
+            await super().parse(data[start : start + PARSE_SLICE])
+            await self._turns.take()
+            if self.generation != generation:
+                return  # the connection was reset meanwhile: the rest is of the old one
+
+
+class OrderedFlushClient(_Client):
+    """A nats-py client whose PINGs travel behind the commands sent before them, whose
+    read loop survives a late PONG, and that never sends a message the server refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ps = _TurnTakingParser(self)
+
+    async def _process_connect_init(self) -> None:
+        await super()._process_connect_init()
+        # _send_ping queues PINGs in _pending, which a reconnect keeps and sends on the
+        # new connection, while the waits they belonged to were dropped with the old
+        # _pongs: their PONGs would then answer the next flush() before its own PING
+        # has been processed. Those waits time out either way; their PINGs go here.
+        stale = sum(1 for cmd in self._pending if cmd is PING_PROTO)
+        if stale:
+            self._pending = [cmd for cmd in self._pending if cmd is not PING_PROTO]
+            self._pending_data_size -= stale * len(PING_PROTO)
+
+    async def _send_ping(self, future: asyncio.Future[bool] | None = None) -> None:
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+        self._pongs.append(future)
+        await self._send_command(PING_PROTO)
+        await self._flush_pending()
+
+    async def _process_pong(self) -> None:
+        # PONGs come back in the order of the PINGs, so the head of the queue is this
+        # PONG's wait even when it has given up (timed out, cancelled): pop it, and
+        # only a wait still waiting gets the answer.
+        if self._pongs:
+            future = self._pongs.pop(0)
+            if not future.done():
+                future.set_result(True)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+
+    async def _send_publish(
+        self,
+        subject: str,
+        reply: str,
+        payload: bytes,
+        payload_size: int,
+        headers: dict[str, Any] | None,
+    ) -> None:
+        if headers and payload_size + header_bytes(headers) > self._max_payload:
+            raise MaxPayloadError
+        await super()._send_publish(subject, reply, payload, payload_size, headers)

@@ -1,0 +1,151 @@
+"""Health and readiness as Core ``HealthStatus``, built from the service's own state.
+
+Only in-memory state is read, so an answer never waits on the database or on NATS
+(a hung sink shows up as a stale last commit and the batcher's error, not as a
+slow reply).
+
+Components and their states:
+
+=================  ================================================================
+``nats-ingest``    the connection of the write traffic: healthy when connected;
+                   unhealthy while disconnected (counters: reconnects, disconnects,
+                   server_closed, faults)
+``nats-control``   the connection of health, micro, control, reads and telemetry
+``queue``          healthy at ``ok``; degraded at ``soft`` or ``hard``
+``sink``           healthy while commits succeed; unhealthy while they fail (retrying)
+``intake``         healthy while taking writes; degraded while starting, paused or
+                   draining, or with a warning (a stream that captures the writes)
+``loop``           the event loop: ``lag_ms`` (how late it runs); over HTTP,
+                   unhealthy once it has been stuck for ``STORE_LOOP_STALL_S``
+=================  ================================================================
+
+The overall state is the worst component state (unhealthy > degraded > healthy).
+*Ready* means: running (not starting, paused or draining), both NATS connections up,
+and the sink committing; a service that is not ready answers ``ready`` with a 503
+service error besides the status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from store_svc import __version__
+from store_svc.constants import SERVICE_NAME
+from store_svc.control.probes import loop_component
+from store_svc.core import BackpressureLevel, HealthComponent, HealthStatus
+
+if TYPE_CHECKING:
+    from store_svc.runtime.service import StoreService
+
+__all__ = ["health_status", "readiness"]
+
+_RANK = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+
+
+def _worst(states: list[str]) -> str:
+    return max(states, key=_RANK.__getitem__) if states else "healthy"
+
+
+def health_status(svc: StoreService) -> HealthStatus:
+    """The service's health, component by component.
+
+    Args:
+        svc: the service.
+
+    Returns:
+        A Core ``HealthStatus`` (service ``market-data-store``).
+    """
+    from store_svc.runtime.service import Status
+
+    loop = asyncio.get_running_loop()
+    stats = svc.stats
+    level = svc.feedback.level
+    queue_c = HealthComponent(
+        name="queue",
+        state="healthy" if level is BackpressureLevel.ok else "degraded",
+        details={
+            "depth": str(svc.queue.depth),
+            "capacity": str(svc.queue.capacity),
+            "level": level.value,
+            "in_flight": str(svc.batcher.in_flight),
+        },
+    )
+    last = stats.last_commit_monotonic
+    sink_c = HealthComponent(
+        name="sink",
+        state="healthy" if svc.batcher.sink_ok else "unhealthy",
+        details={
+            "backend": svc.sink.name,
+            "reachable": str(svc.batcher.sink_ok).lower(),
+            "last_commit_age_s": f"{loop.time() - last:.3f}" if last is not None else "never",
+            "last_error": stats.last_sink_error or "",
+            "errors": str(stats.sink_errors),
+            "rows_committed": str(stats.committed_total),
+        },
+    )
+    running = svc.status is Status.RUNNING and not svc.paused
+    intake_c = HealthComponent(
+        name="intake",
+        state="healthy" if running and not svc.warnings else "degraded",
+        details={
+            **({"warning": " | ".join(svc.warnings)[:1000]} if svc.warnings else {}),
+            "mode": svc.settings.ingest_mode,
+            "status": "paused" if svc.paused else svc.status.value,
+            "messages": str(stats.messages),
+            "rejected": str(stats.rejected_total),
+            "dropped": str(stats.dropped_messages),
+            "refused_overload": str(stats.refused_overload),
+            **(
+                {
+                    "js_acked": str(stats.js_acked),
+                    "js_redelivered": str(stats.js_redelivered),
+                    "js_terminated": str(stats.js_termed),
+                    "js_handed_back": str(stats.js_naked),
+                    "js_pull_resets": str(stats.js_pull_resets),
+                }
+                if svc.settings.ingest_mode == "jetstream"
+                else {}
+            ),
+        },
+    )
+    components = [
+        svc.ingest_nats.component(),
+        svc.control_nats.component(),
+        queue_c,
+        sink_c,
+        intake_c,
+        loop_component(svc.snapshot.lag_ms),
+    ]
+    return HealthStatus(
+        service=SERVICE_NAME,
+        state=_worst([c.state for c in components]),
+        components=components,
+        version=__version__,
+        ts=time.time(),
+    )
+
+
+def readiness(svc: StoreService) -> tuple[bool, str, HealthStatus]:
+    """Whether the service should be sent writes now.
+
+    Args:
+        svc: the service.
+
+    Returns:
+        ``(ready, reason, status)``; ``reason`` says why not (empty when ready).
+    """
+    from store_svc.runtime.service import Status
+
+    status = health_status(svc)
+    if svc.status is not Status.RUNNING:
+        return False, f"service is {svc.status.value}", status
+    if svc.paused:
+        return False, "intake is paused", status
+    for conn in (svc.ingest_nats, svc.control_nats):
+        if not conn.connected:
+            return False, f"the NATS {conn.role} connection is down", status
+    if not svc.batcher.sink_ok:
+        return False, "the database is failing commits", status
+    return True, "", status

@@ -1,0 +1,245 @@
+"""The HTTP endpoint on ``STORE_METRICS_PORT``: Prometheus ``/metrics`` and the
+``/healthz`` / ``/readyz`` probes (``probes.py``), served from threads.
+
+Counters and gauges are read from the service's own counters when scraped, so the
+hot path pays nothing for them; the two histograms (records per commit, commit
+latency) are observed once per batch. Each service has its own registry, so
+several services in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from store_svc.control.probes import HealthSnapshot
+from store_svc.core import BackpressureLevel
+
+if TYPE_CHECKING:
+    from store_svc.runtime.service import StoreService
+
+__all__ = ["Metrics"]
+
+_LEVEL_VALUE = {BackpressureLevel.ok: 0, BackpressureLevel.soft: 1, BackpressureLevel.hard: 2}
+
+
+class _StoreCollector(Collector):
+    def __init__(self, svc: StoreService) -> None:
+        self._svc = svc
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self._svc
+        stats = svc.stats
+
+        def per(name: str, doc: str, label: str, values: dict[str, int]) -> Metric:
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, value in sorted(values.items()):
+                family.add_metric([key], value)
+            return family
+
+        yield per(
+            "store_records_received",
+            "Records received, valid or not.",
+            "kind",
+            dict(stats.received),
+        )
+        yield per(
+            "store_records_committed",
+            "Records committed to the database.",
+            "kind",
+            dict(stats.committed),
+        )
+        yield per(
+            "store_records_rejected",
+            "Records rejected (sent to the DLQ).",
+            "kind",
+            dict(stats.rejected_by_kind),
+        )
+        yield per(
+            "store_records_rejected_by_reason",
+            "Records rejected, by reason.",
+            "reason",
+            dict(stats.rejected),
+        )
+        yield per(
+            "store_messages_dropped",
+            "Write messages the NATS client dropped as a slow consumer.",
+            "kind",
+            dict(stats.dropped_by_kind),
+        )
+        queries = CounterMetricFamily(
+            "store_queries",
+            "Read API requests answered, by endpoint (query, latest) and outcome "
+            "(ok or the error reason).",
+            labels=["endpoint", "outcome"],
+        )
+        for key, value in sorted(stats.queries.items()):
+            queries.add_metric(key.split(":", 1), value)
+        yield queries
+        yield CounterMetricFamily(
+            "store_query_records", "Records sent in read API replies.", value=stats.query_records
+        )
+        yield CounterMetricFamily(
+            "store_writes_refused_overload",
+            "Request-reply writes refused with 503 at the hard watermark.",
+            value=stats.refused_overload,
+        )
+        yield CounterMetricFamily(
+            "store_sink_errors", "Failed commit attempts.", value=stats.sink_errors
+        )
+        yield CounterMetricFamily("store_batches", "Transactions committed.", value=stats.batches)
+        yield GaugeMetricFamily("store_queue_depth", "Records queued.", value=svc.queue.depth)
+        yield GaugeMetricFamily(
+            "store_queue_capacity", "Queue capacity in records.", value=svc.queue.capacity
+        )
+        yield GaugeMetricFamily(
+            "store_backpressure_level",
+            "Backpressure level: 0 ok, 1 soft, 2 hard.",
+            value=_LEVEL_VALUE[svc.feedback.level],
+        )
+        yield GaugeMetricFamily(
+            "store_sink_up",
+            "1 while commits succeed, 0 while they fail.",
+            value=1 if svc.batcher.sink_ok else 0,
+        )
+        connected = GaugeMetricFamily(
+            "store_nats_connected", "1 while the connection is up.", labels=["connection"]
+        )
+        faults = CounterMetricFamily(
+            "store_nats_faults",
+            "nats-py tasks that ended under a connected client (each one reconnected).",
+            labels=["connection"],
+        )
+        disconnects = CounterMetricFamily(
+            "store_nats_disconnects",
+            "Connections lost while in use, by connection (ingest, control).",
+            labels=["connection"],
+        )
+        for conn in (svc.ingest_nats, svc.control_nats):
+            connected.add_metric([conn.role], 1 if conn.connected else 0)
+            faults.add_metric([conn.role], conn.faults)
+            disconnects.add_metric([conn.role], conn.disconnects)
+        yield connected
+        yield faults
+        yield disconnects
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    # A thread per request: a slow scrape never holds up a probe.
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes arrive every few seconds; they are not worth a log line."""
+
+
+def _app(registry: CollectorRegistry, snapshot: HealthSnapshot) -> Any:
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/healthz", "/readyz"):
+            if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+                start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+                return [b""]
+            code, body = snapshot.answer(path)
+            head = environ["REQUEST_METHOD"] == "HEAD"
+            start_response(
+                "200 OK" if code == 200 else "503 Service Unavailable",
+                [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(body))),
+                    ("Cache-Control", "no-store"),
+                ],
+            )
+            return [b"" if head else body]
+        return metrics(environ, start_response)  # type: ignore[no-any-return]
+
+    return app
+
+
+class Metrics:
+    """The service's metrics and, when started, their HTTP endpoint.
+
+    Args:
+        svc: the service whose counters are exported.
+        snapshot: what ``/healthz`` and ``/readyz`` answer from.
+    """
+
+    def __init__(self, svc: StoreService, snapshot: HealthSnapshot) -> None:
+        self._snapshot = snapshot
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_StoreCollector(svc))
+        self.batch_records = Histogram(
+            "store_batch_records",
+            "Records per committed batch.",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "store_commit_seconds",
+            "Time to commit one batch, retries included.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=self.registry,
+        )
+        self.query_seconds = Histogram(
+            "store_query_seconds",
+            "Time to answer a read API request (successful ones), by endpoint.",
+            ["endpoint"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=self.registry,
+        )
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def observe_commit(self, records: int, seconds: float) -> None:
+        """Record one committed batch.
+
+        Args:
+            records: records in the batch.
+            seconds: time from the first attempt to the commit.
+        """
+        self.batch_records.observe(records)
+        self.commit_seconds.observe(seconds)
+
+    @property
+    def port(self) -> int | None:
+        """The port the endpoint listens on, once started."""
+        return self._server.server_port if self._server is not None else None
+
+    def start(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``port`` (0 picks a free
+        port) from daemon threads.
+
+        Args:
+            port: TCP port.
+            addr: address to bind.
+        """
+        server = make_server(
+            addr,
+            port,
+            _app(self.registry, self._snapshot),
+            server_class=_Server,
+            handler_class=_QuietHandler,
+        )
+        thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+        thread.start()
+        self._server, self._thread = server, thread
+
+    def stop(self) -> None:
+        """Stop the endpoint; idempotent."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(5)

@@ -1,0 +1,114 @@
+"""The control plane: a NATS micro service (ADR-32) with health and readiness.
+
+The service shows up as ``market-data-store`` on ``$SRV.PING``, ``$SRV.INFO`` and
+``$SRV.STATS`` (all three subject forms, one id per instance), with the endpoints:
+
+* ``health`` on ``<prefix>.store.health``: Core ``HealthStatus`` JSON;
+* ``ready`` on ``<prefix>.store.ready``: the same, plus ``Nats-Service-Error:
+  not ready: <reason>`` / ``Nats-Service-Error-Code: 503`` when not ready.
+
+Endpoint stats carry the store's own figures in ``data`` (queue depth, level,
+rows committed, rejected, dropped). Handlers only read in-memory state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.client import Client as NATS
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointStats, Service, ServiceConfig
+
+from store_svc import __version__
+from store_svc.constants import SERVICE_NAME
+from store_svc.control.health import health_status, readiness
+
+if TYPE_CHECKING:
+    from store_svc.runtime.service import StoreService
+
+__all__ = ["ControlPlane"]
+
+DESCRIPTION = "Stores Core market data (bars, trades, quotes, options) from NATS write subjects"
+
+
+class ControlPlane:
+    """Owns the micro service of one store instance.
+
+    Args:
+        svc: the store service whose state is reported.
+    """
+
+    def __init__(self, svc: StoreService) -> None:
+        self._svc = svc
+        self.micro: Service | None = None
+
+    async def start(self, nc: NATS) -> None:
+        """Register the micro service and its endpoints on ``nc``.
+
+        Args:
+            nc: a connected client.
+        """
+        settings = self._svc.settings
+        self.micro = await add_service(
+            nc,
+            ServiceConfig(
+                name=SERVICE_NAME,
+                version=__version__,
+                description=DESCRIPTION,
+                metadata={
+                    "subject_prefix": settings.subject_prefix,
+                    "ingest_mode": settings.ingest_mode,
+                    "sink": self._svc.sink.name,
+                    "coordinator_id": settings.coordinator_id,
+                },
+                queue_group=settings.queue_group,
+                stats_handler=self._stats,
+            ),
+        )
+        await self.micro.add_endpoint(
+            name="health", subject=settings.subject("store", "health"), handler=self._health
+        )
+        await self.micro.add_endpoint(
+            name="ready", subject=settings.subject("store", "ready"), handler=self._ready
+        )
+        await nc.flush()
+
+    @property
+    def id(self) -> str | None:
+        """The micro service instance id."""
+        return self.micro.info().id if self.micro is not None else None
+
+    async def stop(self) -> None:
+        """Unregister the micro service; idempotent."""
+        micro, self.micro = self.micro, None
+        if micro is not None:
+            await micro.stop()
+
+    async def _health(self, req: Request) -> None:
+        await req.respond(health_status(self._svc).model_dump_json().encode())
+
+    async def _ready(self, req: Request) -> None:
+        ready, reason, status = readiness(self._svc)
+        body = status.model_dump_json().encode()
+        if ready:
+            await req.respond(body)
+        else:
+            await req.respond_error("503", f"not ready: {reason}", data=body)
+
+    def _stats(self, endpoint: EndpointStats) -> dict[str, Any]:
+        svc = self._svc
+        stats = svc.stats
+        return {
+            "queue_depth": svc.queue.depth,
+            "queue_capacity": svc.queue.capacity,
+            "level": svc.feedback.level.value,
+            "rows_committed": stats.committed_total,
+            "rejected": stats.rejected_total,
+            "dropped": stats.dropped_messages,
+            "refused_overload": stats.refused_overload,
+            "sink_errors": stats.sink_errors,
+            "queries": sum(n for k, n in stats.queries.items() if k.endswith(":ok")),
+            "query_errors": sum(n for k, n in stats.queries.items() if not k.endswith(":ok")),
+            "nats": {conn.role: conn.figures() for conn in (svc.ingest_nats, svc.control_nats)},
+        }

@@ -1,0 +1,488 @@
+"""JetStream intake: a durable pull consumer, acked only after commit.
+
+The service keeps pull requests outstanding on the consumer's ``MSG.NEXT`` subject
+with its own inbox, rather than using nats-py's ``fetch``: a new request goes out
+when half of the last one has arrived, so delivery never stops between pulls, and
+every request asks for idle heartbeats, so a request the server has forgotten (a
+restart, a failover, a reconnect) is noticed within two heartbeats and replaced.
+That covers the known nats-py troubles of pulls that stop after a server restart
+and of a fetch that stalls when a heartbeat arrives.
+
+Each message is decoded and validated like a core write. Its valid records are
+queued with an ``ack`` that runs after their commit; a message with nothing usable
+is terminated (its records are on the DLQ); a message whose rows the database
+refuses for good is put on the DLQ whole and terminated. Messages held longer than
+half the ack wait (queued behind a slow commit) are kept alive with
+``in_progress``. At the hard watermark, or while paused, no new requests go out.
+Messages handed back unprocessed (stopping) are nak'd so another instance gets
+them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from store_svc.control.feedback import FeedbackLoop
+from store_svc.core import BackpressureLevel
+from store_svc.errors import ConfigError, JetStreamUnavailable
+from store_svc.ingest.decode import PayloadDecoder, Reject
+from store_svc.ingest.intake import CoreIntake
+from store_svc.ingest.queue import Envelope, QueueClosed, RecordQueue
+from store_svc.settings import Settings
+from store_svc.state import Stats
+from store_svc.tasks import cancel_and_wait
+
+__all__ = ["JetStreamIntake", "delivery_count"]
+
+log = logging.getLogger(__name__)
+
+_encode = msgspec.json.encode
+_NS = 1_000_000_000
+# Plain strings: nats-py's Header enum hashes by member name, so it misses dict keys.
+_STATUS = "Status"
+_DESCRIPTION = "Description"
+
+
+class _Held:
+    """A message taken and not yet acked: its envelope and when it was last touched."""
+
+    __slots__ = ("env", "msg", "touched")
+
+    def __init__(self, msg: Msg, env: Envelope, touched: float) -> None:
+        self.msg = msg
+        self.env = env
+        self.touched = touched
+
+
+def delivery_count(reply: str | None) -> int | None:
+    """How many times JetStream has delivered a message, read from its ack subject.
+
+    Args:
+        reply: the message's reply subject, ``$JS.ACK.<stream>.<consumer>.<delivered>...``
+            (or the longer form with domain and account hash).
+
+    Returns:
+        The delivery count, or ``None`` when ``reply`` is no JetStream ack subject.
+    """
+    if not reply or not reply.startswith("$JS.ACK."):
+        return None
+    tokens = reply.split(".")
+    token = tokens[4] if len(tokens) == 9 else tokens[6] if len(tokens) >= 11 else ""
+    return int(token) if token.isdigit() else None
+
+
+class JetStreamIntake(CoreIntake):
+    """Takes writes from a durable JetStream pull consumer shared by every instance.
+
+    Args:
+        nc: a connected NATS client.
+        settings: service settings (the ``js_*`` ones).
+        decoder: the payload decoder.
+        queue: where valid records go.
+        stats: counters to update.
+        feedback: the backpressure level (no pulls at ``hard``).
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        settings: Settings,
+        decoder: PayloadDecoder,
+        queue: RecordQueue,
+        stats: Stats,
+        feedback: FeedbackLoop,
+    ) -> None:
+        super().__init__(nc, settings, decoder, queue, stats, feedback)
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.js_stream}.{settings.js_durable}"
+        self._batch = settings.js_fetch_batch
+        self._expires = settings.js_fetch_expires_s
+        self._heartbeat = self._expires / 4
+        self._inbox = ""
+        self._pull_task: asyncio.Task[None] | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._pulling = False
+        self._taking = False
+        self._outstanding = 0
+        # Start cautious (large messages assumed): the estimate falls within a few
+        # dozen messages when they are small, and the first request cannot overfill.
+        self._records_per_msg = 1000.0
+        self._last_activity = 0.0
+        self._recheck_consumer = False
+        self._wake = asyncio.Event()
+        #: Messages taken and not yet acked, terminated or nak'd, by reply subject.
+        self._held: dict[str, _Held] = {}
+        self._handback_task: asyncio.Task[None] | None = None
+
+    @property
+    def held(self) -> int:
+        """Messages taken and not yet acked (queued or being committed)."""
+        return len(self._held)
+
+    @property
+    def outstanding(self) -> int:
+        """Messages asked for and not yet delivered."""
+        return self._outstanding
+
+    @property
+    def inbox(self) -> str:
+        """The subject pulled messages arrive on."""
+        return self._inbox
+
+    def reconnected(self) -> None:
+        """Open pull requests may be gone with the old connection: ask again now."""
+        if self._outstanding:
+            self._outstanding = 0
+            self._stats.js_pull_resets += 1
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Make sure the stream and consumer exist, then start pulling.
+
+        Raises:
+            JetStreamUnavailable: the server has no JetStream, or does not answer.
+            ConfigError: the stream or consumer is missing and ``js_create`` is off.
+        """
+        await self._ensure()
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(
+            self._inbox,
+            cb=self._on_delivery,
+            pending_msgs_limit=self._settings.write_pending_msgs,
+            pending_bytes_limit=self._settings.write_pending_bytes,
+        )
+        await self._nc.flush()
+        self._outstanding = 0
+        self._pulling = self._taking = True
+        self._pull_task = asyncio.create_task(self._pull(), name="jetstream-pull")
+        if self._keepalive_task is None:
+            self._keepalive_task = asyncio.create_task(self._keep_alive(), name="jetstream-wip")
+        log.info(
+            "pulling from stream %s, consumer %s (%s)",
+            self._settings.js_stream,
+            self._settings.js_durable,
+            self.subject,
+        )
+
+    async def _ensure(self) -> None:
+        s = self._settings
+        js = self._nc.jetstream()
+        try:
+            try:
+                info = await js.stream_info(s.js_stream)
+            except NotFoundError:
+                if not s.js_create:
+                    raise ConfigError(
+                        f"the JetStream stream {s.js_stream} does not exist and "
+                        "STORE_JS_CREATE is off"
+                    ) from None
+                await js.add_stream(
+                    api.StreamConfig(
+                        name=s.js_stream,
+                        subjects=[self.subject],
+                        retention=api.RetentionPolicy(s.js_retention),
+                        storage=api.StorageType(s.js_storage),
+                        num_replicas=s.js_replicas,
+                        max_age=s.js_max_age_s or None,
+                    )
+                )
+                log.info("created JetStream stream %s over %s", s.js_stream, self.subject)
+            else:
+                subjects = (info.config.subjects or []) if info.config else []
+                if self.subject not in subjects:
+                    log.warning(
+                        "stream %s captures %s, not %s: writes outside it are not seen",
+                        s.js_stream,
+                        subjects,
+                        self.subject,
+                    )
+            try:
+                await js.consumer_info(s.js_stream, s.js_durable)
+            except NotFoundError:
+                if not s.js_create:
+                    raise ConfigError(
+                        f"the JetStream consumer {s.js_durable} on stream {s.js_stream} does "
+                        "not exist and STORE_JS_CREATE is off"
+                    ) from None
+                await js.add_consumer(
+                    s.js_stream,
+                    api.ConsumerConfig(
+                        durable_name=s.js_durable,
+                        ack_policy=api.AckPolicy.EXPLICIT,
+                        deliver_policy=api.DeliverPolicy.ALL,
+                        ack_wait=s.js_ack_wait_s,
+                        max_ack_pending=s.js_max_ack_pending,
+                        filter_subject=self.subject,
+                        num_replicas=s.js_replicas if s.js_replicas > 1 else None,
+                    ),
+                )
+                log.info("created JetStream consumer %s on %s", s.js_durable, s.js_stream)
+        except ConfigError:
+            raise
+        except (NatsError, TimeoutError) as exc:
+            raise JetStreamUnavailable(
+                f"JetStream did not answer ({type(exc).__name__}: {exc}); is the NATS server "
+                "running with JetStream enabled (nats-server -js)?"
+            ) from exc
+
+    async def _pull(self) -> None:
+        """Keep pull requests outstanding while intake runs and the level allows."""
+        loop = asyncio.get_running_loop()
+        quiet_limit = 2 * self._heartbeat + 0.5
+        expires = int(self._expires * _NS)
+        heartbeat = int(self._heartbeat * _NS)
+        # Ask only for what fits below the soft mark: the backlog waits in the stream,
+        # not in memory (a request for 256 messages of 1,000 records would otherwise
+        # bring 256,000 records into a 100,000-record queue).
+        soft_records = int(self._settings.queue_capacity * self._settings.soft_watermark)
+        backoff = 0.0
+        while self._pulling:
+            if backoff:
+                await asyncio.sleep(backoff)
+                backoff = 0.0
+            now = loop.time()
+            if self._outstanding and now - self._last_activity > quiet_limit:
+                # Neither messages nor heartbeats: the server has forgotten the request.
+                log.info("a pull request went quiet; asking again")
+                self._stats.js_pull_resets += 1
+                self._outstanding = 0
+            if self._recheck_consumer:
+                self._recheck_consumer = False
+                try:
+                    await self._ensure()
+                except (ConfigError, JetStreamUnavailable) as exc:
+                    log.error("the JetStream consumer is not usable: %s", exc)
+                    backoff = 1.0
+                    continue
+            room = soft_records - self._queue.depth
+            want = min(self._batch, max(1, int(room / self._records_per_msg))) if room > 0 else 0
+            blocked_by_room = want - self._outstanding < 1
+            if (
+                not blocked_by_room
+                and self._outstanding <= want // 2
+                and self._feedback.level is not BackpressureLevel.hard
+                and self._nc.is_connected
+            ):
+                n = want - self._outstanding
+                request = _encode({"batch": n, "expires": expires, "idle_heartbeat": heartbeat})
+                try:
+                    await self._nc.publish(self._next_subject, request, reply=self._inbox)
+                except NatsError as exc:
+                    log.debug("pull request not sent: %s", exc)
+                    backoff = 0.1
+                    continue
+                self._stats.js_pull_requests += 1
+                if not self._outstanding:
+                    self._last_activity = now
+                self._outstanding += n
+            # Waiting for room in the queue is short: the batcher frees it quickly.
+            await self._woken(0.002 if blocked_by_room else min(self._heartbeat, 0.25))
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        await self._turns.take()
+        headers = msg.headers
+        if not msg.data and headers and _STATUS in headers:
+            self._on_status(headers)
+            return
+        self._last_activity = self._loop.time()
+        if self._outstanding:
+            self._outstanding -= 1
+        if self._outstanding <= self._batch // 2:
+            self._wake.set()
+        if not self._taking:
+            await self._nak(msg)
+            return
+        self._stats.messages += 1
+        reply = msg.reply
+        delivered = delivery_count(reply)
+        if delivered is None:  # not from the consumer (someone wrote to the inbox)
+            log.warning("ignored a message without a JetStream ack subject on %s", msg.subject)
+            return
+        if delivered > 1:
+            self._stats.js_redelivered += 1
+        received = self._loop.time()
+        kind, decoded = await self._examine(msg)
+        if decoded is None:
+            return
+        self._observe_size(len(decoded.rows))  # sizes the next pull requests
+        env = Envelope(kind, decoded.rows, received, self._acker(msg), self._failer(msg, kind))
+        self._held[reply] = _Held(msg, env, received)
+        self._stats.accepted[kind] += len(decoded.rows)
+        try:
+            await self._queue.put(env)
+        except QueueClosed:
+            self._stats.accepted[kind] -= len(decoded.rows)
+            await self._nak(msg)
+
+    async def _woken(self, timeout: float) -> None:
+        """Wait for a delivery or status (``_wake``), at most ``timeout`` seconds."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+
+    def _on_status(self, headers: dict[str, str]) -> None:
+        self._last_activity = self._loop.time()
+        code = headers.get(_STATUS, "")
+        if code == "100":  # idle heartbeat: the request is alive
+            return
+        description = headers.get(_DESCRIPTION, "")
+        pending = headers.get("Nats-Pending-Messages")
+        if pending is not None and pending.isdigit():
+            self._outstanding = max(0, self._outstanding - int(pending))
+        else:
+            self._outstanding = 0
+        if code in ("404", "408") and "Consumer" not in description:
+            pass  # the request expired, as requests do
+        else:
+            log.warning("pull request ended: %s %s", code, description)
+            if code == "503" or "Consumer" in description:
+                self._recheck_consumer = True
+        self._wake.set()
+
+    def _acker(self, msg: Msg) -> Any:
+        async def ack() -> None:
+            if self._held.pop(msg.reply, None) is None:
+                # Handed back while its commit was under way: the copy redelivered to
+                # another instance is acked there (the repeat upsert is harmless).
+                return
+            await msg.ack()
+            self._stats.js_acked += 1
+
+        return ack
+
+    def _failer(self, msg: Msg, kind: str) -> Any:
+        async def fail(reason: str) -> None:
+            # The database refuses these rows for good: keep the message on the DLQ,
+            # and stop the server from redelivering it for ever.
+            self._held.pop(msg.reply, None)
+            await self._to_dlq(
+                kind, msg.subject, Reject("sink_refused", reason, msg.data), msg.headers, False
+            )
+            await self._term(msg)
+
+        return fail
+
+    async def _refuse(self, msg: Msg, rejects: list[Reject]) -> None:
+        # Nothing in the message is usable (its records are on the DLQ): terminate it.
+        await self._term(msg)
+
+    async def _term(self, msg: Msg) -> None:
+        try:
+            await msg.term()
+            self._stats.js_termed += 1
+        except NatsError as exc:
+            log.warning("terminating a message failed: %s", exc)
+
+    async def _nak(self, msg: Msg) -> None:
+        self._held.pop(msg.reply, None)
+        delay = self._settings.js_nak_delay_s
+        try:
+            await msg.nak(delay=delay or None)
+            self._stats.js_naked += 1
+        except NatsError as exc:
+            log.warning("handing a message back (nak) failed: %s", exc)
+
+    async def _keep_alive(self) -> None:
+        """Tell the server that messages held longer than half the ack wait are in work."""
+        ack_wait = self._settings.js_ack_wait_s
+        while True:
+            await asyncio.sleep(ack_wait / 4)
+            now = self._loop.time()
+            stale = [h for h in self._held.values() if now - h.touched > ack_wait / 2]
+            for held in stale:
+                if held.msg.reply not in self._held:
+                    continue  # acked meanwhile
+                try:
+                    await held.msg.in_progress()
+                except NatsError as exc:
+                    log.debug("in_progress not sent: %s", exc)
+                    break
+                held.touched = now
+                self._stats.js_in_progress += 1
+
+    async def stop(self, timeout: float) -> None:
+        """Stop pulling; what the open requests still deliver is queued, later ones nak'd.
+
+        Args:
+            timeout: seconds to wait for the open requests to end.
+        """
+        if self._draining is not None:
+            await asyncio.shield(self._draining)
+            return
+        if not self._pulling:
+            return
+        self._draining = asyncio.ensure_future(self._stop(timeout))
+        try:
+            await asyncio.shield(self._draining)
+        finally:
+            self._draining = None
+
+    async def _stop(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._pulling = False
+        self._wake.set()
+        task, self._pull_task = self._pull_task, None
+        await cancel_and_wait(task)
+        # Open requests end within their expiry; until then their messages are taken.
+        wait_until = min(deadline, loop.time() + self._expires + 0.5)
+        while self._outstanding and self._nc.is_connected and loop.time() < wait_until:
+            await self._woken(min(0.1, max(0.0, wait_until - loop.time())))
+        self._taking = False
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            # Anything still on its way is handed back (nak) as it arrives.
+            await self._drain(sub, max(0.1, deadline - loop.time()))
+        self._outstanding = 0
+
+    async def close(self) -> None:
+        """Hand back (nak) every message still held, and stop the keep-alive."""
+        task, self._keepalive_task = self._keepalive_task, None
+        await cancel_and_wait(task)
+        await cancel_and_wait(self._handback_task)
+        self._handback_task = None
+        held = [h.msg for h in self._held.values()]
+        for msg in held:
+            await self._nak(msg)
+        if held:
+            log.warning("handed back %d uncommitted messages for redelivery", len(held))
+
+    def sink_state(self, down: bool) -> None:
+        """The database started (True) or stopped (False) failing commits.
+
+        After ``js_handback_after_s`` of failures, held messages are handed back so
+        an instance that can reach its database stores them.
+        """
+        after = self._settings.js_handback_after_s
+        if down and after > 0 and self._handback_task is None:
+            self._handback_task = asyncio.create_task(self._hand_back(after), name="js-handback")
+        elif not down and self._handback_task is not None:
+            self._handback_task.cancel()
+            self._handback_task = None
+
+    async def _hand_back(self, after: float) -> None:
+        await asyncio.sleep(after)
+        while True:
+            held = list(self._held.values())
+            for h in held:
+                h.env.withdrawn = True
+                await self._nak(h.msg)
+            if held:
+                log.warning(
+                    "the database has failed commits for %.0fs: handed back %d messages "
+                    "for another instance to store",
+                    after,
+                    len(held),
+                )
+            # What open pull requests still deliver is handed back too.
+            await asyncio.sleep(self._heartbeat)
