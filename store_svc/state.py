@@ -1,11 +1,33 @@
-"""Counters the service keeps about itself (read by health, stats, metrics, the demo)."""
+"""The service's state as its observers see it: the lifecycle status, the counters,
+and :class:`ServiceView`, the narrow read-only view that health, readiness, metrics
+and the micro service's stats take instead of the service itself.
+
+Everything here is in-memory and read on the event loop (the HTTP probes read a
+snapshot built from it), so nothing that reports on the service ever waits on the
+database or on NATS.
+"""
 
 from __future__ import annotations
 
+import enum
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-__all__ = ["Stats"]
+from store_svc.core import BackpressureLevel, HealthComponent
+
+__all__ = ["ConnectionView", "ServiceView", "Stats", "Status"]
+
+
+class Status(enum.Enum):
+    """Where the service is in its life."""
+
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
 
 
 @dataclass
@@ -73,3 +95,104 @@ class Stats:
     def rejected_total(self) -> int:
         """Records rejected, all reasons."""
         return sum(self.rejected.values())
+
+
+class ConnectionView(Protocol):
+    """One watched NATS connection, as health and metrics see it."""
+
+    @property
+    def role(self) -> str:
+        """``ingest`` or ``control``."""
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up now."""
+        ...
+
+    @property
+    def faults(self) -> int:
+        """Client tasks that ended under a connected client."""
+        ...
+
+    @property
+    def disconnects(self) -> int:
+        """Connections lost while in use."""
+        ...
+
+    def component(self) -> HealthComponent:
+        """The connection's health component."""
+        ...
+
+    def figures(self) -> dict[str, Any]:
+        """The connection's counters for ``$SRV.STATS``."""
+        ...
+
+
+class ServiceView(Protocol):
+    """What health, readiness, metrics and the micro stats read about the service."""
+
+    @property
+    def status(self) -> Status:
+        """The lifecycle status."""
+        ...
+
+    @property
+    def paused(self) -> bool:
+        """Whether intake is paused by an admin."""
+        ...
+
+    @property
+    def warnings(self) -> Sequence[str]:
+        """Why health is degraded besides its components (empty when nothing is)."""
+        ...
+
+    @property
+    def stats(self) -> Stats:
+        """The counters."""
+        ...
+
+    @property
+    def ingest_mode(self) -> str:
+        """``core`` or ``jetstream``."""
+        ...
+
+    @property
+    def sink_name(self) -> str:
+        """The sink's short name (``sqlite``, ``postgresql``)."""
+        ...
+
+    @property
+    def queue_depth(self) -> int:
+        """Records queued."""
+        ...
+
+    @property
+    def queue_capacity(self) -> int:
+        """Queue capacity in records."""
+        ...
+
+    @property
+    def in_flight(self) -> int:
+        """Records taken off the queue and not yet committed."""
+        ...
+
+    @property
+    def sink_ok(self) -> bool:
+        """Whether commits succeed (False while they fail and are retried)."""
+        ...
+
+    @property
+    def level(self) -> BackpressureLevel:
+        """The backpressure level."""
+        ...
+
+    @property
+    def loop_lag_ms(self) -> float:
+        """How late the event loop ran the health refresher last time."""
+        ...
+
+    @property
+    def connections(self) -> Sequence[ConnectionView]:
+        """The ingest and control connections."""
+        ...

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from store_svc.ingest.decode import PayloadDecoder
-from store_svc.ingest.records import KINDS, Time
+from store_svc.ingest.records import MIRRORS, Time
+from store_svc.kinds import KINDS
 
 from .contracts.update import HERE, MODELS, schema_text
 from .strategies import BY_KIND, as_utc
@@ -71,7 +72,7 @@ def _mirror_type(core_type: Any) -> Any:
 def test_mirror_has_core_fields_types_and_defaults(kind: str) -> None:
     spec = KINDS[kind]
     core_fields = spec.core_model.model_fields
-    mirror = {f.name: f for f in msgspec.structs.fields(spec.struct)}
+    mirror = {f.name: f for f in msgspec.structs.fields(MIRRORS[kind].struct)}
     assert list(mirror) == list(core_fields), "field names and order"
     for name, info in core_fields.items():
         field = mirror[name]

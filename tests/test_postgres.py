@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from store_svc.core import HealthStatus
 from store_svc.devtools.pgserver import PostgresServer
 from store_svc.errors import SchemaError
-from store_svc.ingest.records import KINDS
+from store_svc.kinds import KINDS
 from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings
 from store_svc.store.postgres import PostgresSink

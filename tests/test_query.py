@@ -29,13 +29,13 @@ from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
 from store_svc.devtools.pgserver import PostgresServer
-from store_svc.ingest.records import KINDS
-from store_svc.read.api import encode_cursor
+from store_svc.kinds import KINDS
+from store_svc.read.cursor import encode_cursor
 from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings
-from store_svc.store.base import PagePlan, core_fields, sort_key
-from store_svc.store.sqlite import SqliteReader
-from store_svc.store.sqlite_worker import compile_readout, encoder_for, rfc3339
+from store_svc.store.codec import compile_readout, encoder_for, rfc3339
+from store_svc.store.reads import PagePlan, core_fields, sort_key
+from store_svc.store.sqlite_read import SqliteReader
 
 from .conftest import until
 from .strategies import BY_KIND, as_utc

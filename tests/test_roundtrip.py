@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
-from store_svc.ingest.records import KINDS
+from store_svc.kinds import KINDS
 from store_svc.runtime.service import StoreService
 
 from .strategies import BY_KIND, as_utc

@@ -13,8 +13,9 @@ import msgspec
 import pytest
 
 from store_svc.ingest.decode import PayloadDecoder
+from store_svc.store.codec import key_decimal_text
 from store_svc.store.sqlite import SqliteSink
-from store_svc.store.sqlite_worker import BatchAheadFailed, Writer, key_decimal_text
+from store_svc.store.sqlite_worker import BatchAheadFailed, Writer
 
 from .test_ingest import bar, locked
 

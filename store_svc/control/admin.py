@@ -19,12 +19,12 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from store_svc.bus.headers import header_value
 from store_svc.constants import (
     OVERLOAD_RETRY_AFTER_MS,
     RETRY_AFTER_HEADER,
@@ -32,10 +32,7 @@ from store_svc.constants import (
     SERVICE_ERROR_HEADER,
 )
 from store_svc.core import AuditEnvelope, ControlAction, ControlResult
-from store_svc.ingest.intake import header_value
-
-if TYPE_CHECKING:
-    from store_svc.runtime.service import StoreService
+from store_svc.settings import Settings
 
 __all__ = ["AdminControl", "NotRunning"]
 
@@ -64,20 +61,19 @@ class AdminControl:
     """Handles the control subjects of one instance.
 
     Args:
-        svc: the store service to steer.
-        act: runs an allowed action and returns its detail text (raises ValueError
-            for a reload that cannot be applied).
+        settings: the admin token and the subjects.
+        act: runs an allowed action and returns its detail text (raises
+            :class:`NotRunning`, or ValueError for a reload that cannot be applied).
     """
 
-    def __init__(self, svc: StoreService, act: Callable[[ControlAction], Awaitable[str]]) -> None:
-        self._svc = svc
+    def __init__(self, settings: Settings, act: Callable[[ControlAction], Awaitable[str]]) -> None:
         self._act = act
-        token = svc.settings.admin_token
+        token = settings.admin_token
         self._token = token.get_secret_value().encode() if token is not None else None
         self._sub: Subscription | None = None
         self._nc: NATS | None = None
-        self._prefix = svc.settings.subject("store", "control") + "."
-        self._audit_subject = svc.settings.subject("telemetry", "audit")
+        self._prefix = settings.subject("store", "control") + "."
+        self._audit_subject = settings.subject("telemetry", "audit")
 
     async def start(self, nc: NATS) -> None:
         """Subscribe to ``<prefix>.store.control.*``.

@@ -29,15 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
 from store_svc import __version__
 from store_svc.constants import SERVICE_NAME
 from store_svc.control.probes import loop_component
 from store_svc.core import BackpressureLevel, HealthComponent, HealthStatus
-
-if TYPE_CHECKING:
-    from store_svc.runtime.service import StoreService
+from store_svc.state import ServiceView, Status
 
 __all__ = ["health_status", "readiness"]
 
@@ -48,37 +45,35 @@ def _worst(states: list[str]) -> str:
     return max(states, key=_RANK.__getitem__) if states else "healthy"
 
 
-def health_status(svc: StoreService) -> HealthStatus:
+def health_status(svc: ServiceView) -> HealthStatus:
     """The service's health, component by component.
 
     Args:
-        svc: the service.
+        svc: what the service shows of itself.
 
     Returns:
         A Core ``HealthStatus`` (service ``market-data-store``).
     """
-    from store_svc.runtime.service import Status
-
     loop = asyncio.get_running_loop()
     stats = svc.stats
-    level = svc.feedback.level
+    level = svc.level
     queue_c = HealthComponent(
         name="queue",
         state="healthy" if level is BackpressureLevel.ok else "degraded",
         details={
-            "depth": str(svc.queue.depth),
-            "capacity": str(svc.queue.capacity),
+            "depth": str(svc.queue_depth),
+            "capacity": str(svc.queue_capacity),
             "level": level.value,
-            "in_flight": str(svc.batcher.in_flight),
+            "in_flight": str(svc.in_flight),
         },
     )
     last = stats.last_commit_monotonic
     sink_c = HealthComponent(
         name="sink",
-        state="healthy" if svc.batcher.sink_ok else "unhealthy",
+        state="healthy" if svc.sink_ok else "unhealthy",
         details={
-            "backend": svc.sink.name,
-            "reachable": str(svc.batcher.sink_ok).lower(),
+            "backend": svc.sink_name,
+            "reachable": str(svc.sink_ok).lower(),
             "last_commit_age_s": f"{loop.time() - last:.3f}" if last is not None else "never",
             "last_error": stats.last_sink_error or "",
             "errors": str(stats.sink_errors),
@@ -91,7 +86,7 @@ def health_status(svc: StoreService) -> HealthStatus:
         state="healthy" if running and not svc.warnings else "degraded",
         details={
             **({"warning": " | ".join(svc.warnings)[:1000]} if svc.warnings else {}),
-            "mode": svc.settings.ingest_mode,
+            "mode": svc.ingest_mode,
             "status": "paused" if svc.paused else svc.status.value,
             "messages": str(stats.messages),
             "rejected": str(stats.rejected_total),
@@ -105,18 +100,17 @@ def health_status(svc: StoreService) -> HealthStatus:
                     "js_handed_back": str(stats.js_naked),
                     "js_pull_resets": str(stats.js_pull_resets),
                 }
-                if svc.settings.ingest_mode == "jetstream"
+                if svc.ingest_mode == "jetstream"
                 else {}
             ),
         },
     )
     components = [
-        svc.ingest_nats.component(),
-        svc.control_nats.component(),
+        *(conn.component() for conn in svc.connections),
         queue_c,
         sink_c,
         intake_c,
-        loop_component(svc.snapshot.lag_ms),
+        loop_component(svc.loop_lag_ms),
     ]
     return HealthStatus(
         service=SERVICE_NAME,
@@ -127,25 +121,23 @@ def health_status(svc: StoreService) -> HealthStatus:
     )
 
 
-def readiness(svc: StoreService) -> tuple[bool, str, HealthStatus]:
+def readiness(svc: ServiceView) -> tuple[bool, str, HealthStatus]:
     """Whether the service should be sent writes now.
 
     Args:
-        svc: the service.
+        svc: what the service shows of itself.
 
     Returns:
         ``(ready, reason, status)``; ``reason`` says why not (empty when ready).
     """
-    from store_svc.runtime.service import Status
-
     status = health_status(svc)
     if svc.status is not Status.RUNNING:
         return False, f"service is {svc.status.value}", status
     if svc.paused:
         return False, "intake is paused", status
-    for conn in (svc.ingest_nats, svc.control_nats):
+    for conn in svc.connections:
         if not conn.connected:
             return False, f"the NATS {conn.role} connection is down", status
-    if not svc.batcher.sink_ok:
+    if not svc.sink_ok:
         return False, "the database is failing commits", status
     return True, "", status

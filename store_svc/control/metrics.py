@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
@@ -21,9 +21,7 @@ from prometheus_client.registry import Collector
 
 from store_svc.control.probes import HealthSnapshot
 from store_svc.core import BackpressureLevel
-
-if TYPE_CHECKING:
-    from store_svc.runtime.service import StoreService
+from store_svc.state import ServiceView
 
 __all__ = ["Metrics"]
 
@@ -31,8 +29,13 @@ _LEVEL_VALUE = {BackpressureLevel.ok: 0, BackpressureLevel.soft: 1, Backpressure
 
 
 class _StoreCollector(Collector):
-    def __init__(self, svc: StoreService) -> None:
+    def __init__(self, svc: ServiceView) -> None:
         self._svc = svc
+
+    def describe(self) -> Iterator[Metric]:
+        """Nothing: the registry then does not collect at registration, so metrics
+        can be built before the parts the view reads (the batcher reports to them)."""
+        return iter(())
 
     def collect(self) -> Iterator[Metric]:
         svc = self._svc
@@ -95,19 +98,19 @@ class _StoreCollector(Collector):
             "store_sink_errors", "Failed commit attempts.", value=stats.sink_errors
         )
         yield CounterMetricFamily("store_batches", "Transactions committed.", value=stats.batches)
-        yield GaugeMetricFamily("store_queue_depth", "Records queued.", value=svc.queue.depth)
+        yield GaugeMetricFamily("store_queue_depth", "Records queued.", value=svc.queue_depth)
         yield GaugeMetricFamily(
-            "store_queue_capacity", "Queue capacity in records.", value=svc.queue.capacity
+            "store_queue_capacity", "Queue capacity in records.", value=svc.queue_capacity
         )
         yield GaugeMetricFamily(
             "store_backpressure_level",
             "Backpressure level: 0 ok, 1 soft, 2 hard.",
-            value=_LEVEL_VALUE[svc.feedback.level],
+            value=_LEVEL_VALUE[svc.level],
         )
         yield GaugeMetricFamily(
             "store_sink_up",
             "1 while commits succeed, 0 while they fail.",
-            value=1 if svc.batcher.sink_ok else 0,
+            value=1 if svc.sink_ok else 0,
         )
         connected = GaugeMetricFamily(
             "store_nats_connected", "1 while the connection is up.", labels=["connection"]
@@ -122,7 +125,7 @@ class _StoreCollector(Collector):
             "Connections lost while in use, by connection (ingest, control).",
             labels=["connection"],
         )
-        for conn in (svc.ingest_nats, svc.control_nats):
+        for conn in svc.connections:
             connected.add_metric([conn.role], 1 if conn.connected else 0)
             faults.add_metric([conn.role], conn.faults)
             disconnects.add_metric([conn.role], conn.disconnects)
@@ -170,11 +173,11 @@ class Metrics:
     """The service's metrics and, when started, their HTTP endpoint.
 
     Args:
-        svc: the service whose counters are exported.
+        svc: what the service shows of itself (its counters are exported).
         snapshot: what ``/healthz`` and ``/readyz`` answer from.
     """
 
-    def __init__(self, svc: StoreService, snapshot: HealthSnapshot) -> None:
+    def __init__(self, svc: ServiceView, snapshot: HealthSnapshot) -> None:
         self._snapshot = snapshot
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_StoreCollector(svc))
@@ -209,6 +212,15 @@ class Metrics:
         """
         self.batch_records.observe(records)
         self.commit_seconds.observe(seconds)
+
+    def observe_query(self, endpoint: str, seconds: float) -> None:
+        """Record one successful read API answer.
+
+        Args:
+            endpoint: ``query`` or ``latest``.
+            seconds: time from the request's arrival to the reply.
+        """
+        self.query_seconds.labels(endpoint).observe(seconds)
 
     @property
     def port(self) -> int | None:

@@ -13,7 +13,7 @@ rows committed, rejected, dropped). Handlers only read in-memory state.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.micro import add_service
@@ -23,9 +23,8 @@ from nats.micro.service import EndpointStats, Service, ServiceConfig
 from store_svc import __version__
 from store_svc.constants import SERVICE_NAME
 from store_svc.control.health import health_status, readiness
-
-if TYPE_CHECKING:
-    from store_svc.runtime.service import StoreService
+from store_svc.settings import Settings
+from store_svc.state import ServiceView
 
 __all__ = ["ControlPlane"]
 
@@ -36,10 +35,12 @@ class ControlPlane:
     """Owns the micro service of one store instance.
 
     Args:
-        svc: the store service whose state is reported.
+        settings: subjects, queue group and the metadata announced in ``$SRV.INFO``.
+        svc: what the service shows of itself (health, readiness, stats).
     """
 
-    def __init__(self, svc: StoreService) -> None:
+    def __init__(self, settings: Settings, svc: ServiceView) -> None:
+        self._settings = settings
         self._svc = svc
         self.micro: Service | None = None
 
@@ -49,7 +50,7 @@ class ControlPlane:
         Args:
             nc: a connected client.
         """
-        settings = self._svc.settings
+        settings = self._settings
         self.micro = await add_service(
             nc,
             ServiceConfig(
@@ -59,7 +60,7 @@ class ControlPlane:
                 metadata={
                     "subject_prefix": settings.subject_prefix,
                     "ingest_mode": settings.ingest_mode,
-                    "sink": self._svc.sink.name,
+                    "sink": self._svc.sink_name,
                     "coordinator_id": settings.coordinator_id,
                 },
                 queue_group=settings.queue_group,
@@ -100,9 +101,9 @@ class ControlPlane:
         svc = self._svc
         stats = svc.stats
         return {
-            "queue_depth": svc.queue.depth,
-            "queue_capacity": svc.queue.capacity,
-            "level": svc.feedback.level.value,
+            "queue_depth": svc.queue_depth,
+            "queue_capacity": svc.queue_capacity,
+            "level": svc.level.value,
             "rows_committed": stats.committed_total,
             "rejected": stats.rejected_total,
             "dropped": stats.dropped_messages,
@@ -110,5 +111,5 @@ class ControlPlane:
             "sink_errors": stats.sink_errors,
             "queries": sum(n for k, n in stats.queries.items() if k.endswith(":ok")),
             "query_errors": sum(n for k, n in stats.queries.items() if not k.endswith(":ok")),
-            "nats": {conn.role: conn.figures() for conn in (svc.ingest_nats, svc.control_nats)},
+            "nats": {conn.role: conn.figures() for conn in svc.connections},
         }

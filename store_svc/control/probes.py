@@ -20,14 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from store_svc import __version__
 from store_svc.constants import SERVICE_NAME
 from store_svc.core import HealthComponent, HealthStatus
-
-if TYPE_CHECKING:
-    from store_svc.runtime.service import StoreService
 
 __all__ = ["HealthSnapshot", "loop_component"]
 
@@ -62,39 +59,32 @@ class HealthSnapshot:
 
     Args:
         stall_s: a snapshot older than this means the loop is stuck.
+        build: returns ``(ready, reason, status)`` now (``health.readiness`` of the
+            service); called on the loop only.
     """
 
-    def __init__(self, stall_s: float) -> None:
+    def __init__(self, stall_s: float, build: Callable[[], tuple[bool, str, HealthStatus]]) -> None:
         self.stall_s = stall_s
+        self._build = build
         #: How late (ms) the loop woke the refresher last time.
         self.lag_ms = 0.0
         # One tuple, replaced whole, so a reading thread never sees half an update.
         self._state: tuple[float, HealthStatus, bool] | None = None
         self._last_error = ""
 
-    async def keep_fresh(self, svc: StoreService) -> None:
-        """Refresh the snapshot from ``svc`` until cancelled.
-
-        Args:
-            svc: the service whose health is served.
-        """
+    async def keep_fresh(self) -> None:
+        """Refresh the snapshot until cancelled."""
         interval = min(REFRESH_S, self.stall_s / 4)
         while True:
-            self.refresh(svc)
+            self.refresh()
             started = time.monotonic()
             await asyncio.sleep(interval)
             self.lag_ms = max(0.0, (time.monotonic() - started - interval) * 1000)
 
-    def refresh(self, svc: StoreService) -> None:
-        """Take a new snapshot now (on the loop; also at every change of status).
-
-        Args:
-            svc: the service whose health is served.
-        """
-        from store_svc.control.health import readiness
-
+    def refresh(self) -> None:
+        """Take a new snapshot now (on the loop; also at every change of status)."""
         try:
-            ready, _reason, status = readiness(svc)
+            ready, _reason, status = self._build()
         except Exception as exc:
             # A bug in building the status must not pass for a stuck loop (liveness
             # would restart a working store) nor abort a shutdown: the loop is alive,

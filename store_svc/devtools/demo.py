@@ -13,7 +13,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 import nats
@@ -180,8 +180,20 @@ async def run_demo(settings: Settings, seconds: float = 10.0, rate: int = 20_000
     return 0
 
 
+@runtime_checkable
+class Inspectable(Protocol):
+    """A sink that can count what it holds (SQLite, PostgreSQL and the in-memory one):
+    for the demo, tests and benchmarks; the service never asks."""
+
+    async def counts(self) -> dict[str, int]:
+        """Rows stored per table."""
+        ...
+
+
 async def _count(settings: Settings) -> dict[str, int]:
     from store_svc.store.factory import make_sink
 
     async with make_sink(settings) as sink:
+        if not isinstance(sink, Inspectable):
+            raise TypeError(f"the {sink.name} sink cannot count its rows")
         return await sink.counts()

@@ -19,14 +19,29 @@ usual rules bring it down.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from store_svc.core import BackpressureLevel
 
-__all__ = ["Marks", "Watermarks"]
+__all__ = ["Marks", "Pressure", "Watermarks"]
 
 OK = BackpressureLevel.ok
 SOFT = BackpressureLevel.soft
 HARD = BackpressureLevel.hard
+
+
+class Pressure(Protocol):
+    """What intake reads and reports of the backpressure state (the feedback loop,
+    ``control/feedback.py``, implements it)."""
+
+    @property
+    def level(self) -> BackpressureLevel:
+        """The current level."""
+        ...
+
+    def on_backlog(self, records: int) -> None:
+        """Take a new estimate of the records waiting in the NATS client."""
+        ...
 
 
 @dataclass(frozen=True)

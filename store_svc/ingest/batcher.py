@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from store_svc.errors import SchemaError, SinkError
 from store_svc.ingest.queue import Envelope, RecordQueue
-from store_svc.ingest.records import Row
+from store_svc.kinds import Row
 from store_svc.state import Stats
 from store_svc.store.base import Batch, Prepared, Sink
 from store_svc.tasks import Turns, cancel_and_wait

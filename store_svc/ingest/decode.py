@@ -16,21 +16,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import pydantic
 
+from store_svc.bus.headers import content_format, header
 from store_svc.constants import (
     CONTENT_TYPE_HEADER,
-    JSON_CONTENT_TYPES,
-    MSGPACK_CONTENT_TYPES,
     TS_HEADER,
 )
 from store_svc.errors import RejectedInput
-from store_svc.ingest.records import KINDS, KindSpec, Row, RowContext, to_utc
+from store_svc.ingest.records import MIRRORS, Mirror, RowContext, to_utc
+from store_svc.kinds import KINDS, KindSpec, Row
 
-__all__ = ["Decoded", "PayloadDecoder", "Reject", "content_format", "header"]
+__all__ = ["Decoded", "PayloadDecoder", "Reject"]
 
 
 @dataclass(slots=True)
@@ -71,8 +71,11 @@ class _Codec:
 
     def __init__(self, spec: KindSpec, msgpack: bool) -> None:
         mod: Any = msgspec.msgpack if msgpack else msgspec.json
-        self.whole = mod.Decoder(list[spec.struct] | spec.struct)  # type: ignore[name-defined]
-        self.one = mod.Decoder(spec.struct)
+        self.spec = spec
+        self.mirror: Mirror = MIRRORS[spec.kind]
+        struct = self.mirror.struct
+        self.whole = mod.Decoder(list[struct] | struct)  # type: ignore[valid-type]
+        self.one = mod.Decoder(struct)
         self.split = mod.Decoder(list[msgspec.Raw])
         self.untyped = mod.Decoder()
         self.msgpack = msgpack
@@ -180,7 +183,7 @@ class PayloadDecoder:
         records = whole if isinstance(whole, list) else [whole]
         if not records:
             raise RejectedInput("empty_payload", "the array holds no records")
-        to_row = spec.to_row
+        to_row = codec.mirror.to_row
         rows = out.rows
         try:
             for rec in records:
@@ -212,7 +215,7 @@ class PayloadDecoder:
         for i, raw in enumerate(raws):
             index = i if indexed else None
             try:
-                out.rows.append(spec.to_row(self._record(spec, codec, raw), ctx))
+                out.rows.append(codec.mirror.to_row(self._record(spec, codec, raw), ctx))
             except RejectedInput as rej:
                 out.rejects.append(Reject(rej.reason, rej.detail, raw, index))
 
@@ -237,45 +240,7 @@ class PayloadDecoder:
         except UnicodeDecodeError:
             raise RejectedInput("invalid_text", "a text is not valid UTF-8") from None
         values = model.model_dump()
-        return spec.struct(**values)
-
-
-def content_format(ctype: str | None) -> Literal["json", "msgpack"]:
-    """The body encoding a ``Content-Type`` header value names (none means JSON).
-
-    Raises:
-        RejectedInput: ``unsupported_content_type``.
-    """
-    if ctype is None:
-        return "json"
-    base = ctype.split(";", 1)[0].strip().lower()
-    if base in MSGPACK_CONTENT_TYPES:
-        return "msgpack"
-    if base in JSON_CONTENT_TYPES or not base:
-        return "json"
-    raise RejectedInput(
-        "unsupported_content_type",
-        f"Content-Type {ctype[:64]!r} is neither application/json nor application/msgpack",
-    )
-
-
-def header(headers: dict[str, str], name: str) -> str | None:
-    """Look a header up by name, ignoring case as HTTP-style headers should.
-
-    Args:
-        headers: the message headers.
-        name: the canonical header name.
-
-    Returns:
-        The value, or None when absent.
-    """
-    value = headers.get(name)
-    if value is None:
-        lower = name.lower()
-        for key, val in headers.items():
-            if key.lower() == lower:
-                return val
-    return value
+        return codec.mirror.struct(**values)
 
 
 def _decode_detail(exc: msgspec.DecodeError, codec: _Codec) -> str:

@@ -26,21 +26,18 @@ import logging
 from typing import Any
 
 import msgspec
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from store_svc.control.feedback import FeedbackLoop
 from store_svc.core import BackpressureLevel
 from store_svc.errors import ConfigError, JetStreamUnavailable
-from store_svc.ingest.decode import PayloadDecoder, Reject
-from store_svc.ingest.intake import CoreIntake
-from store_svc.ingest.queue import Envelope, QueueClosed, RecordQueue
-from store_svc.settings import Settings
-from store_svc.state import Stats
-from store_svc.tasks import cancel_and_wait
+from store_svc.ingest.decode import Reject
+from store_svc.ingest.edge import IntakeParts, MessageSize, WriteEdge, drain_subscription
+from store_svc.ingest.queue import Envelope, QueueClosed
+from store_svc.tasks import TaskSet, Turns
 
 __all__ = ["JetStreamIntake", "delivery_count"]
 
@@ -81,47 +78,51 @@ def delivery_count(reply: str | None) -> int | None:
     return int(token) if token.isdigit() else None
 
 
-class JetStreamIntake(CoreIntake):
+class JetStreamIntake:
     """Takes writes from a durable JetStream pull consumer shared by every instance.
 
     Args:
-        nc: a connected NATS client.
-        settings: service settings (the ``js_*`` ones).
-        decoder: the payload decoder.
-        queue: where valid records go.
-        stats: counters to update.
-        feedback: the backpressure level (no pulls at ``hard``).
+        parts: client, settings (the ``js_*`` ones), decoder, queue, counters and
+            backpressure (no pulls at ``hard``).
     """
 
-    def __init__(
-        self,
-        nc: NATS,
-        settings: Settings,
-        decoder: PayloadDecoder,
-        queue: RecordQueue,
-        stats: Stats,
-        feedback: FeedbackLoop,
-    ) -> None:
-        super().__init__(nc, settings, decoder, queue, stats, feedback)
+    def __init__(self, parts: IntakeParts) -> None:
+        settings = parts.settings
+        self._nc = parts.nc
+        self._settings = settings
+        self._queue = parts.queue
+        self._stats = parts.stats
+        self._pressure = parts.pressure
+        self._edge = WriteEdge(parts, self._refuse)
+        self._sub: Subscription | None = None
+        self._draining: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._turns = Turns()
+        self._tasks = TaskSet("jetstream")
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.js_stream}.{settings.js_durable}"
         self._batch = settings.js_fetch_batch
         self._expires = settings.js_fetch_expires_s
         self._heartbeat = self._expires / 4
         self._inbox = ""
-        self._pull_task: asyncio.Task[None] | None = None
-        self._keepalive_task: asyncio.Task[None] | None = None
         self._pulling = False
         self._taking = False
         self._outstanding = 0
         # Start cautious (large messages assumed): the estimate falls within a few
         # dozen messages when they are small, and the first request cannot overfill.
-        self._records_per_msg = 1000.0
+        self._size = MessageSize(1000.0)
         self._last_activity = 0.0
         self._recheck_consumer = False
+        #: Set while the pull loop waits for room: each delivery lowers the room the
+        #: next request needs, so each wakes the loop.
+        self._room_blocked = False
         self._wake = asyncio.Event()
         #: Messages taken and not yet acked, terminated or nak'd, by reply subject.
         self._held: dict[str, _Held] = {}
-        self._handback_task: asyncio.Task[None] | None = None
+
+    @property
+    def subject(self) -> str:
+        """The wildcard subject the stream captures."""
+        return self._edge.subject
 
     @property
     def held(self) -> int:
@@ -163,9 +164,9 @@ class JetStreamIntake(CoreIntake):
         await self._nc.flush()
         self._outstanding = 0
         self._pulling = self._taking = True
-        self._pull_task = asyncio.create_task(self._pull(), name="jetstream-pull")
-        if self._keepalive_task is None:
-            self._keepalive_task = asyncio.create_task(self._keep_alive(), name="jetstream-wip")
+        self._tasks.start("pull", self._pull())
+        if not self._tasks.running("keepalive"):
+            self._tasks.start("keepalive", self._keep_alive())
         log.info(
             "pulling from stream %s, consumer %s (%s)",
             self._settings.js_stream,
@@ -263,13 +264,14 @@ class JetStreamIntake(CoreIntake):
                     log.error("the JetStream consumer is not usable: %s", exc)
                     backoff = 1.0
                     continue
+            per_msg = self._size.value
             room = soft_records - self._queue.depth
-            want = min(self._batch, max(1, int(room / self._records_per_msg))) if room > 0 else 0
-            blocked_by_room = want - self._outstanding < 1
+            want = min(self._batch, max(1, int(room / per_msg))) if room > 0 else 0
+            blocked_by_room = want - self._outstanding < 1 and self._outstanding < self._batch
             if (
                 not blocked_by_room
                 and self._outstanding <= want // 2
-                and self._feedback.level is not BackpressureLevel.hard
+                and self._pressure.level is not BackpressureLevel.hard
                 and self._nc.is_connected
             ):
                 n = want - self._outstanding
@@ -284,8 +286,15 @@ class JetStreamIntake(CoreIntake):
                 if not self._outstanding:
                     self._last_activity = now
                 self._outstanding += n
-            # Waiting for room in the queue is short: the batcher frees it quickly.
-            await self._woken(0.002 if blocked_by_room else min(self._heartbeat, 0.25))
+            # Woken by a delivery or a status, by the take that frees room for one
+            # more message when room is what is missing, or to look for a quiet request.
+            below = soft_records - int((self._outstanding + 1) * per_msg)
+            self._room_blocked = blocked_by_room
+            await self._woken(
+                min(self._heartbeat, 0.25),
+                room_below=below if blocked_by_room and below > 0 else None,
+            )
+            self._room_blocked = False
 
     async def _on_delivery(self, msg: Msg) -> None:
         await self._turns.take()
@@ -296,7 +305,7 @@ class JetStreamIntake(CoreIntake):
         self._last_activity = self._loop.time()
         if self._outstanding:
             self._outstanding -= 1
-        if self._outstanding <= self._batch // 2:
+        if self._outstanding <= self._batch // 2 or self._room_blocked:
             self._wake.set()
         if not self._taking:
             await self._nak(msg)
@@ -310,10 +319,10 @@ class JetStreamIntake(CoreIntake):
         if delivered > 1:
             self._stats.js_redelivered += 1
         received = self._loop.time()
-        kind, decoded = await self._examine(msg)
+        kind, decoded = await self._edge.examine(msg)
         if decoded is None:
             return
-        self._observe_size(len(decoded.rows))  # sizes the next pull requests
+        self._size.observe(len(decoded.rows))  # sizes the next pull requests
         env = Envelope(kind, decoded.rows, received, self._acker(msg), self._failer(msg, kind))
         self._held[reply] = _Held(msg, env, received)
         self._stats.accepted[kind] += len(decoded.rows)
@@ -323,12 +332,25 @@ class JetStreamIntake(CoreIntake):
             self._stats.accepted[kind] -= len(decoded.rows)
             await self._nak(msg)
 
-    async def _woken(self, timeout: float) -> None:
-        """Wait for a delivery or status (``_wake``), at most ``timeout`` seconds."""
+    async def _woken(self, timeout: float, room_below: int | None = None) -> None:
+        """Wait for a delivery or status (``_wake``), or with ``room_below`` for the
+        queue to hold fewer records than that, at most ``timeout`` seconds."""
         self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._wake.wait()
+        if room_below is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            return
+        waits = {
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(self._queue.wait_room(room_below)),
+        }
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     def _on_status(self, headers: dict[str, str]) -> None:
         self._last_activity = self._loop.time()
@@ -365,7 +387,7 @@ class JetStreamIntake(CoreIntake):
             # The database refuses these rows for good: keep the message on the DLQ,
             # and stop the server from redelivering it for ever.
             self._held.pop(msg.reply, None)
-            await self._to_dlq(
+            await self._edge.to_dlq(
                 kind, msg.subject, Reject("sink_refused", reason, msg.data), msg.headers, False
             )
             await self._term(msg)
@@ -432,8 +454,7 @@ class JetStreamIntake(CoreIntake):
         deadline = loop.time() + timeout
         self._pulling = False
         self._wake.set()
-        task, self._pull_task = self._pull_task, None
-        await cancel_and_wait(task)
+        await self._tasks.stop("pull")
         # Open requests end within their expiry; until then their messages are taken.
         wait_until = min(deadline, loop.time() + self._expires + 0.5)
         while self._outstanding and self._nc.is_connected and loop.time() < wait_until:
@@ -442,15 +463,12 @@ class JetStreamIntake(CoreIntake):
         sub, self._sub = self._sub, None
         if sub is not None:
             # Anything still on its way is handed back (nak) as it arrives.
-            await self._drain(sub, max(0.1, deadline - loop.time()))
+            await drain_subscription(sub, max(0.1, deadline - loop.time()))
         self._outstanding = 0
 
     async def close(self) -> None:
-        """Hand back (nak) every message still held, and stop the keep-alive."""
-        task, self._keepalive_task = self._keepalive_task, None
-        await cancel_and_wait(task)
-        await cancel_and_wait(self._handback_task)
-        self._handback_task = None
+        """Hand back (nak) every message still held, and end every background task."""
+        await self._tasks.close()
         held = [h.msg for h in self._held.values()]
         for msg in held:
             await self._nak(msg)
@@ -464,11 +482,10 @@ class JetStreamIntake(CoreIntake):
         an instance that can reach its database stores them.
         """
         after = self._settings.js_handback_after_s
-        if down and after > 0 and self._handback_task is None:
-            self._handback_task = asyncio.create_task(self._hand_back(after), name="js-handback")
-        elif not down and self._handback_task is not None:
-            self._handback_task.cancel()
-            self._handback_task = None
+        if down and after > 0 and not self._tasks.running("handback"):
+            self._tasks.start("handback", self._hand_back(after))
+        elif not down:
+            self._tasks.cancel("handback")  # awaited by close()
 
     async def _hand_back(self, after: float) -> None:
         await asyncio.sleep(after)

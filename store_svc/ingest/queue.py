@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from store_svc.errors import StoreError
-from store_svc.ingest.records import Row
+from store_svc.kinds import Row
 
 __all__ = ["Envelope", "QueueClosed", "RecordQueue"]
 
@@ -63,6 +63,7 @@ class RecordQueue:
         self._closed = False
         self._getter: asyncio.Future[None] | None = None
         self._putters: deque[asyncio.Future[None]] = deque()
+        self._room: list[tuple[int, asyncio.Future[None]]] = []
         self._on_depth = on_depth
 
     @property
@@ -150,6 +151,32 @@ class RecordQueue:
                 fut.set_result(None)
                 return
 
+    async def wait_room(self, below: int) -> None:
+        """Wait until fewer than ``below`` records are queued, or the queue closes.
+
+        For a producer that decides itself how much to fetch (JetStream pulls): it is
+        woken by the take that makes the room, instead of looking every few ms.
+
+        Args:
+            below: the depth to wait under.
+        """
+        if self._depth < below or self._closed:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        entry = (below, fut)
+        self._room.append(entry)
+        try:
+            await fut
+        finally:
+            if entry in self._room:
+                self._room.remove(entry)
+
+    def _wake_room(self) -> None:
+        depth = self._depth
+        for below, fut in self._room:
+            if (depth < below or self._closed) and not fut.done():
+                fut.set_result(None)
+
     def get_nowait(self) -> Envelope | None:
         """Take the oldest envelope, or None when empty."""
         if not self._items:
@@ -157,6 +184,8 @@ class RecordQueue:
         env = self._items.popleft()
         self._depth -= len(env.rows)
         self._wake_putter()
+        if self._room:
+            self._wake_room()
         if self._on_depth is not None:
             self._on_depth(self._depth)
         return env
@@ -193,3 +222,4 @@ class RecordQueue:
             fut = self._putters.popleft()
             if not fut.done():
                 fut.set_result(None)
+        self._wake_room()

@@ -1,4 +1,4 @@
-"""Record kinds: msgspec mirrors of Core's models, the checks the store adds, and rows.
+"""msgspec mirrors of Core's models, the checks the store adds, and the row builders.
 
 Each Core model (``Bar``, ``Trade``, ``Quote``, ``OptionSnapshot``) has a msgspec
 Struct here with the same field names, types, required set and defaults; the
@@ -17,23 +17,19 @@ Checks the store adds on top of Core (each with its reject reason):
 * ``invalid_symbol``: an empty, overlong, padded or non-printable symbol;
 * ``symbol_mismatch``: the record's symbol differs from the subject's symbol token.
 
-A validated record becomes a *row*: a tuple in the table's column order holding
-timezone-aware UTC datetimes, Decimals, ints, strings and bools. Sinks turn rows
-into their own column types.
+A validated record becomes a *row* (``store_svc.kinds.Row``): a tuple in the
+table's column order. Sinks turn rows into their own column types.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
-from pydantic import BaseModel
 
-from store_svc import core
 from store_svc.constants import (
     EPOCH_MS_THRESHOLD,
     INT64_MAX,
@@ -43,18 +39,19 @@ from store_svc.constants import (
     MAX_SYMBOL_CHARS,
 )
 from store_svc.errors import RejectedInput
+from store_svc.kinds import Row
+from store_svc.store.codec import EPOCH
 
 __all__ = [
-    "KINDS",
+    "MIRRORS",
     "BarRecord",
-    "KindSpec",
+    "Mirror",
     "OptionRecord",
     "QuoteRecord",
     "RowContext",
     "TradeRecord",
 ]
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 LATEST_EXPIRY = datetime(2200, 1, 1, tzinfo=UTC)
 
@@ -145,9 +142,6 @@ class RowContext:
         self.latest = latest
         self.symbol = symbol
         self.option_ts = option_ts
-
-
-Row = tuple[Any, ...]
 
 
 def to_utc(value: Time, field: str, latest: datetime) -> datetime:
@@ -398,148 +392,22 @@ def option_row(r: OptionRecord, ctx: RowContext) -> Row:
     )
 
 
-@dataclass(frozen=True)
-class KindSpec:
-    """Everything the service knows about one record kind.
+class Mirror(NamedTuple):
+    """How intake decodes and validates one kind.
 
     Attributes:
-        kind: the subject token (``bars`` ...), also the table name.
         struct: the msgspec mirror of the Core model.
-        core_model: the Core pydantic model.
-        columns: the table's record columns, in row order (``ingested_at`` comes last).
-        key: the columns of the idempotency key.
-        on_conflict: ``update`` (later writes win) or ``ignore`` (the first write wins).
-        decimal_columns: columns holding Decimals.
-        time_columns: columns holding datetimes.
         to_row: validates a mirror instance and returns its row.
     """
 
-    kind: str
     struct: type[msgspec.Struct]
-    core_model: type[BaseModel]
-    columns: tuple[str, ...]
-    key: tuple[str, ...]
-    on_conflict: Literal["update", "ignore"]
-    decimal_columns: frozenset[str]
-    time_columns: frozenset[str]
     to_row: Callable[[Any, RowContext], Row]
 
-    @property
-    def table(self) -> str:
-        """The table that holds this kind."""
-        return self.kind
 
-    def to_core(self, row: Row) -> BaseModel:
-        """Build the Core model of a row (used by reads and tests).
-
-        Args:
-            row: a row in ``columns`` order, with sink values already turned back
-                into Python types.
-
-        Returns:
-            The Core model instance.
-        """
-        values = dict(zip(self.columns, row, strict=True))
-        if self.kind == "options":
-            values.pop("ts")
-        return self.core_model(**values)
-
-
-KINDS: dict[str, KindSpec] = {
-    spec.kind: spec
-    for spec in (
-        KindSpec(
-            kind="bars",
-            struct=BarRecord,
-            core_model=core.Bar,
-            columns=(
-                "symbol",
-                "resolution",
-                "ts",
-                "open",
-                "high",
-                "low",
-                "close",
-                "volume",
-                "delayed",
-            ),
-            key=("symbol", "resolution", "ts"),
-            on_conflict="update",
-            decimal_columns=frozenset({"open", "high", "low", "close", "volume"}),
-            time_columns=frozenset({"ts"}),
-            to_row=bar_row,
-        ),
-        KindSpec(
-            kind="trades",
-            struct=TradeRecord,
-            core_model=core.Trade,
-            columns=("symbol", "ts", "price", "size", "exchange", "conditions"),
-            key=("symbol", "ts", "price", "size", "exchange", "conditions"),
-            on_conflict="ignore",
-            decimal_columns=frozenset({"price"}),
-            time_columns=frozenset({"ts"}),
-            to_row=trade_row,
-        ),
-        KindSpec(
-            kind="quotes",
-            struct=QuoteRecord,
-            core_model=core.Quote,
-            columns=(
-                "symbol",
-                "timestamp",
-                "bid",
-                "ask",
-                "last",
-                "bid_size",
-                "ask_size",
-                "volume",
-                "delayed",
-            ),
-            key=("symbol", "timestamp"),
-            on_conflict="update",
-            decimal_columns=frozenset({"bid", "ask", "last"}),
-            time_columns=frozenset({"timestamp"}),
-            to_row=quote_row,
-        ),
-        KindSpec(
-            kind="options",
-            struct=OptionRecord,
-            core_model=core.OptionSnapshot,
-            columns=(
-                "symbol",
-                "expiry",
-                "strike",
-                "option_type",
-                "ts",
-                "bid",
-                "ask",
-                "last",
-                "volume",
-                "open_interest",
-                "implied_volatility",
-                "delta",
-                "gamma",
-                "theta",
-                "vega",
-                "delayed",
-            ),
-            key=("symbol", "expiry", "strike", "option_type", "ts"),
-            on_conflict="update",
-            decimal_columns=frozenset(
-                {
-                    "strike",
-                    "bid",
-                    "ask",
-                    "last",
-                    "implied_volatility",
-                    "delta",
-                    "gamma",
-                    "theta",
-                    "vega",
-                }
-            ),
-            time_columns=frozenset({"expiry", "ts"}),
-            to_row=option_row,
-        ),
-    )
+#: The mirror of every kind in ``store_svc.kinds.KINDS``.
+MIRRORS: dict[str, Mirror] = {
+    "bars": Mirror(BarRecord, bar_row),
+    "trades": Mirror(TradeRecord, trade_row),
+    "quotes": Mirror(QuoteRecord, quote_row),
+    "options": Mirror(OptionRecord, option_row),
 }

@@ -31,14 +31,12 @@ order (newest first) and pages backwards in time.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import dataclasses
-import hashlib
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -47,30 +45,26 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from store_svc.bus.client import payload_room
+from store_svc.bus.headers import content_format, error_headers, header
 from store_svc.constants import (
     CONTENT_TYPE_HEADER,
-    INT64_MAX,
-    INT64_MIN,
 )
 from store_svc.errors import BadQuery, QueryTimeout, RejectedInput, SinkError
-from store_svc.ingest.decode import content_format, header
-from store_svc.ingest.intake import error_headers
 from store_svc.ingest.records import (
-    EARLIEST,
-    KINDS,
     LATEST_EXPIRY,
     RowContext,
     check_symbol,
     time_bound,
 )
-from store_svc.store.base import KEY_TIMES, KEY_TYPES, LatestPlan, PagePlan, Reader
-from store_svc.store.sqlite_worker import rfc3339_micros
+from store_svc.kinds import KINDS
+from store_svc.read.cursor import decode_cursor, encode_cursor
+from store_svc.settings import Settings
+from store_svc.state import Stats
+from store_svc.store.codec import rfc3339_micros
+from store_svc.store.reads import LatestPlan, PagePlan, Reader
 from store_svc.tasks import cancel_and_wait
 
-if TYPE_CHECKING:
-    from store_svc.runtime.service import StoreService
-
-__all__ = ["MAX_REQUEST_BYTES", "QueryApi", "decode_cursor", "encode_cursor"]
+__all__ = ["MAX_REQUEST_BYTES", "QueryApi"]
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +72,6 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 64 * 1024
 #: Room left in a reply for everything but the records (map, cursor, headers).
 REPLY_OVERHEAD_BYTES = 2048
-#: Times a cursor may hold, in microseconds: stored times lie in [1900, 2200].
-CURSOR_EARLIEST = time_bound(EARLIEST, "cursor")
-CURSOR_LATEST = time_bound(LATEST_EXPIRY, "cursor")
 #: Requests waiting for a free reader, per reader, before new ones get a 503.
 BACKLOG_PER_READER = 32
 
@@ -118,82 +109,6 @@ _ENCODERS: dict[Format, Any] = {
     "json": msgspec.json.Encoder(),
     "msgpack": msgspec.msgpack.Encoder(),
 }
-_pack = msgspec.msgpack.Encoder().encode
-_unpack = msgspec.msgpack.Decoder().decode
-
-
-def _fingerprint(plan: PagePlan) -> bytes:
-    what = [plan.kind, list(plan.symbols), plan.resolution, plan.start, plan.end, plan.descending]
-    return hashlib.blake2b(_pack(what), digest_size=8).digest()
-
-
-def encode_cursor(plan: PagePlan, key: list[int | str]) -> str:
-    """The cursor of the page after the record whose sort key is ``key``.
-
-    Args:
-        plan: the page just answered.
-        key: the sort key of its last record.
-
-    Returns:
-        Opaque URL-safe text.
-    """
-    body = _pack([1, plan.kind, _fingerprint(plan), key])
-    return base64.urlsafe_b64encode(body).rstrip(b"=").decode()
-
-
-def decode_cursor(plan: PagePlan, cursor: str) -> tuple[int | str, ...]:
-    """Check a cursor against the query it is sent with and return its sort key.
-
-    Args:
-        plan: the query (its ``after`` is ignored).
-        cursor: the text a previous reply gave as ``next_cursor``.
-
-    Returns:
-        The sort key to continue after.
-
-    Raises:
-        BadQuery: ``bad_cursor``.
-    """
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        data = _unpack(base64.urlsafe_b64decode(padded.encode("ascii")))
-    except (ValueError, UnicodeEncodeError, binascii.Error, msgspec.DecodeError):
-        raise BadQuery("bad_cursor", "the cursor is not one this service issued") from None
-    if not (isinstance(data, list) and len(data) == 4 and data[0] == 1):
-        raise BadQuery("bad_cursor", "the cursor is not one this service issued")
-    _, kind, fingerprint, key = data
-    if kind != plan.kind or fingerprint != _fingerprint(plan):
-        raise BadQuery(
-            "bad_cursor",
-            "the cursor belongs to another query: kind, symbol, resolution, start and end "
-            "must stay as they were for the first page",
-        )
-    types = KEY_TYPES[plan.kind]
-    if not (
-        isinstance(key, list)
-        and len(key) == len(types)
-        and all(type(v) is t for v, t in zip(key, types, strict=True))
-        and _plausible(plan.kind, key)
-    ):
-        raise BadQuery("bad_cursor", "the cursor is not one this service issued")
-    return tuple(key)
-
-
-def _plausible(kind: str, key: list[int | str]) -> bool:
-    # Cursors are not signed: values the store can never have issued (times outside
-    # [1900, 2200], integers beyond int64, a flag that is not 0 or 1, NUL in text)
-    # are refused here rather than failing in the database.
-    times = KEY_TIMES[kind]
-    for i, value in enumerate(key):
-        if isinstance(value, str):
-            if "\x00" in value:
-                return False
-        elif i in times:
-            if not CURSOR_EARLIEST <= value <= CURSOR_LATEST:
-                return False
-        elif not INT64_MIN <= value <= INT64_MAX:
-            return False
-    return kind != "trades" or key[4] in (0, 1)
 
 
 def _request_format(msg: Msg) -> Format:
@@ -209,14 +124,24 @@ class QueryApi:
     """Answers the query and latest subjects of one instance.
 
     Args:
-        svc: the store service (settings, sink, stats).
+        settings: subjects, queue group, limits and the query deadline.
         reader: the sink's reader.
+        stats: counters to update (``queries``, ``query_records``).
+        on_answered: called with ``(endpoint, seconds)`` after each successful reply
+            (metrics).
     """
 
-    def __init__(self, svc: StoreService, reader: Reader) -> None:
-        self._svc = svc
+    def __init__(
+        self,
+        settings: Settings,
+        reader: Reader,
+        stats: Stats,
+        on_answered: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self._settings = settings
         self._reader = reader
-        settings = svc.settings
+        self._stats = stats
+        self._on_answered = on_answered
         self._query_prefix = settings.subject("store", "query") + "."
         self._latest_prefix = settings.subject("store", "latest") + "."
         self._subs: list[Subscription] = []
@@ -235,7 +160,7 @@ class QueryApi:
             await self._reader.open()
         except SinkError as exc:  # queries retry on their own; ingest must not wait
             log.warning("the read API starts without its connections: %s", exc)
-        group = self._svc.settings.queue_group
+        group = self._settings.queue_group
         for prefix in (self._query_prefix, self._latest_prefix):
             self._subs.append(await nc.subscribe(prefix + "*", queue=group, cb=self._on_msg))
 
@@ -257,7 +182,7 @@ class QueryApi:
     async def _on_msg(self, msg: Msg) -> None:
         endpoint = "latest" if msg.subject.startswith(self._latest_prefix) else "query"
         if not msg.reply:
-            self._svc.stats.queries[f"{endpoint}:no_reply_subject"] += 1
+            self._stats.queries[f"{endpoint}:no_reply_subject"] += 1
             return
         if len(self._tasks) >= self._backlog:
             try:
@@ -274,7 +199,7 @@ class QueryApi:
         began = time.perf_counter()
         latest = endpoint == "latest"
         fmt: Format = "json"
-        settings = self._svc.settings
+        settings = self._settings
         try:
             try:
                 fmt = _request_format(msg)
@@ -294,7 +219,10 @@ class QueryApi:
             await self._error(msg, fmt, endpoint, 504, "query_timeout", detail)
             return
         except SinkError as exc:
-            await self._error(msg, fmt, endpoint, 503, "store_unavailable", str(exc))
+            # The driver's text stays in the log: the requester gets the reason code.
+            log.warning("query on %s: the database cannot be read: %s", msg.subject[:200], exc)
+            detail = "the database cannot be read now; retry later"
+            await self._error(msg, fmt, endpoint, 503, "store_unavailable", detail)
             return
         except Exception as exc:  # a bug must cost one reply, never the service
             log.exception("query on %s failed", msg.subject[:200])
@@ -317,24 +245,25 @@ class QueryApi:
         except NatsError as exc:
             log.warning("could not send a query reply: %s", exc)
             return
-        self._svc.stats.queries[f"{endpoint}:ok"] += 1
-        self._svc.metrics.query_seconds.labels(endpoint).observe(time.perf_counter() - began)
+        self._stats.queries[f"{endpoint}:ok"] += 1
+        if self._on_answered is not None:
+            self._on_answered(endpoint, time.perf_counter() - began)
 
     async def _page(self, plan: PagePlan) -> bytes:
         nc = self._nc
         assert nc is not None
         room = payload_room(nc, {CONTENT_TYPE_HEADER: _CONTENT_TYPES[plan.fmt]})
         budget = max(1, room - REPLY_OVERHEAD_BYTES)
-        page = await self._reader.page(plan, budget, self._svc.settings.query_timeout_s)
+        page = await self._reader.page(plan, budget, self._settings.query_timeout_s)
         cursor = encode_cursor(plan, page.next_key) if page.next_key is not None else None
-        self._svc.stats.query_records += len(page.records)
+        self._stats.query_records += len(page.records)
         records = [msgspec.Raw(r) for r in page.records]
         out: bytes = _ENCODERS[plan.fmt].encode({"records": records, "next_cursor": cursor})
         return out
 
     async def _latest(self, plan: LatestPlan) -> bytes:
-        found = await self._reader.latest(plan, self._svc.settings.query_timeout_s)
-        self._svc.stats.query_records += len(found)
+        found = await self._reader.latest(plan, self._settings.query_timeout_s)
+        self._stats.query_records += len(found)
         records = [msgspec.Raw(r) for r in found]
         out: bytes = _ENCODERS[plan.fmt].encode({"records": records})
         return out
@@ -372,7 +301,7 @@ class QueryApi:
         symbols = [value] if isinstance(value, str) else value
         if not symbols:
             raise BadQuery("invalid_request", "symbol must name at least one symbol")
-        limit = self._svc.settings.query_max_symbols
+        limit = self._settings.query_max_symbols
         if len(symbols) > limit:
             raise BadQuery(
                 "too_many_symbols",
@@ -397,7 +326,7 @@ class QueryApi:
     def _page_plan(self, kind: str, data: bytes, fmt: Format) -> PagePlan:
         kind = self._kind(kind)
         req: QueryRequest = self._decode(QueryRequest, data, fmt)
-        settings = self._svc.settings
+        settings = self._settings
         start = self._time(req.start, "start")
         end = self._time(req.end, "end")
         if start is not None and end is not None and end <= start:
@@ -452,7 +381,7 @@ class QueryApi:
     async def _error(
         self, msg: Msg, fmt: Format, endpoint: str, code: int, reason: str, detail: str
     ) -> None:
-        self._svc.stats.queries[f"{endpoint}:{reason}"] += 1
+        self._stats.queries[f"{endpoint}:{reason}"] += 1
         nc = self._nc
         if nc is None or not msg.reply:
             return

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gc
 
-from store_svc.store.sqlite_worker import GC_THRESHOLDS
+from store_svc.store.codec import GC_THRESHOLDS
 
 __all__ = ["GC_THRESHOLDS", "settle_heap"]
 

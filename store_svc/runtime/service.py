@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import logging
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
@@ -35,22 +35,25 @@ from nats.errors import SlowConsumerError
 from store_svc.bus.connection import NatsConnection
 from store_svc.control.admin import AdminControl, NotRunning
 from store_svc.control.feedback import FeedbackLoop, NatsFeedbackPublisher
+from store_svc.control.health import readiness
 from store_svc.control.metrics import Metrics
 from store_svc.control.micro import ControlPlane
 from store_svc.control.probes import HealthSnapshot
-from store_svc.core import ControlAction, FeedbackPublisher
+from store_svc.core import BackpressureLevel, ControlAction, FeedbackPublisher
 from store_svc.errors import ConfigError, ShutdownTimeout
 from store_svc.ingest.batcher import Batcher
 from store_svc.ingest.decode import PayloadDecoder
+from store_svc.ingest.edge import Intake, IntakeParts
 from store_svc.ingest.intake import CoreIntake
 from store_svc.ingest.jetstream import JetStreamIntake
 from store_svc.ingest.queue import RecordQueue
-from store_svc.ingest.records import KINDS
+from store_svc.kinds import kind_or_unknown
 from store_svc.read.api import QueryApi
 from store_svc.settings import RELOADABLE, Settings, reloaded
-from store_svc.state import Stats
-from store_svc.store.factory import Sink, make_sink
-from store_svc.tasks import cancel_and_wait
+from store_svc.state import ConnectionView, Stats, Status
+from store_svc.store.base import Sink
+from store_svc.store.factory import make_sink
+from store_svc.tasks import TaskSet
 
 __all__ = ["Status", "StoreService"]
 
@@ -63,16 +66,6 @@ def _first_error(exc: Exception) -> str:
         where = ".".join(str(p) for p in err["loc"])
         return f"{where}: {err['msg']}" if where else str(err["msg"])
     return str(exc)
-
-
-class Status(enum.Enum):
-    """Where the service is in its life."""
-
-    CREATED = "created"
-    STARTING = "starting"
-    RUNNING = "running"
-    DRAINING = "draining"
-    STOPPED = "stopped"
 
 
 class StoreService:
@@ -96,19 +89,11 @@ class StoreService:
         self.settings = settings
         self.sink = sink if sink is not None else make_sink(settings)
         self.stats = Stats()
-        self.feedback = FeedbackLoop(settings, settings.queue_capacity, feedback_publisher)
-        self.queue = RecordQueue(settings.queue_capacity, on_depth=self.feedback.on_depth)
-        self.batcher = Batcher(
-            self.queue,
-            self.sink,
-            self.stats,
-            batch_size=settings.batch_size,
-            flush_interval=settings.flush_interval_ms / 1000,
-            retry_initial=settings.sink_retry_initial_s,
-            retry_max=settings.sink_retry_max_s,
-        )
-        self.decoder = PayloadDecoder(settings.max_payload_bytes, settings.max_future_skew_s)
         self.status = Status.CREATED
+        self.paused = False
+        #: Why health is degraded besides its components (e.g. a stream that captures
+        #: the write subjects in core mode); empty when nothing is wrong.
+        self.warnings: list[str] = []
         #: Set when a NATS connection was closed for good while running;
         #: ``store-svc run`` then shuts down and exits with code 1.
         self.connection_lost = asyncio.Event()
@@ -120,21 +105,30 @@ class StoreService:
             on_slow_consumer=self._on_slow_consumer,
         )
         self.control_nats = NatsConnection("control", settings, on_lost=self._on_connection_lost)
-        #: Why health is degraded besides its components (e.g. a stream that captures
-        #: the write subjects in core mode); empty when nothing is wrong.
-        self.warnings: list[str] = []
-        self._intake: CoreIntake | None = None
-        self._batcher_task: asyncio.Task[None] | None = None
-        self._feedback_task: asyncio.Task[None] | None = None
-        self.snapshot = HealthSnapshot(settings.loop_stall_s)
-        self._snapshot_task: asyncio.Task[None] | None = None
-        self.metrics = Metrics(self, self.snapshot)
-        self.batcher.on_commit = self.metrics.observe_commit
-        self.batcher.on_sink_state = self._on_sink_state
-        self.control = ControlPlane(self)
-        self.admin = AdminControl(self, self._act)
+        self.feedback = FeedbackLoop(settings, settings.queue_capacity, feedback_publisher)
+        self.queue = RecordQueue(settings.queue_capacity, on_depth=self.feedback.on_depth)
+        #: What health, readiness, metrics and the micro stats read (never the service).
+        self.view = _View(self)
+        self.snapshot = HealthSnapshot(settings.loop_stall_s, lambda: readiness(self.view))
+        self.metrics = Metrics(self.view, self.snapshot)
+        self.batcher = Batcher(
+            self.queue,
+            self.sink,
+            self.stats,
+            batch_size=settings.batch_size,
+            flush_interval=settings.flush_interval_ms / 1000,
+            retry_initial=settings.sink_retry_initial_s,
+            retry_max=settings.sink_retry_max_s,
+            on_commit=self.metrics.observe_commit,
+            on_sink_state=self._on_sink_state,
+        )
+        self.decoder = PayloadDecoder(settings.max_payload_bytes, settings.max_future_skew_s)
+        self.control = ControlPlane(settings, self.view)
+        self.admin = AdminControl(settings, self._act)
         self.query: QueryApi | None = None
-        self.paused = False
+        self._intake: Intake | None = None
+        #: The snapshot refresher, the feedback publisher and the batcher.
+        self._tasks = TaskSet("service")
         self._stopped = asyncio.Event()
 
     @property
@@ -154,13 +148,17 @@ class StoreService:
             SinkError: the database cannot be opened.
             NatsUnavailable: NATS cannot be reached within ``STORE_NATS_CONNECT_TIMEOUT_S``.
         """
+        if self.status is not Status.CREATED:
+            raise RuntimeError(f"start() was called before (the service is {self.status.value})")
         self.status = Status.STARTING
-        self._snapshot_task = asyncio.create_task(self.snapshot.keep_fresh(self), name="snapshot")
+        self._tasks.start("snapshot", self.snapshot.keep_fresh())
         if self.settings.metrics_port is not None:
             try:
                 self.metrics.start(self.settings.metrics_port)
             except OSError as exc:
-                await cancel_and_wait(self._snapshot_task)
+                await self._tasks.close()
+                self.status = Status.STOPPED
+                self._stopped.set()
                 raise ConfigError(
                     f"cannot serve metrics on port {self.settings.metrics_port}: {exc}"
                 ) from exc
@@ -179,22 +177,22 @@ class StoreService:
                     control_nc, self.settings.subject("telemetry", "feedback")
                 )
             await self.feedback.announce()
-            self._feedback_task = asyncio.create_task(self.feedback.run(), name="feedback")
-            self._batcher_task = asyncio.create_task(self.batcher.run(), name="batcher")
-            if self.settings.ingest_mode == "jetstream":
-                intake_type: type[CoreIntake] = JetStreamIntake
-            else:
-                intake_type = CoreIntake
-                await self._check_no_stream_captures_writes()
-            self._intake = intake_type(
+            self._tasks.start("feedback", self.feedback.run())
+            self._tasks.start("batcher", self.batcher.run())
+            parts = IntakeParts(
                 self.nc, self.settings, self.decoder, self.queue, self.stats, self.feedback
             )
+            if self.settings.ingest_mode == "jetstream":
+                self._intake = JetStreamIntake(parts)
+            else:
+                await self._check_no_stream_captures_writes()
+                self._intake = CoreIntake(parts)
             await self._intake.start()
         except BaseException:
             await self._abort()
             raise
         self.status = Status.RUNNING
-        self.snapshot.refresh(self)
+        self.snapshot.refresh()
         log.info(
             "store-svc running: nats=%s sink=%s queue=%d batch=%d",
             self.nc.connected_url.netloc if self.nc.connected_url else "?",
@@ -243,7 +241,7 @@ class StoreService:
             self.status = Status.STOPPED
             return
         self.status = Status.DRAINING
-        self.snapshot.refresh(self)
+        self.snapshot.refresh()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.shutdown_grace_s
         pending = 0
@@ -256,12 +254,13 @@ class StoreService:
                 log.info("stopping intake")
                 await self._intake.stop(left() / 2)
             self.queue.close()
-            if self._batcher_task is not None:
+            batcher = self._tasks.get("batcher")
+            if batcher is not None:
                 log.info("flushing %d queued records", self.queue.depth)
-                done, _ = await asyncio.wait({self._batcher_task}, timeout=left())
+                done, _ = await asyncio.wait({batcher}, timeout=left())
                 if not done:
                     pending = self.queue.depth + self.batcher.in_flight
-                    await cancel_and_wait(self._batcher_task)
+                    await self._tasks.stop("batcher")
                     log.error("grace period over: %d records were not committed", pending)
             if self._intake is not None:
                 await self._intake.close()  # JetStream: hand back what was not committed
@@ -274,7 +273,7 @@ class StoreService:
             await self.ingest_nats.close()
             await self.control_nats.close()
             await self.sink.close()
-            await cancel_and_wait(self._snapshot_task)
+            await self._tasks.close()
             self.metrics.stop()
             self.status = Status.STOPPED
             self._stopped.set()
@@ -308,7 +307,7 @@ class StoreService:
             if self.paused:
                 return "intake was already paused"
             self.paused = True
-            self.snapshot.refresh(self)
+            self.snapshot.refresh()
             await intake.stop(self.settings.shutdown_grace_s / 2)
             return f"intake paused; {self.queue.depth} queued records are still being committed"
         if action is ControlAction.resume:
@@ -316,7 +315,7 @@ class StoreService:
                 return "intake was not paused"
             await intake.start()
             self.paused = False
-            self.snapshot.refresh(self)
+            self.snapshot.refresh()
             return "intake resumed"
         try:
             new = reloaded(self.settings)
@@ -341,10 +340,9 @@ class StoreService:
             await self.control.stop()
 
     async def _stop_feedback(self) -> None:
-        task, self._feedback_task = self._feedback_task, None
-        if task is None:
+        if self._tasks.get("feedback") is None:
             return
-        await cancel_and_wait(task)
+        await self._tasks.stop("feedback")
         self.feedback.close()
         self.feedback.settle()
         await self.feedback.announce()  # the final state, before the connection drains
@@ -356,7 +354,9 @@ class StoreService:
         if reader is None:
             log.info("the %s sink cannot be queried; no read API", self.sink.name)
             return
-        self.query = QueryApi(self, reader)
+        self.query = QueryApi(
+            self.settings, reader, self.stats, on_answered=self.metrics.observe_query
+        )
         await self.query.start(nc)
 
     async def _stop_query(self, timeout: float) -> None:
@@ -367,15 +367,14 @@ class StoreService:
     async def _abort(self) -> None:
         await self._stop_query(0.0)
         await self._stop_control()
-        task, self._feedback_task = self._feedback_task, None
-        await cancel_and_wait(task)
-        self.feedback.close()
         self.queue.close()
-        await cancel_and_wait(self._batcher_task)
+        await self._tasks.close()
+        self.feedback.close()
+        if self._intake is not None:
+            await self._intake.close()
         await self.ingest_nats.close()
         await self.control_nats.close()
         await self.sink.close()
-        await cancel_and_wait(self._snapshot_task)
         self.metrics.stop()
         self.status = Status.STOPPED
         self._stopped.set()
@@ -395,8 +394,7 @@ class StoreService:
     def _on_slow_consumer(self, exc: SlowConsumerError) -> None:
         self.stats.dropped_messages += 1
         tail = (exc.subject or "").removeprefix(self.settings.subject("store", "write") + ".")
-        kind = tail.partition(".")[0]
-        self.stats.dropped_by_kind[kind if kind in KINDS else "unknown"] += 1
+        self.stats.dropped_by_kind[kind_or_unknown(tail.partition(".")[0])] += 1
         if self.stats.dropped_messages == 1 or self.stats.dropped_messages % 1000 == 0:
             log.error(
                 "NATS client dropped write messages as a slow consumer (%d so far); "
@@ -419,3 +417,64 @@ class StoreService:
     def _on_reconnected(self) -> None:
         if self._intake is not None:
             self._intake.reconnected()
+
+
+class _View:
+    """The service as :class:`~store_svc.state.ServiceView`: read-only, in-memory."""
+
+    __slots__ = ("_svc",)
+
+    def __init__(self, svc: StoreService) -> None:
+        self._svc = svc
+
+    @property
+    def status(self) -> Status:
+        return self._svc.status
+
+    @property
+    def paused(self) -> bool:
+        return self._svc.paused
+
+    @property
+    def warnings(self) -> Sequence[str]:
+        return self._svc.warnings
+
+    @property
+    def stats(self) -> Stats:
+        return self._svc.stats
+
+    @property
+    def ingest_mode(self) -> str:
+        return self._svc.settings.ingest_mode
+
+    @property
+    def sink_name(self) -> str:
+        return self._svc.sink.name
+
+    @property
+    def queue_depth(self) -> int:
+        return self._svc.queue.depth
+
+    @property
+    def queue_capacity(self) -> int:
+        return self._svc.queue.capacity
+
+    @property
+    def in_flight(self) -> int:
+        return self._svc.batcher.in_flight
+
+    @property
+    def sink_ok(self) -> bool:
+        return self._svc.batcher.sink_ok
+
+    @property
+    def level(self) -> BackpressureLevel:
+        return self._svc.feedback.level
+
+    @property
+    def loop_lag_ms(self) -> float:
+        return self._svc.snapshot.lag_ms
+
+    @property
+    def connections(self) -> Sequence[ConnectionView]:
+        return (self._svc.ingest_nats, self._svc.control_nats)

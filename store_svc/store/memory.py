@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from store_svc.errors import SinkError
-from store_svc.ingest.records import KINDS, Row
+from store_svc.kinds import KINDS, Row
 from store_svc.store.base import Batch, Prepared, Sink
 
 __all__ = ["MemorySink"]

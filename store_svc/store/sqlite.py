@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
-from collections import deque
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -25,30 +23,20 @@ from typing import Any
 
 import msgspec
 
-from store_svc.errors import QueryTimeout, SchemaError, SinkError
-from store_svc.ingest.records import EPOCH, KINDS, KindSpec, Row
-from store_svc.store.base import (
-    TIME_COLUMN,
-    Batch,
-    LatestPlan,
-    Page,
-    PagePlan,
-    Prepared,
-    Reader,
-    Sink,
-    core_fields,
-)
-from store_svc.store.sqlite_worker import compile_converter, time_micros
-from store_svc.tasks import cancel_and_wait
+from store_svc.errors import SchemaError, SinkError
+from store_svc.kinds import KINDS, KindSpec, Row
+from store_svc.store.base import Batch, Prepared, Sink
+from store_svc.store.codec import EPOCH, compile_converter, time_micros
+from store_svc.store.reads import Reader
+from store_svc.store.sqlite_process import WorkerProcess
+from store_svc.store.sqlite_read import SqliteReader
 
-__all__ = ["SCHEMA_VERSION", "SqliteReader", "SqliteSink", "latest_sql", "page_sql"]
+__all__ = ["SCHEMA_VERSION", "SqliteSink", "to_sqlite_rows", "upsert_sql"]
 
 #: Bump with every change of the DDL below; a database with a higher number is refused.
 SCHEMA_VERSION = 1
 
 log = logging.getLogger(__name__)
-
-_WORKER = Path(__file__).with_name("sqlite_worker.py")
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -192,122 +180,6 @@ def _ignore_result(fut: asyncio.Future[Any]) -> None:
         fut.exception()  # mark it retrieved
 
 
-class _Worker:
-    """One ``sqlite_worker.py`` process: framed MessagePack requests, replies in order.
-
-    Args:
-        role: ``writer`` or ``reader`` (for messages).
-        args: extra command-line arguments (``--read`` for a reader).
-    """
-
-    def __init__(self, role: str, args: tuple[str, ...] = ()) -> None:
-        self.role = role
-        self._args = args
-        self.proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._replies: deque[asyncio.Future[Any]] = deque()
-
-    @property
-    def running(self) -> bool:
-        """Whether the process is up (it is cleared when the process exits)."""
-        return self.proc is not None
-
-    async def start(self) -> None:
-        """Start the process (not yet opened)."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(_WORKER),
-            *self._args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        self.proc = proc
-        self._reader = asyncio.create_task(self._read_replies(proc), name=f"sqlite-{self.role}")
-
-    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
-        """Hand each reply to the request it answers (replies come in request order)."""
-        assert proc.stdout is not None
-        try:
-            while True:
-                head = await proc.stdout.readexactly(4)
-                reply = _decode(await proc.stdout.readexactly(int.from_bytes(head)))
-                fut = self._replies.popleft()
-                if not fut.done():
-                    fut.set_result(reply)
-        except (asyncio.IncompleteReadError, ConnectionResetError, IndexError) as exc:
-            self._fail_replies(SinkError(f"the SQLite {self.role} process exited ({exc!r})"))
-            if self.proc is proc:
-                self.proc = None
-                self._reader = None
-                if proc.returncode is None:
-                    proc.kill()
-
-    def _fail_replies(self, exc: SinkError) -> None:
-        replies, self._replies = self._replies, deque()
-        for fut in replies:
-            if not fut.done():
-                fut.set_exception(exc)
-
-    def send(self, op: str, arg: Any) -> asyncio.Future[Any]:
-        """Send one request; the returned future gets its reply."""
-        proc = self.proc
-        if proc is None or proc.stdin is None or proc.stdin.is_closing():
-            raise SinkError(f"the SQLite {self.role} is not running")
-        body = _encode([op, arg])
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._replies.append(fut)
-        proc.stdin.write(len(body).to_bytes(4, "big") + body)
-        return fut
-
-    async def result(self, fut: asyncio.Future[Any]) -> Any:
-        """Wait for a reply; a failed request raises :class:`SinkError`."""
-        proc = self.proc
-        if proc is not None and proc.stdin is not None:
-            try:
-                await proc.stdin.drain()
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                await self.discard()
-                raise SinkError(f"the SQLite {self.role} process exited ({exc!r})") from None
-        ok, result, retryable = await fut
-        if not ok:
-            raise SinkError(str(result), retryable=bool(retryable))
-        return result
-
-    async def call(self, op: str, arg: Any) -> Any:
-        """Send one request and wait for its reply."""
-        return await self.result(self.send(op, arg))
-
-    async def discard(self) -> None:
-        """Kill the process; requests still waiting fail with :class:`SinkError`."""
-        proc, self.proc = self.proc, None
-        reader, self._reader = self._reader, None
-        self._fail_replies(SinkError(f"the SQLite {self.role} was stopped"))
-        await cancel_and_wait(reader)
-        if proc is None:
-            return
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-
-    async def close(self, timeout: float | None = None) -> None:
-        """Ask the process to close its database and end; idempotent.
-
-        Args:
-            timeout: how long to wait for it (a reader may still be running a
-                query); then it is killed. ``None`` waits (the writer checkpoints).
-        """
-        if self.proc is None:
-            return
-        try:
-            async with asyncio.timeout(timeout):
-                await self.call("close", None)
-        except SinkError as exc:
-            log.warning("closing the SQLite %s: %s", self.role, exc)
-        except TimeoutError:
-            log.warning("the SQLite %s did not close within %gs; killed", self.role, timeout)
-        await self.discard()
-
-
 class SqliteSink(Sink):
     """Stores rows in a SQLite file, through a writer process of its own.
 
@@ -330,7 +202,7 @@ class SqliteSink(Sink):
         self.path = path
         self._synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
-        self._writer = _Worker("writer")
+        self._writer = WorkerProcess("writer")
         self._lock = asyncio.Lock()
         self._open_arg = {
             "path": str(path),
@@ -375,10 +247,13 @@ class SqliteSink(Sink):
         await self._writer.start()
         try:
             await self._writer.call("open", self._open_arg)
+        except SchemaError:
+            await self._writer.discard()
+            raise
         except SinkError as exc:
             await self._writer.discard()
-            if not exc.retryable and "schema version" in str(exc):
-                raise SchemaError(str(exc)) from None
+            # Retryable whatever the worker said: a file that cannot be opened now
+            # (locked, missing folder, disk full) may open later; the batch waits.
             raise SinkError(f"cannot open SQLite database {self.path}: {exc}") from None
         except BaseException:
             await self._writer.discard()
@@ -438,197 +313,3 @@ class SqliteSink(Sink):
             concurrency: reader processes, each running one query at a time.
         """
         return SqliteReader(self.path, concurrency, self._busy_timeout_ms)
-
-
-#: How long a reader process may take to close (a query it runs is abandoned).
-_READER_CLOSE_TIMEOUT_S = 1.0
-
-#: The sort key (see ``KEY_TYPES``) as SQLite expressions. Text compares as UTF-8
-#: bytes (BINARY collation), key Decimals are stored in canonical text.
-_SORT = {
-    "bars": ("ts", "symbol", "resolution"),
-    "trades": (
-        "ts",
-        "symbol",
-        "price",
-        "size",
-        "exchange IS NOT NULL",
-        "ifnull(exchange, '')",
-        "conditions",
-    ),
-    "quotes": ("timestamp", "symbol"),
-    "options": ("ts", "symbol", "expiry", "strike", "option_type"),
-}
-
-
-def _readout_fields(spec: KindSpec) -> list[list[Any]]:
-    fields: list[list[Any]] = []
-    for name in core_fields(spec.kind):
-        if name in spec.time_columns:
-            code = "T"
-        elif name == "delayed":
-            code = "B"
-        elif name == "conditions":
-            code = "J"
-        else:
-            code = "-"
-        fields.append([name, spec.columns.index(name), code])
-    return fields
-
-
-def page_sql(plan: PagePlan) -> tuple[str, list[Any]]:
-    """The SQLite statement of one query page: ``limit + 1`` rows, record columns
-    then the sort key.
-
-    Each symbol is read on its own (the table key's index gives its rows in time
-    order; only ties are sorted, and it stops after ``limit + 1``) and the
-    per-symbol pages are merged (``UNION ALL``), so a page costs about ``limit`` x
-    symbols rows however long the range.
-
-    Args:
-        plan: the validated page request.
-
-    Returns:
-        The statement and its parameters.
-    """
-    spec = KINDS[plan.kind]
-    key = _SORT[plan.kind]
-    when = TIME_COLUMN[plan.kind]
-    where = ["symbol = ?"]
-    filters: list[Any] = []
-    if plan.resolution is not None:
-        where.append("resolution = ?")
-        filters.append(plan.resolution)
-    if plan.start is not None:
-        where.append(f"{when} >= ?")
-        filters.append(plan.start)
-    if plan.end is not None:
-        where.append(f"{when} < ?")
-        filters.append(plan.end)
-    past, way = ("<", " DESC") if plan.descending else (">", "")
-    if plan.after is not None:
-        # The first condition is implied by the second; it lets the index seek.
-        where.append(f"{when} {past}= ?")
-        filters.append(plan.after[0])
-        where.append(f"({', '.join(key)}) {past} ({', '.join('?' * len(key))})")
-        filters.extend(plan.after)
-    named = ", ".join(f"{expr} AS k{i}" for i, expr in enumerate(key))
-    one = (
-        f"SELECT {', '.join(spec.columns)}, {named} FROM {spec.table} "
-        f"WHERE {' AND '.join(where)} ORDER BY {', '.join(k + way for k in key)} LIMIT ?"
-    )
-    params: list[Any] = []
-    for symbol in plan.symbols:
-        params += [symbol, *filters, plan.limit + 1]
-    if len(plan.symbols) == 1:
-        return one, params
-    merged = ", ".join(f"k{i}{way}" for i in range(len(key)))
-    arms = " UNION ALL ".join(f"SELECT * FROM ({one})" for _ in plan.symbols)
-    return f"{arms} ORDER BY {merged} LIMIT ?", [*params, plan.limit + 1]
-
-
-def latest_sql(plan: LatestPlan) -> list[list[Any]]:
-    """One SQLite statement per symbol for its latest record(s).
-
-    Args:
-        plan: the validated lookup.
-
-    Returns:
-        ``[statement, parameters]`` per symbol, in the plan's order.
-    """
-    spec = KINDS[plan.kind]
-    cols = ", ".join(spec.columns)
-    if plan.kind == "bars" and plan.resolution is None:
-        # SQLite takes the bare columns from the row holding the max().
-        sql = (
-            f"SELECT {cols}, max(ts) FROM bars WHERE symbol = ? "
-            "GROUP BY resolution ORDER BY resolution"
-        )
-        return [[sql, [symbol]] for symbol in plan.symbols]
-    where = "symbol = ?" + (" AND resolution = ?" if plan.resolution is not None else "")
-    order = ", ".join(f"{k} DESC" for k in _SORT[plan.kind])
-    sql = f"SELECT {cols} FROM {spec.table} WHERE {where} ORDER BY {order} LIMIT 1"
-    extra = [plan.resolution] if plan.resolution is not None else []
-    return [[sql, [symbol, *extra]] for symbol in plan.symbols]
-
-
-class SqliteReader(Reader):
-    """Runs queries in reader processes; a query waits for a free one.
-
-    Args:
-        path: the database file (the writer has created it).
-        concurrency: reader processes.
-        busy_timeout_ms: the ``busy_timeout`` pragma of the read connections.
-    """
-
-    def __init__(self, path: Path, concurrency: int, busy_timeout_ms: int) -> None:
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
-        self._all = [_Worker("reader", ("--read",)) for _ in range(concurrency)]
-        for worker in self._all:
-            self._idle.put_nowait(worker)
-        self._open_arg = {
-            "path": str(path),
-            "busy_timeout_ms": busy_timeout_ms,
-            "fields": {kind: _readout_fields(spec) for kind, spec in KINDS.items()},
-        }
-
-    async def open(self) -> None:
-        """Start every reader process and open its connection."""
-        for worker in self._all:
-            await self._ready(worker)
-
-    async def _ready(self, worker: _Worker) -> None:
-        if worker.running:
-            return
-        await worker.start()
-        try:
-            await worker.call("open", self._open_arg)
-        except BaseException:
-            await worker.discard()
-            raise
-
-    async def _run(self, op: str, arg: list[Any], timeout: float) -> list[Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            async with asyncio.timeout(timeout):
-                worker = await self._idle.get()
-        except TimeoutError:
-            raise QueryTimeout("every query worker stayed busy until the deadline") from None
-        try:
-            await self._ready(worker)
-            remaining = max(0.0, deadline - loop.time())
-            fut = worker.send(op, [*arg, remaining])
-            try:
-                # The worker interrupts itself at the deadline; the extra second
-                # covers a worker stuck outside SQLite's VM, which is replaced.
-                async with asyncio.timeout(remaining + 1.0):
-                    reply: list[Any] = await worker.result(fut)
-            except TimeoutError:
-                await worker.discard()
-                raise QueryTimeout("the query worker did not answer in time") from None
-        finally:
-            self._idle.put_nowait(worker)
-        if reply[0] == "timeout":
-            raise QueryTimeout("the query ran past its deadline and was interrupted")
-        return reply
-
-    async def page(self, plan: PagePlan, budget: int, timeout: float) -> Page:
-        """One page, read and encoded in a reader process."""
-        sql, params = page_sql(plan)
-        width = len(KINDS[plan.kind].columns)
-        reply = await self._run(
-            "page", [plan.kind, plan.fmt, sql, params, width, plan.limit, budget], timeout
-        )
-        return Page(reply[1], reply[2])
-
-    async def latest(self, plan: LatestPlan, timeout: float) -> list[bytes]:
-        """The latest records, read and encoded in a reader process."""
-        reply = await self._run("latest", [plan.kind, plan.fmt, latest_sql(plan)], timeout)
-        records: list[bytes] = reply[1]
-        return records
-
-    async def close(self) -> None:
-        """End the reader processes (killed if one is stuck)."""
-        for worker in self._all:
-            await worker.close(_READER_CLOSE_TIMEOUT_S)

@@ -1,4 +1,4 @@
-"""The SQLite writer process (``python -m store_svc.store.sqlite_worker``).
+"""The SQLite writer and reader processes (``python -m store_svc.store.sqlite_worker``).
 
 SQLite runs in a process of its own, not a thread: the ``sqlite3`` module releases
 the GIL around every row it steps, and a writer thread then waits for the GIL
@@ -7,25 +7,23 @@ rows/s beside a busy thread). A process has its own interpreter and runs in
 parallel with intake on a second core.
 
 Frames on stdin/stdout: a 4-byte big-endian length, then MessagePack
-``[op, arg]``; each request gets one reply ``[ok, result_or_error, retryable]``, in
-order. The parent may send the next batch (``write_ahead``) before the reply to the
-one ahead of it; such a batch is refused unwritten if the one ahead failed, and is
-then sent again as an ordinary ``write`` after it, so batches commit in order.
-The parent sends the DDL, statements and column plans with ``open``, so this
-module needs nothing of the service but this file (it starts fast and small).
+``[op, arg]``; each request gets one reply, in order: ``[True, result, ""]``, or
+``[False, text, code]`` where ``code`` is one of :data:`ERROR_CODES` (the parent
+decides from the code alone what the failure means; the text is for its log). The
+parent may send the next batch (``write_ahead``) before the reply to the one ahead
+of it; such a batch is refused unwritten if the one ahead failed, and is then sent
+again as an ordinary ``write`` after it, so batches commit in order. The parent
+sends the DDL, statements and column plans with ``open``; this module imports
+nothing of the service but ``store/codec.py`` (it starts fast and small).
 
-Started with ``--read``, the same file is a *reader*: a read-only connection (WAL
-lets it read while the writer commits) that runs the query API's pages and
-latest-record lookups, converts the rows to Core's JSON values and encodes them
-(JSON or MessagePack), so the service's event loop only forwards bytes. A query
-runs under a deadline enforced by SQLite's progress handler.
+Started with ``--read``, it is a *reader*: a read-only connection (WAL lets it read
+while the writer commits) that runs the query API's pages and latest-record
+lookups, converts the rows to Core's JSON values and encodes them (JSON or
+MessagePack), so the service's event loop only forwards bytes. A query runs under
+a deadline enforced by SQLite's progress handler.
 
-Column plan characters: ``t`` aware datetime -> int microseconds since the epoch
-(the parent converts times before sending, so its plans here carry ``-`` there);
-``k`` key Decimal text -> canonical text; ``c`` list of str -> compact JSON text;
-``-`` stored as it comes. Read-out plans (:func:`compile_readout`): ``T`` int
-microseconds -> RFC 3339 text, ``t`` aware datetime -> RFC 3339 text, ``B`` int ->
-bool, ``J`` JSON text -> list, ``-`` as it comes (msgspec writes Decimals as text).
+The writer's plans are ``store/codec.py``'s write plans; the parent converts times
+before sending, so its plans here carry ``-`` there.
 """
 
 from __future__ import annotations
@@ -37,13 +35,30 @@ import time
 import traceback
 import urllib.parse
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
-from decimal import Context, Decimal
 from typing import Any, BinaryIO
 
 import msgspec
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+from store_svc.store.codec import (
+    GC_THRESHOLDS,
+    collect_page,
+    compile_converter,
+    compile_readout,
+    encoder_for,
+)
+
+#: A database error that may pass (locked, busy, I/O): the same batch may succeed later.
+RETRY = "retry"
+#: The data itself is refused (a constraint, a value the driver cannot bind).
+REFUSED = "refused"
+#: The file holds a schema version newer than the parent understands.
+SCHEMA_TOO_NEW = "schema_too_new"
+#: A ``write_ahead`` whose predecessor failed: nothing written, send it again in turn.
+AHEAD_FAILED = "ahead_failed"
+#: Anything else (a bug in this process): reported, never retried.
+INTERNAL = "internal"
+ERROR_CODES = frozenset({RETRY, REFUSED, SCHEMA_TOO_NEW, AHEAD_FAILED, INTERNAL})
+
 #: Checkpoint the WAL after this many commits or rows, whichever comes first, after
 #: replying, so its cost never lands inside a commit's latency. It still delays the
 #: next batch: with 1000-row batches a checkpoint every 32 commits took about 14 ms
@@ -53,15 +68,6 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 CHECKPOINT_EVERY = 32
 CHECKPOINT_ROWS = 8_000
 
-_encode_json = msgspec.json.encode
-_pack_key = msgspec.msgpack.Encoder().encode
-#: Young, middle and old generation thresholds of the cyclic garbage collector
-#: (CPython's default: 700, 10, 10), for this process and the service's
-#: (store_svc/heap.py has the measurements).
-GC_THRESHOLDS = (10_000, 10, 10)
-#: Enough precision for every Decimal the store accepts (38 digits) to stay exact.
-_EXACT = Context(prec=80)
-
 
 class SchemaTooNew(Exception):
     """The file holds a schema version newer than the parent understands."""
@@ -69,139 +75,6 @@ class SchemaTooNew(Exception):
 
 class BatchAheadFailed(Exception):
     """A ``write_ahead`` whose predecessor failed (retryable, nothing written)."""
-
-
-def time_micros(value: datetime) -> int:
-    """Microseconds since the Unix epoch of an aware datetime (exact, no float)."""
-    td = value - EPOCH
-    return (td.days * 86_400 + td.seconds) * 1_000_000 + td.microseconds
-
-
-def key_decimal_text(text: str) -> str:
-    """One text per value, as NUMERIC compares in PostgreSQL: ``1.5 == 1.50``, ``-0 == 0``."""
-    # Fast path: most prices arrive already canonical ("187.25", "100").
-    if "E" not in text and not ("." in text and text[-1] == "0") and text != "-0":
-        return text
-    value = Decimal(text)
-    # normalize() rounds to its context's precision: the default 28 digits would
-    # merge keys that differ beyond the 28th of their up to 38 digits.
-    return format(value.normalize(_EXACT), "f") if value else "0"
-
-
-def conditions_text(value: list[str]) -> str:
-    """Conditions as compact JSON array text."""
-    return _encode_json(value).decode()
-
-
-def rfc3339_micros(value: int) -> str:
-    """Microseconds since the epoch as RFC 3339 UTC text, as Core's models print it."""
-    return rfc3339(EPOCH + timedelta(microseconds=value))
-
-
-def rfc3339(value: datetime) -> str:
-    """An aware datetime as RFC 3339 UTC text (``2024-01-02T09:30:00.000001Z``)."""
-    if value.utcoffset():
-        value = value.astimezone(UTC)
-    return value.replace(tzinfo=None).isoformat() + "Z"
-
-
-def compile_readout(fields: list[list[Any]]) -> Callable[[Sequence[Any]], dict[str, Any]]:
-    """Build a function turning one stored row into a Core record's JSON values.
-
-    Args:
-        fields: ``[name, column index, plan character]`` per output field, in
-            the Core model's field order.
-
-    Returns:
-        ``readout(row) -> dict`` ready for msgspec's JSON or MessagePack encoder.
-    """
-    names: dict[str, Any] = {
-        "T": rfc3339_micros,
-        "t": rfc3339,
-        "B": bool,
-        "J": _decode_json,
-    }
-    parts = []
-    for name, index, code in fields:
-        value = f"r[{int(index)}]" if code == "-" else f"{code}(r[{int(index)}])"
-        if code != "-":
-            value = f"(None if r[{int(index)}] is None else {value})"
-        parts.append(f"{str(name)!r}: {value}")
-    source = f"def readout(r):\n    return {{{', '.join(parts)}}}\n"
-    exec(compile(source, "<readout>", "exec"), names)
-    return names["readout"]  # type: ignore[no-any-return]
-
-
-def encoder_for(fmt: str) -> Callable[[Any], bytes]:
-    """The encoder of a reply format (``json`` or ``msgpack``)."""
-    return msgspec.msgpack.encode if fmt == "msgpack" else _encode_json
-
-
-def collect_page(
-    rows: Sequence[Sequence[Any]],
-    readout: Callable[[Sequence[Any]], dict[str, Any]],
-    encode: Callable[[Any], bytes],
-    key_start: int,
-    limit: int,
-    budget: int,
-) -> tuple[list[bytes], list[Any] | None]:
-    """Encode up to ``limit`` rows within ``budget`` bytes.
-
-    Args:
-        rows: up to ``limit + 1`` rows: the record columns, then the sort key from
-            column ``key_start`` on.
-        readout: see :func:`compile_readout`.
-        encode: the reply format's encoder.
-        key_start: where the sort key starts in a row.
-        limit: the page size asked for.
-        budget: bytes the encoded records and the cursor may take (the first record
-            is always taken).
-
-    Returns:
-        The encoded records, and the sort key of the last one when more follow
-        (``None`` at the end of the results).
-    """
-    out: list[bytes] = []
-    used = 0
-    for row in rows[:limit]:
-        body = encode(readout(row))
-        used += len(body) + 1
-        # Should the page end here, its cursor (this row's key, MessagePack in
-        # base64) must fit too; keys hold free text (exchange, conditions).
-        cursor = len(_pack_key(list(row[key_start:]))) * 4 // 3 + 64
-        if out and used + cursor > budget:
-            break
-        out.append(body)
-    if len(out) < len(rows):
-        return out, list(rows[len(out) - 1][key_start:])
-    return out, None
-
-
-def compile_converter(
-    plan: str, *, append_ingested_at: bool = True
-) -> Callable[..., tuple[Any, ...]]:
-    """Build a function turning one row into SQLite parameters.
-
-    Written out per plan once, so the per-row cost is one call with no loop over
-    columns.
-
-    Args:
-        plan: one character per column (see the module docstring).
-        append_ingested_at: whether the function takes ``ingested_at`` and appends it.
-
-    Returns:
-        ``convert(row, ingested_at) -> tuple`` (or ``convert(row)``).
-    """
-    names: dict[str, Any] = {"T": time_micros, "K": key_decimal_text, "C": conditions_text}
-    parts = []
-    for i, code in enumerate(plan):
-        parts.append({"t": f"T(r[{i}])", "k": f"K(r[{i}])", "c": f"C(r[{i}])"}.get(code, f"r[{i}]"))
-    if append_ingested_at:
-        source = f"def convert(r, ingested_at):\n    return ({', '.join(parts)}, ingested_at)\n"
-    else:
-        source = f"def convert(r):\n    return ({', '.join(parts)},)\n"
-    exec(compile(source, f"<sqlite converter {plan}>", "exec"), names)
-    return names["convert"]  # type: ignore[no-any-return]
 
 
 class Writer:
@@ -377,10 +250,6 @@ class Reader:
             self.conn = None
 
 
-def _decode_json(text: str) -> Any:
-    return msgspec.json.decode(text)
-
-
 def _read_frame(inp: BinaryIO) -> bytes | None:
     head = inp.read(4)
     if len(head) < 4:
@@ -392,7 +261,7 @@ def _read_frame(inp: BinaryIO) -> bytes | None:
 def serve(inp: BinaryIO, out: BinaryIO, read_only: bool = False) -> None:
     """Answer requests until ``close`` or the end of input."""
     # Batches arrive as lists of tuples of atoms: nothing the cyclic collector needs
-    # to chase at CPython's default rate (store_svc/heap.py has the measurements).
+    # to chase at CPython's default rate (store_svc/runtime/heap.py has the measurements).
     gc.set_threshold(*GC_THRESHOLDS)
     writer = Writer()
     reader = Reader()
@@ -413,19 +282,19 @@ def serve(inp: BinaryIO, out: BinaryIO, read_only: bool = False) -> None:
     while (frame := _read_frame(inp)) is not None:
         op, arg = decode(frame)
         try:
-            reply = [True, handlers[op](arg), False]
+            reply = [True, handlers[op](arg), ""]
         except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError) as exc:
             # The data itself is refused: trying the same batch again cannot help.
-            reply = [False, f"{type(exc).__name__}: {exc}", False]
+            reply = [False, f"{type(exc).__name__}: {exc}", REFUSED]
         except sqlite3.Error as exc:
-            reply = [False, f"{type(exc).__name__}: {exc}", True]
+            reply = [False, f"{type(exc).__name__}: {exc}", RETRY]
         except SchemaTooNew as exc:
-            reply = [False, str(exc), False]
+            reply = [False, str(exc), SCHEMA_TOO_NEW]
         except BatchAheadFailed as exc:
-            reply = [False, str(exc), True]
+            reply = [False, str(exc), AHEAD_FAILED]
         except Exception as exc:  # a bug here must be reported, not kill the writer
             traceback.print_exc(file=sys.stderr)
-            reply = [False, f"{type(exc).__name__}: {exc}", False]
+            reply = [False, f"{type(exc).__name__}: {exc}", INTERNAL]
         body = encode(reply)
         out.write(len(body).to_bytes(4, "big") + body)
         out.flush()

@@ -1,0 +1,302 @@
+"""What both intakes (core and JetStream) do with a write message at the edge.
+
+:class:`WriteEdge` decodes and validates a message (``decode.py``), sends its
+rejected records to the DLQ subject of their kind with the reason in headers, and
+counts everything; a message with nothing usable is handed to the intake's own
+``refuse`` (core: a ``400`` reply; JetStream: terminate). Each intake *has* an edge
+(composition): the transports differ, the edge is the same.
+
+:class:`IntakeParts` is what an intake is built from, and :class:`Intake` the
+interface the service drives it through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+
+from store_svc.bus.client import payload_room
+from store_svc.bus.headers import error_headers, header, header_value
+from store_svc.constants import (
+    CONTENT_TYPE_HEADER,
+    DETAIL_HEADER,
+    INDEX_HEADER,
+    MAX_DLQ_PER_MESSAGE,
+    MAX_REPLY_ERRORS,
+    REASON_HEADER,
+    SUBJECT_HEADER,
+    TRUNCATED_HEADER,
+)
+from store_svc.errors import RejectedInput
+from store_svc.ingest.backpressure import Pressure
+from store_svc.ingest.decode import Decoded, PayloadDecoder, Reject
+from store_svc.ingest.queue import RecordQueue
+from store_svc.kinds import kind_or_unknown
+from store_svc.settings import Settings
+from store_svc.state import Stats
+
+__all__ = ["Intake", "IntakeParts", "WriteEdge", "drain_subscription", "write_reply"]
+
+log = logging.getLogger(__name__)
+
+_encode = msgspec.json.encode
+
+#: What a message with nothing usable is handed to: ``refuse(msg, rejects)``.
+Refuse = Callable[[Msg, list[Reject]], Awaitable[None]]
+
+
+def write_reply(accepted: int, rejects: list[Reject]) -> bytes:
+    """The JSON body of a reply to a request-reply write.
+
+    Args:
+        accepted: records committed.
+        rejects: records rejected.
+
+    Returns:
+        ``{"accepted": n, "rejected": m, "errors": [...]}`` as bytes; at most
+        ``MAX_REPLY_ERRORS`` errors are listed, the counts are exact.
+    """
+    errors = [
+        {"index": r.index, "reason": r.reason, "detail": r.detail}
+        for r in rejects[:MAX_REPLY_ERRORS]
+    ]
+    return _encode({"accepted": accepted, "rejected": len(rejects), "errors": errors})
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeParts:
+    """What an intake is built from.
+
+    Attributes:
+        nc: the ingest connection's client.
+        settings: service settings.
+        decoder: the payload decoder.
+        queue: where valid records go.
+        stats: counters to update.
+        pressure: the backpressure level (request-reply writes are refused and pulls
+            stop at ``hard``), told the client's backlog.
+    """
+
+    nc: NATS
+    settings: Settings
+    decoder: PayloadDecoder
+    queue: RecordQueue
+    stats: Stats
+    pressure: Pressure
+
+
+class Intake(Protocol):
+    """How the service drives an intake (core or JetStream)."""
+
+    async def start(self) -> None:
+        """Start taking writes (also after a pause)."""
+        ...
+
+    async def stop(self, timeout: float) -> None:
+        """Stop taking writes; those already delivered are still handled."""
+        ...
+
+    async def close(self) -> None:
+        """Release what intake still holds once the batcher has finished."""
+        ...
+
+    def sink_state(self, down: bool) -> None:
+        """The database started (True) or stopped (False) failing commits."""
+        ...
+
+    def reconnected(self) -> None:
+        """The NATS connection came back."""
+        ...
+
+
+class MessageSize:
+    """Records per message, smoothed: turns a backlog of messages into records and
+    sizes JetStream pull requests.
+
+    Args:
+        initial: the estimate before any message was seen.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, initial: float) -> None:
+        self.value = initial
+
+    def observe(self, records: int) -> None:
+        """Fold one message's record count into the estimate."""
+        self.value += (records - self.value) / 16
+
+
+class WriteEdge:
+    """Decodes write messages, routes their rejects to the DLQ and counts them.
+
+    Args:
+        parts: the intake's parts (client, settings, decoder, stats).
+        refuse: what to do with a message that has nothing usable in it (its
+            records are on the DLQ by then).
+    """
+
+    def __init__(self, parts: IntakeParts, refuse: Refuse) -> None:
+        self._nc = parts.nc
+        self._decoder = parts.decoder
+        self._stats = parts.stats
+        self._refuse = refuse
+        self.write_prefix = parts.settings.subject("store", "write") + "."
+        self._dlq_prefix = parts.settings.subject("store", "dlq") + "."
+
+    @property
+    def subject(self) -> str:
+        """The wildcard subject of every write."""
+        return self.write_prefix + ">"
+
+    async def examine(self, msg: Msg) -> tuple[str, Decoded | None]:
+        """Decode and validate a write message; send its rejects to the DLQ.
+
+        Args:
+            msg: the write message.
+
+        Returns:
+            ``(kind, decoded)`` with at least one valid row, or ``(kind, None)`` when
+            nothing in the message is usable (already handed to ``refuse``).
+        """
+        subject = msg.subject
+        tail = subject[len(self.write_prefix) :]
+        kind, _, symbol = tail.partition(".")
+        try:
+            decoded = self._decoder.decode(
+                kind, symbol or None, msg.data, msg.headers, datetime.now(UTC)
+            )
+        except RejectedInput as rej:
+            await self._reject_message(msg, kind, rej)
+            return kind, None
+        except Exception:  # a decoder bug must cost one message, not the service
+            log.exception("unexpected error decoding a message on %s", subject)
+            await self._reject_message(
+                msg, kind, RejectedInput("internal_error", "the message could not be processed")
+            )
+            return kind, None
+        self._stats.received[kind] += len(decoded.rows) + len(decoded.rejects)
+        for n, reject in enumerate(decoded.rejects):
+            if n < MAX_DLQ_PER_MESSAGE:
+                await self.to_dlq(kind, subject, reject, msg.headers)
+            else:  # counted, not republished one by one: one message cannot flood the DLQ
+                self._stats.rejected[reject.reason] += 1
+                self._stats.rejected_by_kind[kind] += 1
+        if not decoded.rows:
+            await self._refuse(msg, decoded.rejects)
+            return kind, None
+        return kind, decoded
+
+    async def _reject_message(self, msg: Msg, kind: str, rej: RejectedInput) -> None:
+        self._stats.received[kind_or_unknown(kind)] += 1
+        reject = Reject(rej.reason, rej.detail, msg.data)
+        await self.to_dlq(kind, msg.subject, reject, msg.headers)
+        await self._refuse(msg, [reject])
+
+    async def error_reply(
+        self,
+        reply: str,
+        code: int,
+        reason: str,
+        detail: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer a request-reply write with an ADR-32 service error.
+
+        Args:
+            reply: the write's reply subject.
+            code: the error code (400, 500, 503).
+            reason: the stable reason code.
+            detail: what went wrong, for the publisher (never a driver's text).
+            body: the reply body (a write reply listing the rejects, or empty).
+            headers: extra headers (``Store-Retry-After-Ms``).
+        """
+        out = {**error_headers(code, reason, detail), **(headers or {})}
+        try:
+            await self._nc.publish(reply, body, headers=out)
+        except NatsError as exc:
+            log.warning("could not send an error reply: %s", exc)
+
+    async def to_dlq(
+        self,
+        kind: str,
+        subject: str,
+        rej: Reject,
+        headers: dict[str, str] | None,
+        count: bool = True,
+    ) -> None:
+        """Publish one rejected record (or message) on ``<prefix>.store.dlq.<kind>``.
+
+        Args:
+            kind: the kind token of the write subject (``unknown`` when it names none).
+            subject: the original subject.
+            rej: the reject: reason, detail and the original bytes.
+            headers: the original message's headers (its ``Content-Type`` is kept).
+            count: whether to count it as rejected (False when it was counted already).
+        """
+        dlq_kind = kind_or_unknown(kind)
+        if count:
+            self._stats.rejected[rej.reason] += 1
+            self._stats.rejected_by_kind[dlq_kind] += 1
+        out = {
+            REASON_HEADER: rej.reason,
+            DETAIL_HEADER: header_value(rej.detail),
+            SUBJECT_HEADER: header_value(subject),
+        }
+        if rej.index is not None:
+            out[INDEX_HEADER] = str(rej.index)
+        ctype = header(headers, CONTENT_TYPE_HEADER) if headers else None
+        if ctype:
+            out["Content-Type"] = header_value(ctype)
+        log.debug("rejected a %s record on %s: %s", kind, subject, rej.reason)
+        body = rej.raw
+        if len(body) > payload_room(self._nc, out):
+            # A message of nearly the server's maximum payload does not fit beside the
+            # reject headers: its first bytes go, with the original size.
+            out[TRUNCATED_HEADER] = str(len(body))
+            body = body[: max(0, payload_room(self._nc, out))]
+        try:
+            await self._nc.publish(self._dlq_prefix + dlq_kind, body, headers=out)
+        except NatsError as exc:  # e.g. the reconnect buffer is full: count, go on
+            self._stats.dlq_failed += 1
+            log.warning("could not publish a rejected record to the DLQ: %s", exc)
+
+
+async def drain_subscription(sub: Subscription, timeout: float) -> None:
+    """Drain ``sub`` (messages already delivered are still handled) within ``timeout``;
+    past it, or on a closed connection, unsubscribe instead.
+
+    Args:
+        sub: the subscription.
+        timeout: seconds to wait for the delivered messages to be handled.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await sub.drain()  # type: ignore[no-untyped-call]
+    except TimeoutError:
+        log.warning(
+            "intake drain timed out after %.1fs; messages still held by the client are refused",
+            timeout,
+        )
+        await _unsubscribe(sub)
+    except NatsError as exc:  # closed or draining connection: nothing more will arrive
+        log.warning("intake drain failed (%s); unsubscribing", exc)
+        await _unsubscribe(sub)
+
+
+async def _unsubscribe(sub: Subscription) -> None:
+    # A closed connection has taken the subscription with it already.
+    with contextlib.suppress(NatsError):
+        await sub.unsubscribe()
