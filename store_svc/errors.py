@@ -5,13 +5,18 @@
     StoreError
     ├── ConfigError            settings that cannot work together
     ├── NatsUnavailable        the NATS server cannot be reached at start-up
+    ├── JetStreamUnavailable   JetStream mode, but the server has none or it does not answer
     ├── RejectedInput          a payload or record that cannot be stored (has .reason)
-    ├── SinkError              the database refused or failed a write
+    ├── SinkError              the database refused or failed a write (has .retryable)
     │   └── SchemaError        the database holds a schema this version cannot use
-    └── ShutdownTimeout        the grace period ran out before everything was flushed
+    ├── QueueClosed            a put on the queue after shutdown closed it
+    ├── ShutdownTimeout        the grace period ran out before everything was flushed
+    ├── QueryTimeout           a query ran past STORE_QUERY_TIMEOUT_S (a 504 reply)
+    └── BadQuery               a query request that cannot be answered (has .reason)
 
-Callers at the request-reply edge map these to service error codes; nothing else
-turns an exception into text for a remote peer.
+Callers at the request-reply edge map these to service error codes and reason codes;
+nothing else turns an exception into text for a remote peer, and a database's own
+error text never reaches one (it is logged, and shown to operators in health).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ __all__ = [
     "JetStreamUnavailable",
     "NatsUnavailable",
     "QueryTimeout",
+    "QueueClosed",
     "RejectedInput",
     "SchemaError",
     "ShutdownTimeout",
@@ -79,6 +85,10 @@ class SchemaError(SinkError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retryable=False)
+
+
+class QueueClosed(StoreError):
+    """``put`` on a queue that no longer takes records (the service is stopping)."""
 
 
 class ShutdownTimeout(StoreError):

@@ -115,10 +115,13 @@ class TaskSet:
 
     async def close(self) -> None:
         """Cancel every task and wait until all have ended; idempotent."""
-        tasks = [*self._tasks.values(), *self._ending]
+        running = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
+        for task in running:
             task.cancel()
+        # Those cancelled already are only awaited: a second cancel would cut short
+        # the cleanup they are running.
+        tasks = [*running, *self._ending]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._ending.clear()

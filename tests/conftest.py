@@ -134,6 +134,29 @@ async def until_async(predicate: Callable[[], Awaitable[bool]], timeout: float =
             await asyncio.sleep(0.01)
 
 
+#: Fixtures that start a server or a service: a ``logic`` test must use none of them.
+_REAL_FIXTURES = {
+    "nats_server",
+    "pg_server",
+    "pg_url",
+    "database_url",
+    "store",
+    "make_settings",
+    "service",
+    "client",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep the ``logic`` tier honest: in-memory tests start no server."""
+    for item in items:
+        if item.get_closest_marker("logic") is None:
+            continue
+        used = _REAL_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if used:
+            raise pytest.UsageError(f"{item.nodeid} is marked logic but uses {sorted(used)}")
+
+
 #: Lines the fault tests report (published, stored, duplicates, lost), printed at the end.
 FAULT_REPORT: list[str] = []
 

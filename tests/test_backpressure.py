@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from store_svc.core import BackpressureLevel
 from store_svc.ingest.backpressure import Marks, Watermarks
+
+pytestmark = pytest.mark.logic
 
 OK, SOFT, HARD = BackpressureLevel.ok, BackpressureLevel.soft, BackpressureLevel.hard
 MARKS = Marks(soft=50, hard=80, soft_recovery=40, hard_recovery=70)

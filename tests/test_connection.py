@@ -72,7 +72,7 @@ async def responder(url: str) -> Client:
 
 def test_the_overridden_pong_handler_still_exists_upstream() -> None:
     params = list(inspect.signature(Client._process_pong).parameters)
-    assert params == ["self"], "nats-py changed _process_pong; review natsclient.py"
+    assert params == ["self"], "nats-py changed _process_pong; review store_svc/bus/client.py"
 
 
 async def test_a_late_pong_kills_plain_nats_py_but_not_the_service_client(

@@ -30,6 +30,8 @@ from store_svc.kinds import KINDS
 from .contracts.update import HERE, MODELS, schema_text
 from .strategies import BY_KIND, as_utc
 
+pytestmark = pytest.mark.logic
+
 # Checks the store adds on top of Core; a record Core accepts may fail only these.
 STORE_ONLY_REASONS = {
     "invalid_symbol",

@@ -16,6 +16,8 @@ import yaml
 from store_svc.cli import build_parser
 from store_svc.settings import Settings, load_settings
 
+pytestmark = pytest.mark.logic
+
 ROOT = Path(__file__).parents[1]
 KNOWN_ENV = {f"STORE_{name.upper()}" for name in Settings.model_fields} | {"ADMIN_TOKEN"}
 

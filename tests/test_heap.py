@@ -1,10 +1,14 @@
-"""The collector settings applied at start-up (store_svc/heap.py)."""
+"""The collector settings applied at start-up (store_svc/runtime/heap.py)."""
 
 from __future__ import annotations
 
 import gc
 
+import pytest
+
 from store_svc.runtime.heap import GC_THRESHOLDS, settle_heap
+
+pytestmark = pytest.mark.logic
 
 
 def test_settle_heap_freezes_startup_objects_and_raises_the_young_threshold() -> None:

@@ -23,9 +23,12 @@ async def connect(url: str) -> OrderedFlushClient:
     return nc
 
 
+@pytest.mark.logic
 def test_the_overridden_method_still_exists_upstream() -> None:
     params = list(inspect.signature(Client._send_ping).parameters)
-    assert params == ["self", "future"], "nats-py changed _send_ping; review natsclient.py"
+    assert params == ["self", "future"], (
+        "nats-py changed _send_ping; review store_svc/bus/client.py"
+    )
 
 
 async def test_a_subscription_is_live_when_flush_returns(nats_server: NatsServer) -> None:
@@ -67,6 +70,7 @@ async def test_drain_keeps_every_message_already_published(nats_server: NatsServ
         await sub_nc.close()
 
 
+@pytest.mark.logic
 def test_the_other_overridden_methods_still_exist_upstream() -> None:
     assert list(inspect.signature(Client._process_connect_init).parameters) == ["self"]
     assert list(inspect.signature(Parser.parse).parameters) == ["self", "data"]
@@ -119,6 +123,7 @@ class _Recorder:
     async def _process_pong(self) -> None: ...
 
 
+@pytest.mark.logic
 async def test_a_reset_while_parsing_drops_the_rest_of_the_old_read() -> None:
     nc = _Recorder()
     parser = _TurnTakingParser(nc)  # type: ignore[arg-type]

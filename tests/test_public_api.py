@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 import store_svc
+
+pytestmark = pytest.mark.logic
 
 
 def test_exported_members() -> None:

@@ -580,6 +580,7 @@ async def test_the_query_command_prints_pages_as_json_lines_or_a_table(
     assert "400 invalid_range" in err
 
 
+@pytest.mark.logic
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())

@@ -13,6 +13,8 @@ from store_svc.store.memory import MemorySink
 
 from .conftest import until
 
+pytestmark = pytest.mark.logic
+
 
 def env(n: int, kind: str = "trades", start: int = 0) -> Envelope:
     rows = [(f"S{start + i}", None, None, None, None, ()) for i in range(n)]

@@ -12,6 +12,8 @@ from store_svc.constants import MAX_DECIMAL_ADJUSTED_EXPONENT, MAX_DECIMAL_DIGIT
 from store_svc.errors import RejectedInput
 from store_svc.ingest.records import check_decimal
 
+pytestmark = pytest.mark.logic
+
 
 def within_bounds(value: Decimal) -> bool:
     """The rule of docs/protocol.md, written the slow, obvious way."""

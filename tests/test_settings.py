@@ -7,6 +7,8 @@ import pytest
 
 from store_svc.settings import Settings, load_settings, unknown_environment
 
+pytestmark = pytest.mark.logic
+
 
 def test_defaults_match_the_design() -> None:
     s = load_settings()

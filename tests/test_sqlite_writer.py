@@ -51,6 +51,7 @@ def test_a_batch_sent_ahead_is_refused_after_the_one_before_it_failed(tmp_path: 
     writer.close(None)
 
 
+@pytest.mark.logic
 def test_key_decimals_keep_all_their_digits() -> None:
     # 30 and 38 significant digits: normalize() under the default 28-digit context
     # rounded these, and two distinct trade prices became one key.

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from store_svc.errors import StoreError
+from store_svc.errors import QueueClosed
 from store_svc.kinds import Row
 
 __all__ = ["Envelope", "QueueClosed", "RecordQueue"]
@@ -39,10 +39,6 @@ class Envelope:
     ack: Callable[[], Awaitable[None]] | None = None
     fail: Callable[[str], Awaitable[None]] | None = None
     withdrawn: bool = False
-
-
-class QueueClosed(StoreError):
-    """``put`` on a queue that no longer takes records (the service is stopping)."""
 
 
 class RecordQueue:

@@ -124,7 +124,8 @@ class QueryApi:
     """Answers the query and latest subjects of one instance.
 
     Args:
-        settings: subjects, queue group, limits and the query deadline.
+        settings: returns the service's settings now (a reload replaces them; the
+            subjects and the queue group are read once, at construction).
         reader: the sink's reader.
         stats: counters to update (``queries``, ``query_records``).
         on_answered: called with ``(endpoint, seconds)`` after each successful reply
@@ -133,7 +134,7 @@ class QueryApi:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: Callable[[], Settings],
         reader: Reader,
         stats: Stats,
         on_answered: Callable[[str, float], None] | None = None,
@@ -142,11 +143,13 @@ class QueryApi:
         self._reader = reader
         self._stats = stats
         self._on_answered = on_answered
-        self._query_prefix = settings.subject("store", "query") + "."
-        self._latest_prefix = settings.subject("store", "latest") + "."
+        now = settings()
+        self._query_prefix = now.subject("store", "query") + "."
+        self._latest_prefix = now.subject("store", "latest") + "."
         self._subs: list[Subscription] = []
+        #: The requests being answered (awaited, then cancelled, by :meth:`stop`).
         self._tasks: set[asyncio.Task[None]] = set()
-        self._backlog = settings.query_concurrency * BACKLOG_PER_READER
+        self._backlog = now.query_concurrency * BACKLOG_PER_READER
         self._nc: NATS | None = None
 
     async def start(self, nc: NATS) -> None:
@@ -160,7 +163,7 @@ class QueryApi:
             await self._reader.open()
         except SinkError as exc:  # queries retry on their own; ingest must not wait
             log.warning("the read API starts without its connections: %s", exc)
-        group = self._settings.queue_group
+        group = self._settings().queue_group
         for prefix in (self._query_prefix, self._latest_prefix):
             self._subs.append(await nc.subscribe(prefix + "*", queue=group, cb=self._on_msg))
 
@@ -199,7 +202,7 @@ class QueryApi:
         began = time.perf_counter()
         latest = endpoint == "latest"
         fmt: Format = "json"
-        settings = self._settings
+        settings = self._settings()
         try:
             try:
                 fmt = _request_format(msg)
@@ -254,7 +257,7 @@ class QueryApi:
         assert nc is not None
         room = payload_room(nc, {CONTENT_TYPE_HEADER: _CONTENT_TYPES[plan.fmt]})
         budget = max(1, room - REPLY_OVERHEAD_BYTES)
-        page = await self._reader.page(plan, budget, self._settings.query_timeout_s)
+        page = await self._reader.page(plan, budget, self._settings().query_timeout_s)
         cursor = encode_cursor(plan, page.next_key) if page.next_key is not None else None
         self._stats.query_records += len(page.records)
         records = [msgspec.Raw(r) for r in page.records]
@@ -262,7 +265,7 @@ class QueryApi:
         return out
 
     async def _latest(self, plan: LatestPlan) -> bytes:
-        found = await self._reader.latest(plan, self._settings.query_timeout_s)
+        found = await self._reader.latest(plan, self._settings().query_timeout_s)
         self._stats.query_records += len(found)
         records = [msgspec.Raw(r) for r in found]
         out: bytes = _ENCODERS[plan.fmt].encode({"records": records})
@@ -301,7 +304,7 @@ class QueryApi:
         symbols = [value] if isinstance(value, str) else value
         if not symbols:
             raise BadQuery("invalid_request", "symbol must name at least one symbol")
-        limit = self._settings.query_max_symbols
+        limit = self._settings().query_max_symbols
         if len(symbols) > limit:
             raise BadQuery(
                 "too_many_symbols",
@@ -326,7 +329,7 @@ class QueryApi:
     def _page_plan(self, kind: str, data: bytes, fmt: Format) -> PagePlan:
         kind = self._kind(kind)
         req: QueryRequest = self._decode(QueryRequest, data, fmt)
-        settings = self._settings
+        settings = self._settings()
         start = self._time(req.start, "start")
         end = self._time(req.end, "end")
         if start is not None and end is not None and end <= start:

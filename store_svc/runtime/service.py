@@ -355,7 +355,7 @@ class StoreService:
             log.info("the %s sink cannot be queried; no read API", self.sink.name)
             return
         self.query = QueryApi(
-            self.settings, reader, self.stats, on_answered=self.metrics.observe_query
+            lambda: self.settings, reader, self.stats, on_answered=self.metrics.observe_query
         )
         await self.query.start(nc)
 
