@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import uvloop
 
 from benchmarks.ingest_infra import (
@@ -44,11 +45,32 @@ from benchmarks.ingest_infra import (
 )
 from benchmarks.ingest_roles import CORE, SubscriberResult, SubscriberSpec
 from store_svc.ingest.decode import PayloadDecoder
-from store_svc.ingest.records import KINDS, Row
+from store_svc.kinds import KINDS, KindSpec, Row
 from store_svc.settings import Settings
+from store_svc.store.codec import compile_converter, time_micros
 from store_svc.store.postgres import PostgresSink, merge_sql, staging_records
-from store_svc.store.sqlite import SqliteSink, to_sqlite_rows, upsert_sql
-from store_svc.store.sqlite_worker import time_micros
+from store_svc.store.sqlite import SqliteSink, column_plan, upsert_sql
+
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder().decode
+#: The SQLite writer process's conversion of each kind (compiled once).
+_CONVERTERS = {kind: compile_converter(column_plan(spec)) for kind, spec in KINDS.items()}
+
+
+def to_sqlite_rows(spec: KindSpec, rows: list[Row], ingested_at: int) -> list[Row]:
+    """Turn rows into SQLite parameters exactly as the writer process does: sent
+    through MessagePack as the service sends them, then converted by the writer's plan.
+
+    Args:
+        spec: the record kind.
+        rows: validated rows.
+        ingested_at: the commit time, in microseconds since the epoch.
+
+    Returns:
+        Parameter tuples for ``upsert_sql(spec)``.
+    """
+    convert = _CONVERTERS[spec.kind]
+    return [convert(row, ingested_at) for row in _unpack(_pack(rows))]
 
 
 def measure_bare_subscriber(

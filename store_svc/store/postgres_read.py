@@ -77,7 +77,7 @@ def page_sql(plan: PagePlan) -> tuple[str, list[Any]]:
     """
     spec = KINDS[plan.kind]
     key = _SORT[plan.kind]
-    when = quoted(KINDS[plan.kind].time_column)
+    when = quoted(spec.time_column)
     params: list[Any] = [list(plan.symbols)]
     where = ["symbol = s.sym"]
 

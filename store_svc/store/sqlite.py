@@ -31,7 +31,7 @@ from store_svc.store.reads import Reader
 from store_svc.store.sqlite_process import WorkerProcess
 from store_svc.store.sqlite_read import SqliteReader
 
-__all__ = ["SCHEMA_VERSION", "SqliteSink", "to_sqlite_rows", "upsert_sql"]
+__all__ = ["SCHEMA_VERSION", "SqliteSink", "column_plan", "upsert_sql"]
 
 #: Bump with every change of the DDL below; a database with a higher number is refused.
 SCHEMA_VERSION = 1
@@ -74,7 +74,7 @@ _KEY_DECIMALS = {("trades", "price"), ("options", "strike")}
 
 
 def upsert_sql(spec: KindSpec) -> str:
-    """The idempotent insert statement of a kind (also used by the raw benchmark).
+    """The idempotent insert statement of a kind (also the raw-insert benchmark's).
 
     Args:
         spec: the record kind.
@@ -91,7 +91,8 @@ def upsert_sql(spec: KindSpec) -> str:
     return f"{head} ON CONFLICT ({', '.join(spec.key)}) DO UPDATE SET {updates}"
 
 
-def _plan(spec: KindSpec) -> str:
+def column_plan(spec: KindSpec) -> str:
+    """The writer's conversion plan of a kind (``store/codec.py``'s write plans)."""
     codes = []
     for col in spec.columns:
         if col in spec.time_columns:
@@ -105,7 +106,7 @@ def _plan(spec: KindSpec) -> str:
     return "".join(codes)
 
 
-_PLANS = {kind: _plan(spec) for kind, spec in KINDS.items()}
+_PLANS = {kind: column_plan(spec) for kind, spec in KINDS.items()}
 # Times are turned into integers here, on the way out: a datetime costs more to send
 # and decode than an int, and the writer process is the busier of the two.
 _SEND = {
@@ -115,30 +116,6 @@ _SEND = {
     for kind, plan in _PLANS.items()
 }
 _WRITER_PLANS = {kind: plan.replace("t", "-") for kind, plan in _PLANS.items()}
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder().decode
-
-
-def to_sqlite_rows(spec: KindSpec, rows: list[Row], ingested_at: int) -> list[Row]:
-    """Turn rows into SQLite parameters exactly as the writer process does.
-
-    The service itself sends rows to the writer process, which converts them there;
-    this function exists for the raw-insert benchmark ceiling and for tests.
-
-    Args:
-        spec: the record kind.
-        rows: validated rows.
-        ingested_at: the commit time, in microseconds since the epoch.
-
-    Returns:
-        Parameter tuples for :func:`upsert_sql`.
-    """
-    convert = _CONVERTERS[spec.kind]
-    return [convert(row, ingested_at) for row in _decode(_encode(rows))]
-
-
-#: The writer process's full conversion, for :func:`to_sqlite_rows` (compiled once).
-_CONVERTERS = {kind: compile_converter(plan) for kind, plan in _PLANS.items()}
 
 
 def _from_sqlite(spec: KindSpec, row: list[Any]) -> Row:

@@ -73,7 +73,7 @@ def page_sql(plan: PagePlan) -> tuple[str, list[Any]]:
     """
     spec = KINDS[plan.kind]
     key = _SORT[plan.kind]
-    when = KINDS[plan.kind].time_column
+    when = spec.time_column
     where = ["symbol = ?"]
     filters: list[Any] = []
     if plan.resolution is not None:
