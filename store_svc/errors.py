@@ -15,8 +15,9 @@
     └── BadQuery               a query request that cannot be answered (has .reason)
 
 Callers at the request-reply edge map these to service error codes and reason codes;
-nothing else turns an exception into text for a remote peer, and a database's own
-error text never reaches one (it is logged, and shown to operators in health).
+nothing else turns an exception into text for a remote peer. A database's own error
+text never reaches a publisher or a reader: it is logged, and shown to operators
+only, in health (``sink.last_error``) and on the DLQ copy of records it refused.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -145,6 +146,20 @@ _REAL_FIXTURES = {
     "service",
     "client",
 }
+
+
+@pytest.fixture(autouse=True)
+def _logic_starts_no_process(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``logic`` test that starts a child process (a server, a SQLite worker) fails."""
+    if request.node.get_closest_marker("logic") is None:
+        return
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a logic test started a process; drop the logic marker")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

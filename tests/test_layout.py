@@ -1,19 +1,20 @@
-"""The package's shape: no import circle, imports only run down the layers, and the
-errors tree in ``errors.py`` names every error the package defines."""
+"""The package's shape: no import circle, imports only run down the layers, the SQLite
+worker loads nothing but the codec, every benchmark module imports, and the errors
+tree in ``errors.py`` names every error the package defines."""
 
 from __future__ import annotations
 
 import ast
 import importlib
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import store_svc
 from store_svc import errors
-
-pytestmark = pytest.mark.logic
 
 PACKAGE = Path(store_svc.__file__).parent
 
@@ -72,6 +73,7 @@ def _folder(module: str) -> str:
     return module.split(".")[0]
 
 
+@pytest.mark.logic
 def test_no_module_imports_itself_back_through_others() -> None:
     graph = _graph()
     # Tarjan-free check: a depth-first walk that meets a module on its own path.
@@ -95,6 +97,7 @@ def test_no_module_imports_itself_back_through_others() -> None:
             visit(node)
 
 
+@pytest.mark.logic
 def test_imports_run_down_the_layers() -> None:
     wrong = []
     for module, imported in sorted(_graph().items()):
@@ -110,12 +113,14 @@ def test_imports_run_down_the_layers() -> None:
     assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
 
 
+@pytest.mark.logic
 def test_the_sqlite_worker_imports_only_the_codec() -> None:
     # It runs as a child process per writer and reader: it must start small.
     assert _graph()["store.sqlite_worker"] == {"store.codec"}
     assert _graph()["store.codec"] == set()
 
 
+@pytest.mark.logic
 def test_the_errors_tree_lists_every_store_error() -> None:
     for info in pkgutil.walk_packages(store_svc.__path__, "store_svc."):
         if not info.name.endswith("__main__"):
@@ -146,3 +151,30 @@ def test_the_errors_tree_lists_every_store_error() -> None:
         assert cls.__mro__[1].__name__ == parent, f"{name} is drawn under {parent}"
         assert cls.__module__ == "store_svc.errors", f"{name} lives outside errors.py"
         assert name in errors.__all__
+
+
+def test_a_worker_process_loads_the_standard_library_and_msgspec_only() -> None:
+    """What the child process really imports, third-party packages included."""
+    code = (
+        "import sys, store_svc.store.sqlite_worker; "
+        "print('\\n'.join(sorted(m for m in sys.modules if '.' not in m)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    stdlib = set(sys.stdlib_module_names)
+    others = {m for m in out if m.lstrip("_") not in stdlib and m not in stdlib}
+    # msgspec brings typing_extensions; an editable install adds its path finder.
+    allowed = {"msgspec", "typing_extensions", "store_svc", "__main__", "_distutils_hack"}
+    assert {m for m in others if not m.startswith("__editable__")} <= allowed
+    for heavy in ("pydantic", "nats", "asyncpg", "market_data_core", "uvloop"):
+        assert heavy not in out
+
+
+@pytest.mark.logic
+def test_every_benchmark_module_imports() -> None:
+    # Benchmarks are not tests, but one that no longer imports breaks CI's smoke run.
+    root = PACKAGE.parent / "benchmarks"
+    for path in sorted(root.glob("*.py")):
+        if path.stem != "__init__":
+            importlib.import_module(f"benchmarks.{path.stem}")

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from prometheus_client import generate_latest
 
@@ -22,6 +24,7 @@ from store_svc.control.metrics import Metrics
 from store_svc.control.probes import HealthSnapshot
 from store_svc.core import BackpressureLevel, HealthComponent
 from store_svc.errors import SchemaError, SinkError
+from store_svc.ingest.jetstream import pull_size, room_needed
 from store_svc.ingest.queue import Envelope, RecordQueue
 from store_svc.read.api import QueryApi
 from store_svc.runtime.service import StoreService
@@ -109,6 +112,10 @@ async def test_metrics_read_only_the_view() -> None:
         'store_query_seconds_count{endpoint="latest"} 1.0',
     ):
         assert line in text, line
+    # A scrape filtered by name (/metrics?name[]=...) still finds the collector's metrics.
+    only = generate_latest(metrics.registry.restricted_registry(["store_queue_depth"])).decode()
+    assert "store_queue_depth 7.0" in only
+    assert "store_sink_up" not in only
 
 
 async def test_the_read_api_alone_answers_a_failing_database_with_a_reason_code(
@@ -146,6 +153,7 @@ def test_worker_replies_are_judged_by_their_code_not_their_text() -> None:
     assert not reply_error(text, sqlite_worker.REFUSED).retryable
     assert not reply_error(text, sqlite_worker.INTERNAL).retryable
     assert isinstance(reply_error("x", sqlite_worker.SCHEMA_TOO_NEW), SchemaError)
+    assert reply_error(text, "True").retryable  # an unknown code never drops a batch
     assert {
         sqlite_worker.RETRY,
         sqlite_worker.REFUSED,
@@ -228,3 +236,20 @@ async def test_a_service_starts_once(make_settings: Callable[..., Settings]) -> 
         await until(lambda: svc.snapshot.answer("/readyz")[0] == 200)
     with pytest.raises(RuntimeError):
         await svc.start()
+
+
+@pytest.mark.logic
+@given(
+    outstanding=st.integers(0, 255),
+    per_msg=st.floats(0.5, 200_000, allow_nan=False),
+    batch=st.integers(1, 256),
+)
+def test_the_pull_loop_waits_for_exactly_the_room_its_next_request_needs(
+    outstanding: int, per_msg: float, batch: int
+) -> None:
+    # The JetStream intake waits for the queue to free this much room; a threshold
+    # too strict loses the wake-up (the loop then polls), one too lax makes it spin.
+    assume(outstanding < batch)
+    need = room_needed(outstanding, per_msg, batch)
+    assert pull_size(need, per_msg, batch) > outstanding
+    assert need == 1 or pull_size(need - 1, per_msg, batch) <= outstanding

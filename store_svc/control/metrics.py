@@ -179,7 +179,9 @@ class Metrics:
 
     def __init__(self, svc: ServiceView, snapshot: HealthSnapshot) -> None:
         self._snapshot = snapshot
-        self.registry = CollectorRegistry(auto_describe=True)
+        # Its collector names nothing up front (see _StoreCollector.describe): such
+        # collectors must still answer a scrape filtered by name (?name[]=...).
+        self.registry = CollectorRegistry(auto_describe=True, support_collectors_without_names=True)
         self.registry.register(_StoreCollector(svc))
         self.batch_records = Histogram(
             "store_batch_records",

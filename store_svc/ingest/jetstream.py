@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from typing import Any
 
 import msgspec
@@ -39,7 +40,7 @@ from store_svc.ingest.edge import IntakeParts, MessageSize, WriteEdge, drain_sub
 from store_svc.ingest.queue import Envelope, QueueClosed
 from store_svc.tasks import TaskSet, Turns
 
-__all__ = ["JetStreamIntake", "delivery_count"]
+__all__ = ["JetStreamIntake", "delivery_count", "pull_size", "room_needed"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,26 @@ _NS = 1_000_000_000
 # Plain strings: nats-py's Header enum hashes by member name, so it misses dict keys.
 _STATUS = "Status"
 _DESCRIPTION = "Description"
+
+
+def pull_size(room: int, per_msg: float, batch: int) -> int:
+    """How many messages a pull request may ask for in all (those outstanding
+    included): what fits in ``room`` records at ``per_msg`` records a message, at
+    least one while there is any room, at most ``batch``."""
+    return min(batch, max(1, int(room / per_msg))) if room > 0 else 0
+
+
+def room_needed(outstanding: int, per_msg: float, batch: int) -> int:
+    """The least room (records below the soft mark) at which :func:`pull_size` allows
+    one message more than the ``outstanding`` ones (``outstanding < batch``)."""
+    need = 1 if outstanding == 0 else max(1, math.ceil((outstanding + 1) * per_msg))
+    # Float rounding may put the product a record off pull_size's own division:
+    # settle on exactly the room pull_size agrees with, or the wait would spin.
+    while pull_size(need, per_msg, batch) <= outstanding:
+        need += 1
+    while need > 1 and pull_size(need - 1, per_msg, batch) > outstanding:
+        need -= 1
+    return need
 
 
 class _Held:
@@ -265,8 +286,7 @@ class JetStreamIntake:
                     backoff = 1.0
                     continue
             per_msg = self._size.value
-            room = soft_records - self._queue.depth
-            want = min(self._batch, max(1, int(room / per_msg))) if room > 0 else 0
+            want = pull_size(soft_records - self._queue.depth, per_msg, self._batch)
             blocked_by_room = want - self._outstanding < 1 and self._outstanding < self._batch
             if (
                 not blocked_by_room
@@ -286,15 +306,18 @@ class JetStreamIntake:
                 if not self._outstanding:
                     self._last_activity = now
                 self._outstanding += n
-            # Woken by a delivery or a status, by the take that frees room for one
-            # more message when room is what is missing, or to look for a quiet request.
-            below = soft_records - int((self._outstanding + 1) * per_msg)
+            # Woken by a delivery or a status, by the take that frees the room the next
+            # request needs when room is what is missing, or to look for a quiet request.
+            room_below = None
+            if blocked_by_room and not self._queue.closed:
+                need = room_needed(self._outstanding, per_msg, self._batch)
+                if soft_records - need >= 0:
+                    room_below = soft_records - need + 1
             self._room_blocked = blocked_by_room
-            await self._woken(
-                min(self._heartbeat, 0.25),
-                room_below=below if blocked_by_room and below > 0 else None,
-            )
-            self._room_blocked = False
+            try:
+                await self._woken(min(self._heartbeat, 0.25), room_below=room_below)
+            finally:
+                self._room_blocked = False
 
     async def _on_delivery(self, msg: Msg) -> None:
         await self._turns.take()

@@ -143,6 +143,8 @@ class QueryApi:
         self._reader = reader
         self._stats = stats
         self._on_answered = on_answered
+        #: Queries answered store_unavailable since the last one that succeeded.
+        self._unavailable = 0
         now = settings()
         self._query_prefix = now.subject("store", "query") + "."
         self._latest_prefix = now.subject("store", "latest") + "."
@@ -222,8 +224,15 @@ class QueryApi:
             await self._error(msg, fmt, endpoint, 504, "query_timeout", detail)
             return
         except SinkError as exc:
-            # The driver's text stays in the log: the requester gets the reason code.
-            log.warning("query on %s: the database cannot be read: %s", msg.subject[:200], exc)
+            # The driver's text stays in the log (the first and every 100th of an
+            # outage, not one line a query); the requester gets the reason code.
+            self._unavailable += 1
+            if self._unavailable == 1 or self._unavailable % 100 == 0:
+                log.warning(
+                    "queries fail: the database cannot be read (%d so far): %s",
+                    self._unavailable,
+                    exc,
+                )
             detail = "the database cannot be read now; retry later"
             await self._error(msg, fmt, endpoint, 503, "store_unavailable", detail)
             return
@@ -249,6 +258,7 @@ class QueryApi:
             log.warning("could not send a query reply: %s", exc)
             return
         self._stats.queries[f"{endpoint}:ok"] += 1
+        self._unavailable = 0
         if self._on_answered is not None:
             self._on_answered(endpoint, time.perf_counter() - began)
 

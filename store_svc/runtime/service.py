@@ -147,6 +147,8 @@ class StoreService:
         Raises:
             SinkError: the database cannot be opened.
             NatsUnavailable: NATS cannot be reached within ``STORE_NATS_CONNECT_TIMEOUT_S``.
+            ConfigError: the metrics port cannot be bound.
+            RuntimeError: ``start`` was called before (a service starts once).
         """
         if self.status is not Status.CREATED:
             raise RuntimeError(f"start() was called before (the service is {self.status.value})")

@@ -5,6 +5,7 @@ worker processes: ``sqlite_process.py`` the parent side, ``sqlite_worker.py`` th
 child), PostgreSQL (``postgres.py``, ``postgres_read.py``), an in-memory sink for
 logic tests (``memory.py``) and the factory that picks one (``factory.py``).
 
-Imports only the base modules. This file imports nothing, so a worker process
-started with ``python -m store_svc.store.sqlite_worker`` loads just what it needs.
+The folder imports only the base modules; this file itself imports nothing, so a
+worker process started with ``python -m store_svc.store.sqlite_worker`` loads just
+what it needs.
 """

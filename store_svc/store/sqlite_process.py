@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -29,6 +31,15 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 #: Codes whose request may succeed when sent again.
 _RETRYABLE = frozenset({sqlite_worker.RETRY, sqlite_worker.AHEAD_FAILED})
+#: The child imports the very package this process runs (the folder above
+#: ``store_svc``), first on its path, whatever the working directory holds.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_CHILD_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p
+    ),
+}
 
 
 def reply_error(text: str, code: str) -> SinkError:
@@ -40,10 +51,15 @@ def reply_error(text: str, code: str) -> SinkError:
 
     Returns:
         A :class:`SchemaError` for ``schema_too_new``, else a :class:`SinkError`,
-        retryable for ``retry`` and ``ahead_failed``.
+        retryable for ``retry``, ``ahead_failed`` and a code this version does not
+        know.
     """
     if code == sqlite_worker.SCHEMA_TOO_NEW:
         return SchemaError(text)
+    if code not in sqlite_worker.ERROR_CODES:
+        # Not a code this version knows: retry rather than drop the batch as refused.
+        log.error("the SQLite worker answered with an unknown error code %r: %s", code, text)
+        return SinkError(text)
     return SinkError(text, retryable=code in _RETRYABLE)
 
 
@@ -71,11 +87,13 @@ class WorkerProcess:
         """Start the process (not yet opened)."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            "-P",  # not the working directory's store_svc, if it holds one
             "-m",
             sqlite_worker.__name__,
             *self._args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            env=_CHILD_ENV,
         )
         self.proc = proc
         self._reader = asyncio.create_task(self._read_replies(proc), name=f"sqlite-{self.role}")
