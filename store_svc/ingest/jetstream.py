@@ -30,13 +30,12 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.js import api
-from nats.js.errors import NotFoundError
 
 from store_svc.core import BackpressureLevel
 from store_svc.errors import ConfigError, JetStreamUnavailable
 from store_svc.ingest.decode import Reject
 from store_svc.ingest.edge import IntakeParts, MessageSize, WriteEdge, drain_subscription
+from store_svc.ingest.jetstream_setup import ensure_stream_and_consumer
 from store_svc.ingest.queue import Envelope, QueueClosed
 from store_svc.tasks import TaskSet, Turns
 
@@ -196,65 +195,7 @@ class JetStreamIntake:
         )
 
     async def _ensure(self) -> None:
-        s = self._settings
-        js = self._nc.jetstream()
-        try:
-            try:
-                info = await js.stream_info(s.js_stream)
-            except NotFoundError:
-                if not s.js_create:
-                    raise ConfigError(
-                        f"the JetStream stream {s.js_stream} does not exist and "
-                        "STORE_JS_CREATE is off"
-                    ) from None
-                await js.add_stream(
-                    api.StreamConfig(
-                        name=s.js_stream,
-                        subjects=[self.subject],
-                        retention=api.RetentionPolicy(s.js_retention),
-                        storage=api.StorageType(s.js_storage),
-                        num_replicas=s.js_replicas,
-                        max_age=s.js_max_age_s or None,
-                    )
-                )
-                log.info("created JetStream stream %s over %s", s.js_stream, self.subject)
-            else:
-                subjects = (info.config.subjects or []) if info.config else []
-                if self.subject not in subjects:
-                    log.warning(
-                        "stream %s captures %s, not %s: writes outside it are not seen",
-                        s.js_stream,
-                        subjects,
-                        self.subject,
-                    )
-            try:
-                await js.consumer_info(s.js_stream, s.js_durable)
-            except NotFoundError:
-                if not s.js_create:
-                    raise ConfigError(
-                        f"the JetStream consumer {s.js_durable} on stream {s.js_stream} does "
-                        "not exist and STORE_JS_CREATE is off"
-                    ) from None
-                await js.add_consumer(
-                    s.js_stream,
-                    api.ConsumerConfig(
-                        durable_name=s.js_durable,
-                        ack_policy=api.AckPolicy.EXPLICIT,
-                        deliver_policy=api.DeliverPolicy.ALL,
-                        ack_wait=s.js_ack_wait_s,
-                        max_ack_pending=s.js_max_ack_pending,
-                        filter_subject=self.subject,
-                        num_replicas=s.js_replicas if s.js_replicas > 1 else None,
-                    ),
-                )
-                log.info("created JetStream consumer %s on %s", s.js_durable, s.js_stream)
-        except ConfigError:
-            raise
-        except (NatsError, TimeoutError) as exc:
-            raise JetStreamUnavailable(
-                f"JetStream did not answer ({type(exc).__name__}: {exc}); is the NATS server "
-                "running with JetStream enabled (nats-server -js)?"
-            ) from exc
+        await ensure_stream_and_consumer(self._nc, self._settings, self.subject)
 
     async def _pull(self) -> None:
         """Keep pull requests outstanding while intake runs and the level allows."""
