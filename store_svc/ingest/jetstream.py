@@ -133,8 +133,9 @@ class JetStreamIntake:
         self._last_activity = 0.0
         self._recheck_consumer = False
         #: Set while the pull loop waits for room: each delivery lowers the room the
-        #: next request needs, so each wakes the loop.
+        #: next request needs, and one after which the queue has that room wakes it.
         self._room_blocked = False
+        self._soft_records = int(settings.queue_capacity * settings.soft_watermark)
         self._wake = asyncio.Event()
         #: Messages taken and not yet acked, terminated or nak'd, by reply subject.
         self._held: dict[str, _Held] = {}
@@ -206,7 +207,7 @@ class JetStreamIntake:
         # Ask only for what fits below the soft mark: the backlog waits in the stream,
         # not in memory (a request for 256 messages of 1,000 records would otherwise
         # bring 256,000 records into a 100,000-record queue).
-        soft_records = int(self._settings.queue_capacity * self._settings.soft_watermark)
+        soft_records = self._soft_records
         backoff = 0.0
         while self._pulling:
             if backoff:
@@ -269,7 +270,7 @@ class JetStreamIntake:
         self._last_activity = self._loop.time()
         if self._outstanding:
             self._outstanding -= 1
-        if self._outstanding <= self._batch // 2 or self._room_blocked:
+        if self._outstanding <= self._batch // 2 or (self._room_blocked and self._has_room()):
             self._wake.set()
         if not self._taking:
             await self._nak(msg)
@@ -295,6 +296,11 @@ class JetStreamIntake:
         except QueueClosed:
             self._stats.accepted[kind] -= len(decoded.rows)
             await self._nak(msg)
+
+    def _has_room(self) -> bool:
+        """Whether the queue has the room the next pull request needs now."""
+        need = room_needed(self._outstanding, self._size.value, self._batch)
+        return self._soft_records - self._queue.depth >= need
 
     async def _woken(self, timeout: float, room_below: int | None = None) -> None:
         """Wait for a delivery or status (``_wake``), or with ``room_below`` for the
