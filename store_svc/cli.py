@@ -83,20 +83,37 @@ def _cmd_demo(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
 
 
 async def _client(settings: Settings, timeout: float, command: str) -> NATS | None:
-    """A short-lived client for an operator command, or None (reported) if NATS is away."""
-    from store_svc.bus.client import OrderedFlushClient
+    """A short-lived client for an operator command, or None when NATS cannot be had
+    (reported in one line that names the cause: refused, timed out, authorization, TLS)."""
+    from store_svc.bus.auth import connect_failure, connect_options, redact_url
+    from store_svc.bus.client import OrderedFlushClient, close_client
+
+    where = ", ".join(redact_url(u) for u in settings.nats_servers)
+    causes: list[tuple[str, bool]] = []
+
+    async def on_error(exc: Exception) -> None:
+        # Instead of nats-py's default, which logs a whole traceback per attempt.
+        causes.append(connect_failure(exc))
 
     nc = OrderedFlushClient()
     try:
+        options = connect_options(settings)
         async with asyncio.timeout(timeout):
-            await nc.connect(servers=settings.nats_servers, allow_reconnect=False)
+            await nc.connect(
+                servers=settings.nats_servers,
+                allow_reconnect=False,
+                connect_timeout=timeout,  # type: ignore[arg-type]  # nats-py takes floats
+                error_cb=on_error,
+                **options,
+            )
     except Exception as exc:
-        with contextlib.suppress(Exception):
-            await nc.close()
-        print(
-            f"store-svc {command}: cannot reach NATS at {settings.nats_url}: {exc!r}",
-            file=sys.stderr,
-        )
+        await close_client(nc)
+        causes.append(connect_failure(exc))
+        # The server's refusal explains the reset that follows it: name the refusal.
+        cause = next((c for c, final in causes if final), causes[0][0])
+        if isinstance(exc, TimeoutError) and len(causes) == 1:
+            cause = f"timed out after {timeout:g}s"
+        print(f"store-svc {command}: cannot connect to NATS at {where}: {cause}", file=sys.stderr)
         return None
     return nc
 

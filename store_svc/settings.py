@@ -40,6 +40,36 @@ class Settings(BaseSettings):
     """How long start-up waits for NATS before giving up (exit code 1). After the
     first connection the service reconnects for ever."""
 
+    nats_creds: Path | None = None
+    """A NATS ``.creds`` file (user JWT and NKey seed, decentralised auth). One
+    authentication method at most: creds, NKey, user/password or token."""
+
+    nats_nkey: Path | None = None
+    """A file holding an NKey seed (``SU...``): the user proves it holds the key."""
+
+    nats_user: str | None = None
+    """User name for user/password authentication (with ``nats_password``)."""
+
+    nats_password: SecretStr | None = None
+    """Password for ``nats_user``."""
+
+    nats_token: SecretStr | None = None
+    """Token authentication."""
+
+    nats_tls_ca: Path | None = None
+    """CA certificate(s) (PEM) that the server's certificate must chain to; turns TLS
+    on (as does a ``tls://`` URL, which without a CA trusts the system's CAs)."""
+
+    nats_tls_cert: Path | None = None
+    """Client certificate (PEM) for mutual TLS, with ``nats_tls_key``."""
+
+    nats_tls_key: Path | None = None
+    """Private key (PEM) of ``nats_tls_cert``."""
+
+    nats_inbox_prefix: str = Field(default="_INBOX", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+    """Prefix of the reply subjects this service's requests use, so its user's
+    permissions can be limited to its own inboxes (e.g. ``_INBOX_store``)."""
+
     database_url: str = "sqlite:///./var/store.db"
     """Where records are stored: ``sqlite:///relative/path``, ``sqlite:////absolute/path``
     or ``postgresql://user:pass@host:port/db``."""
@@ -294,7 +324,36 @@ class Settings(BaseSettings):
             )
         if self.sink_retry_initial_s > self.sink_retry_max_s:
             raise ValueError("sink_retry_initial_s must not exceed sink_retry_max_s")
+        self._check_nats_auth()
         return self
+
+    def _check_nats_auth(self) -> None:
+        methods = [
+            name
+            for name, given in (
+                ("nats_creds", self.nats_creds is not None),
+                ("nats_nkey", self.nats_nkey is not None),
+                ("nats_user", self.nats_user is not None or self.nats_password is not None),
+                ("nats_token", self.nats_token is not None),
+                (
+                    "credentials in nats_url",
+                    any("@" in u.split("//", 1)[-1] for u in self.nats_servers),
+                ),
+            )
+            if given
+        ]
+        if len(methods) > 1:
+            raise ValueError(
+                f"NATS authentication: one method at most, got {' and '.join(methods)}"
+            )
+        if (self.nats_user is None) != (self.nats_password is None):
+            raise ValueError("nats_user and nats_password go together")
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            raise ValueError("nats_tls_cert and nats_tls_key go together (mutual TLS)")
+        for name in ("nats_creds", "nats_nkey", "nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
 
     @property
     def nats_servers(self) -> list[str]:

@@ -45,6 +45,7 @@ loop once it has parsed for ``TURN_SLICE_S`` (checked every 4 KiB; a read is up 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from nats.aio.client import PING_PROTO
@@ -54,7 +55,9 @@ from nats.protocol.parser import Parser
 
 from store_svc.tasks import Turns
 
-__all__ = ["OrderedFlushClient", "header_bytes", "payload_room"]
+log = logging.getLogger(__name__)
+
+__all__ = ["OrderedFlushClient", "close_client", "header_bytes", "payload_room"]
 
 
 def header_bytes(headers: dict[str, str] | None) -> int:
@@ -95,6 +98,28 @@ class _TurnTakingParser(Parser):
             await self._turns.take()
             if self.generation != generation:
                 return  # the connection was reset meanwhile: the rest is of the old one
+
+
+#: How long closing a client may take. nats-py's ``close()`` never returns after a
+#: connect that failed in the TLS handshake (tests/test_secured.py shows it).
+CLOSE_TIMEOUT_S = 2.0
+
+
+async def close_client(nc: _Client, timeout: float = CLOSE_TIMEOUT_S) -> None:
+    """Close ``nc``, giving up after ``timeout`` seconds; never raises.
+
+    Args:
+        nc: the client (connected, failed or closed already).
+        timeout: seconds ``close()`` may take.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await nc.close()
+    except TimeoutError:
+        # A client left half-open by a failed handshake: nothing is left to flush.
+        log.debug("closing a NATS client did not finish within %gs; left", timeout)
+    except Exception as exc:  # closing a broken client must not fail its caller
+        log.debug("closing a NATS client: %r", exc)
 
 
 class OrderedFlushClient(_Client):

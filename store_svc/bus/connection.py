@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -32,7 +33,8 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.errors import SlowConsumerError, UnexpectedEOF
 
-from store_svc.bus.client import OrderedFlushClient
+from store_svc.bus.auth import connect_failure, connect_options, redact_url
+from store_svc.bus.client import OrderedFlushClient, close_client
 from store_svc.core import HealthComponent
 from store_svc.errors import NatsUnavailable
 from store_svc.settings import Settings
@@ -101,6 +103,9 @@ class NatsConnection:
         #: (monotonic time, text, whether it says the server closed the socket)
         self._last_error: tuple[float, str, bool] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: While connecting: resolved with the cause when the server refuses us for good.
+        self._refused: asyncio.Future[str] | None = None
+        self._connect_cause = ""
 
     @property
     def connected(self) -> bool:
@@ -115,25 +120,46 @@ class NatsConnection:
         """
         settings = self._settings
         limit = settings.nats_connect_timeout_s
-        self._tried = True
+        where = ", ".join(redact_url(u) for u in settings.nats_servers)
         try:
-            async with asyncio.timeout(limit):
-                await self.nc.connect(
-                    servers=settings.nats_servers,
-                    name=f"store-svc {settings.queue_group} {self.role}",
-                    error_cb=self._on_error,
-                    closed_cb=self._on_closed,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnect,
-                    # Once connected, never give up: a NATS restart must not end the service.
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py takes floats
-                    connect_timeout=min(5.0, limit),  # type: ignore[arg-type]
-                )
-        except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
-            raise NatsUnavailable(
-                f"cannot reach NATS at {settings.nats_url} within {limit:g}s"
-            ) from exc
+            options = connect_options(settings)
+        except (OSError, ssl.SSLError) as exc:
+            raise NatsUnavailable(f"cannot use the NATS TLS files: {exc}") from None
+        self._tried = True
+        loop = asyncio.get_running_loop()
+        self._refused = loop.create_future()
+        connecting = asyncio.ensure_future(
+            self.nc.connect(
+                servers=settings.nats_servers,
+                name=f"store-svc {settings.queue_group} {self.role}",
+                error_cb=self._on_error,
+                closed_cb=self._on_closed,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnect,
+                # Once connected, never give up: a NATS restart must not end the service.
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py takes floats
+                connect_timeout=min(5.0, limit),  # type: ignore[arg-type]
+                **options,
+            )
+        )
+        try:
+            waits: set[asyncio.Future[Any]] = {connecting, self._refused}
+            await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refused, self._refused = self._refused, None
+        if refused.done():
+            # Credentials or a certificate the server refuses: retrying cannot help.
+            await cancel_and_wait(connecting)
+            raise NatsUnavailable(f"cannot connect to NATS at {where}: {refused.result()}")
+        if not connecting.done():
+            await cancel_and_wait(connecting)
+            cause = self._connect_cause or "timed out"
+            raise NatsUnavailable(f"cannot reach NATS at {where} within {limit:g}s: {cause}")
+        failed = connecting.exception()
+        if failed is not None:
+            cause, _ = connect_failure(failed)
+            raise NatsUnavailable(f"cannot connect to NATS at {where}: {cause}") from None
         self._in_use = True
         self._watch()
         self._spawn(self._probe_rtt(), "rtt")
@@ -163,8 +189,7 @@ class NatsConnection:
         await self._stop_tasks()
         # nats-py cannot close a client that never began to connect.
         if self._tried and not self.nc.is_closed:
-            with contextlib.suppress(OSError, nats.errors.Error):
-                await self.nc.close()
+            await close_client(self.nc)
 
     def component(self) -> HealthComponent:
         """This connection as a Core ``HealthComponent`` named ``nats-<role>``."""
@@ -175,7 +200,9 @@ class NatsConnection:
             state="healthy" if connected else "unhealthy",
             details={
                 "connected": str(connected).lower(),
-                "server": nc.connected_url.netloc if nc.connected_url else "",
+                "server": redact_url(nc.connected_url.geturl()).split("//", 1)[-1]
+                if nc.connected_url
+                else "",
                 "reconnects": str(nc.stats.get("reconnects", 0)),
                 "disconnects": str(self.disconnects),
                 "server_closed": str(self.server_closed),
@@ -286,6 +313,14 @@ class NatsConnection:
                     exc.subject,
                     self.slow_consumer_drops,
                 )
+            return
+        refused = self._refused
+        if refused is not None:  # still connecting: name the cause, give up if final
+            cause, final = connect_failure(exc)
+            self._connect_cause = cause
+            if final and not refused.done():
+                refused.set_result(cause)
+            log.debug("NATS %s: connecting: %s", self.role, cause)
             return
         text = str(exc) or type(exc).__name__
         hung_up = isinstance(exc, UnexpectedEOF | ConnectionResetError | BrokenPipeError)

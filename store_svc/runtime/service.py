@@ -32,6 +32,7 @@ import pydantic
 from nats.aio.client import Client as NATS
 from nats.errors import SlowConsumerError
 
+from store_svc.bus.auth import redact_url
 from store_svc.bus.connection import NatsConnection
 from store_svc.control.admin import AdminControl, NotRunning
 from store_svc.control.feedback import FeedbackLoop, NatsFeedbackPublisher
@@ -197,7 +198,7 @@ class StoreService:
         self.snapshot.refresh()
         log.info(
             "store-svc running: nats=%s sink=%s queue=%d batch=%d",
-            self.nc.connected_url.netloc if self.nc.connected_url else "?",
+            redact_url(self.nc.connected_url.geturl()) if self.nc.connected_url else "?",
             self.sink.name,
             self.settings.queue_capacity,
             self.settings.batch_size,
