@@ -110,10 +110,13 @@ async def _client(settings: Settings, timeout: float, command: str) -> NATS | No
         await close_client(nc)
         causes.append(connect_failure(exc))
         # The server's refusal explains the reset that follows it: name the refusal.
-        cause = next((c for c, final in causes if final), causes[0][0])
+        refused = next((c for c, final in causes if final), None)
+        cause = refused or causes[0][0]
         if isinstance(exc, TimeoutError) and len(causes) == 1:
             cause = f"timed out after {timeout:g}s"
-        print(f"store-svc {command}: cannot connect to NATS at {where}: {cause}", file=sys.stderr)
+        # As the service says it: "reach" while it may come, "connect" when refused.
+        verb = "connect to" if refused else "reach"
+        print(f"store-svc {command}: cannot {verb} NATS at {where}: {cause}", file=sys.stderr)
         return None
     return nc
 

@@ -120,6 +120,11 @@ class ConnectionView(Protocol):
         """Connections lost while in use."""
         ...
 
+    @property
+    def permission_denials(self) -> int:
+        """Publishes and subscriptions the server refused."""
+        ...
+
     def component(self) -> HealthComponent:
         """The connection's health component."""
         ...

@@ -45,6 +45,7 @@ class _Conn:
     connected: bool = True
     faults: int = 0
     disconnects: int = 0
+    permission_denials: int = 0
 
     def component(self) -> HealthComponent:
         return HealthComponent(

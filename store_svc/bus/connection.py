@@ -58,6 +58,10 @@ RTT_TIMEOUT_S = 2.0
 _REASON_WINDOW_S = 2.0
 
 
+#: Distinct refused subjects remembered (so each is logged once); more are counted only.
+_MAX_DENIED_SUBJECTS = 256
+
+
 class NatsConnection:
     """A watched nats-py connection with its own counters.
 
@@ -94,6 +98,11 @@ class NatsConnection:
         self.server_closed = 0
         #: Messages the client dropped as a slow consumer on this connection.
         self.slow_consumer_drops = 0
+        #: Publishes and subscriptions the server refused (``Permissions Violation``);
+        #: each distinct refusal is logged once.
+        self.permission_denials = 0
+        self.last_permission_denied = ""
+        self._denied: set[str] = set()
         self._settings = settings
         self._on_lost = on_lost
         self._on_reconnected = on_reconnected
@@ -195,9 +204,12 @@ class NatsConnection:
         """This connection as a Core ``HealthComponent`` named ``nats-<role>``."""
         nc = self.nc
         connected = self.connected
+        state = "healthy" if connected else "unhealthy"
+        if connected and self.permission_denials:
+            state = "degraded"  # up, but something it must publish or receive is refused
         return HealthComponent(
             name=f"nats-{self.role}",
-            state="healthy" if connected else "unhealthy",
+            state=state,
             details={
                 "connected": str(connected).lower(),
                 "server": redact_url(nc.connected_url.geturl()).split("//", 1)[-1]
@@ -208,6 +220,8 @@ class NatsConnection:
                 "server_closed": str(self.server_closed),
                 "faults": str(self.faults),
                 "slow_consumer_drops": str(self.slow_consumer_drops),
+                "permission_denials": str(self.permission_denials),
+                "last_permission_denied": self.last_permission_denied,
                 "last_fault": self.last_fault,
                 "last_disconnect": self.last_disconnect,
                 "rtt_ms": f"{self.rtt_ms:.3f}" if self.rtt_ms is not None else "unknown",
@@ -223,6 +237,7 @@ class NatsConnection:
             "server_closed": self.server_closed,
             "faults": self.faults,
             "slow_consumer_drops": self.slow_consumer_drops,
+            "permission_denials": self.permission_denials,
             "rtt_ms": self.rtt_ms,
         }
 
@@ -323,9 +338,27 @@ class NatsConnection:
             log.debug("NATS %s: connecting: %s", self.role, cause)
             return
         text = str(exc) or type(exc).__name__
+        if "permissions violation" in text.lower():
+            self._permission_denied(text)
+            return
         hung_up = isinstance(exc, UnexpectedEOF | ConnectionResetError | BrokenPipeError)
         self._last_error = (time.monotonic(), text, hung_up)
         log.warning("NATS %s: %s", self.role, text)
+
+    def _permission_denied(self, text: str) -> None:
+        """The server refused a publish or subscribe (a permission missing or revoked)."""
+        self.permission_denials += 1
+        what = text.removeprefix("nats: ").strip("'\" ")[:200]
+        self.last_permission_denied = what
+        if what not in self._denied:
+            if len(self._denied) < _MAX_DENIED_SUBJECTS:
+                self._denied.add(what)
+            log.error(
+                "NATS %s: the server refused a subject: %s (check this user's permissions; "
+                "docs/operations.md lists what the store needs)",
+                self.role,
+                what,
+            )
 
     async def _on_disconnected(self) -> None:
         if not self._in_use:

@@ -125,13 +125,20 @@ class _StoreCollector(Collector):
             "Connections lost while in use, by connection (ingest, control).",
             labels=["connection"],
         )
+        denials = CounterMetricFamily(
+            "store_nats_permission_denials",
+            "Publishes and subscriptions the server refused (Permissions Violation).",
+            labels=["connection"],
+        )
         for conn in svc.connections:
             connected.add_metric([conn.role], 1 if conn.connected else 0)
             faults.add_metric([conn.role], conn.faults)
             disconnects.add_metric([conn.role], conn.disconnects)
+            denials.add_metric([conn.role], conn.permission_denials)
         yield connected
         yield faults
         yield disconnects
+        yield denials
 
 
 class _Server(ThreadingMixIn, WSGIServer):
