@@ -5,6 +5,8 @@ line that names the cause, without the secret."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -61,6 +63,16 @@ def tls_files(ca: trustme.CA, tmp_path: Path) -> dict[str, Path]:
     return files
 
 
+def _tls_conf(files: dict[str, Path], verify_clients: bool = False) -> str:
+    """A server TLS block with the test CA's server certificate (and, to verify
+    clients, the CA they must chain to)."""
+    verify = f', ca_file: "{files["ca"]}", verify: true' if verify_clients else ""
+    return (
+        f'tls {{ cert_file: "{files["server_cert"]}", '
+        f'key_file: "{files["server_key"]}"{verify} }}\n'
+    )
+
+
 def _nkey_seed(tmp_path: Path) -> tuple[Path, str]:
     seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
     public = nkeys.from_seed(seed).public_key.decode()
@@ -101,21 +113,87 @@ async def test_nkey(tmp_path: Path) -> None:
         await _works(tmp_path, nats_url=server.url, nats_nkey=seed)
 
 
-async def test_tls_with_a_private_ca(tmp_path: Path, tls_files: dict[str, Path]) -> None:
-    conf = (
-        f'tls {{ cert_file: "{tls_files["server_cert"]}", '
-        f'key_file: "{tls_files["server_key"]}" }}\n'
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _jwt(claims: dict[str, Any], signer: Any) -> str:
+    """A NATS JWT (header, claims, Ed25519 signature of the issuer's NKey)."""
+    claims = {"iat": int(time.time()), **claims}
+    digest = hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()
+    claims["jti"] = base64.b32encode(digest).decode().rstrip("=")
+    head = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = _b64(json.dumps(claims).encode())
+    return f"{head}.{body}.{_b64(signer.sign(f'{head}.{body}'.encode()))}"
+
+
+def _operator_setup(tmp_path: Path, user_expires: int | None = None) -> tuple[str, Path]:
+    """An operator, an account and a user, made with the ``nkeys`` package: the
+    server configuration (memory resolver) and the user's ``.creds`` file."""
+
+    def keys(prefix: int) -> tuple[bytes, Any]:
+        seed = nkeys.encode_seed(os.urandom(32), prefix)
+        return seed, nkeys.from_seed(seed)
+
+    _, operator = keys(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account = keys(nkeys.PREFIX_BYTE_ACCOUNT)
+    user_seed, user = keys(nkeys.PREFIX_BYTE_USER)
+    op_id, acc_id, user_id = (k.public_key.decode() for k in (operator, account, user))
+    op_jwt = _jwt(
+        {"iss": op_id, "sub": op_id, "name": "desk-op", "nats": {"type": "operator", "version": 2}},
+        operator,
     )
+    limits = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+              "wildcards": True, "conn": -1, "leaf": -1}  # fmt: skip
+    acc_jwt = _jwt(
+        {"iss": op_id, "sub": acc_id, "name": "desk",
+         "nats": {"type": "account", "version": 2, "limits": limits}},
+        operator,
+    )  # fmt: skip
+    user_claims: dict[str, Any] = {
+        "iss": acc_id, "sub": user_id, "name": "store",
+        "nats": {"type": "user", "version": 2, "pub": {}, "sub": {},
+                 "subs": -1, "data": -1, "payload": -1},
+    }  # fmt: skip
+    if user_expires is not None:
+        user_claims["exp"] = user_expires
+    user_jwt = _jwt(user_claims, account)
+    (tmp_path / "operator.jwt").write_text(op_jwt)
+    conf = (
+        f'operator: "{tmp_path / "operator.jwt"}"\nresolver: MEMORY\n'
+        f'resolver_preload: {{ {acc_id}: "{acc_jwt}" }}\n'
+    )
+    creds = tmp_path / "store.creds"
+    creds.write_text(
+        f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{user_seed.decode()}\n------END USER NKEY SEED------\n"
+    )
+    return conf, creds
+
+
+async def test_creds_of_an_operator_and_account(tmp_path: Path) -> None:
+    conf, creds = _operator_setup(tmp_path)
+    with _server(tmp_path, conf) as server:
+        await _works(tmp_path, nats_url=server.url, nats_creds=creds)
+
+
+def test_an_expired_user_ends_at_once_naming_authorization(tmp_path: Path) -> None:
+    conf, creds = _operator_setup(tmp_path, user_expires=int(time.time()) - 60)
+    with _server(tmp_path, conf) as server:
+        env = {"STORE_NATS_URL": server.url, "STORE_NATS_CREDS": str(creds)}
+        for command in ("run", "health"):
+            _refused_at_once(command, env, tmp_path, "authorization refused by the server")
+
+
+async def test_tls_with_a_private_ca(tmp_path: Path, tls_files: dict[str, Path]) -> None:
+    conf = _tls_conf(tls_files)
     with _server(tmp_path, conf) as server:
         url = server.url.replace("nats://", "tls://")
         await _works(tmp_path, nats_url=url, nats_tls_ca=tls_files["ca"])
 
 
 async def test_mutual_tls(tmp_path: Path, tls_files: dict[str, Path]) -> None:
-    conf = (
-        f'tls {{ cert_file: "{tls_files["server_cert"]}", key_file: "{tls_files["server_key"]}", '
-        f'ca_file: "{tls_files["ca"]}", verify: true }}\n'
-    )
+    conf = _tls_conf(tls_files, verify_clients=True)
     with _server(tmp_path, conf) as server:
         url = server.url.replace("nats://", "tls://")
         await _works(
@@ -139,6 +217,23 @@ def _cli(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[s
         check=False,
     )
     return out, time.monotonic() - began
+
+
+def _refused_at_once(command: str, env: dict[str, str], tmp_path: Path, says: str) -> None:
+    """``store-svc <command>`` ends with exit 1 and one line naming the cause, long
+    before its 30 s connect timeout (retrying cannot help), with no traceback."""
+    out, took = _cli(
+        command,
+        env={
+            **env,
+            "STORE_NATS_CONNECT_TIMEOUT_S": "30",
+            "STORE_DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
+        },
+    )
+    assert out.returncode == 1, out.stderr
+    assert says in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert took < 30
 
 
 @pytest.fixture
@@ -176,25 +271,14 @@ def test_a_server_certificate_from_another_ca_is_named(
 ) -> None:
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
-    conf = (
-        f'tls {{ cert_file: "{tls_files["server_cert"]}", '
-        f'key_file: "{tls_files["server_key"]}" }}\n'
-    )
+    conf = _tls_conf(tls_files)
     with _server(tmp_path, conf) as server:
+        env = {
+            "STORE_NATS_URL": server.url.replace("nats://", "tls://"),
+            "STORE_NATS_TLS_CA": str(other),
+        }
         for command in ("run", "health"):
-            out, took = _cli(
-                command,
-                env={
-                    "STORE_NATS_URL": server.url.replace("nats://", "tls://"),
-                    "STORE_NATS_TLS_CA": str(other),
-                    "STORE_NATS_CONNECT_TIMEOUT_S": "30",
-                    "STORE_DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
-                },
-            )
-            assert out.returncode == 1, out.stderr
-            assert "TLS" in out.stderr, out.stderr
-            assert "Traceback" not in out.stderr
-            assert took < 30
+            _refused_at_once(command, env, tmp_path, "TLS")
 
 
 @pytest.mark.parametrize(
@@ -263,10 +347,7 @@ async def test_nats_py_close_hangs_after_a_failed_tls_handshake(
 
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
-    conf = (
-        f'tls {{ cert_file: "{tls_files["server_cert"]}", '
-        f'key_file: "{tls_files["server_key"]}" }}\n'
-    )
+    conf = _tls_conf(tls_files)
     with _server(tmp_path, conf) as server:
         nc = nats.NATS()
 
