@@ -8,8 +8,9 @@ Components and their states:
 
 =================  ================================================================
 ``nats-ingest``    the connection of the write traffic: healthy when connected;
-                   unhealthy while disconnected (counters: reconnects, disconnects,
-                   server_closed, faults)
+                   degraded when the server refused a publish or subscription
+                   (permission_denials); unhealthy while disconnected (counters:
+                   reconnects, disconnects, server_closed, faults)
 ``nats-control``   the connection of health, micro, control, reads and telemetry
 ``queue``          healthy at ``ok``; degraded at ``soft`` or ``hard``
 ``sink``           healthy while commits succeed; unhealthy while they fail (retrying)

@@ -47,7 +47,6 @@ class CoreIntake:
     """
 
     def __init__(self, parts: IntakeParts) -> None:
-        self._parts = parts
         self._nc = parts.nc
         self._settings = parts.settings
         self._queue = parts.queue

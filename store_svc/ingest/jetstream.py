@@ -250,11 +250,7 @@ class JetStreamIntake:
                 self._outstanding += n
             # Woken by a delivery or a status, by the take that frees the room the next
             # request needs when room is what is missing, or to look for a quiet request.
-            room_below = None
-            if blocked_by_room and not self._queue.closed:
-                need = room_needed(self._outstanding, per_msg, self._batch)
-                if soft_records - need >= 0:
-                    room_below = soft_records - need + 1
+            room_below = self._room_below() if blocked_by_room and not self._queue.closed else None
             self._room_blocked = blocked_by_room
             try:
                 await self._woken(min(self._heartbeat, 0.25), room_below=room_below)
@@ -270,7 +266,11 @@ class JetStreamIntake:
         self._last_activity = self._loop.time()
         if self._outstanding:
             self._outstanding -= 1
-        if self._outstanding <= self._batch // 2 or (self._room_blocked and self._has_room()):
+        if self._outstanding <= self._batch // 2 or (
+            self._room_blocked
+            and (below := self._room_below()) is not None
+            and self._queue.depth < below
+        ):
             self._wake.set()
         if not self._taking:
             await self._nak(msg)
@@ -297,10 +297,12 @@ class JetStreamIntake:
             self._stats.accepted[kind] -= len(decoded.rows)
             await self._nak(msg)
 
-    def _has_room(self) -> bool:
-        """Whether the queue has the room the next pull request needs now."""
+    def _room_below(self) -> int | None:
+        """The queue depth below which the next pull request has the room it needs
+        (``None`` when no depth gives it: then only deliveries can)."""
         need = room_needed(self._outstanding, self._size.value, self._batch)
-        return self._soft_records - self._queue.depth >= need
+        below = self._soft_records - need + 1
+        return below if below > 0 else None
 
     async def _woken(self, timeout: float, room_below: int | None = None) -> None:
         """Wait for a delivery or status (``_wake``), or with ``room_below`` for the
