@@ -1,28 +1,44 @@
 """Least privilege: the store runs against ``deploy/nats-server.conf`` itself, where
-its user has exactly the documented permissions, in core and JetStream mode; the
-whole path works with nothing refused, and a permission taken away is counted, logged
-once and shows in health."""
+its user has exactly the documented permissions, in core and JetStream mode (and the
+narrower JetStream set with ``STORE_JS_CREATE`` off); the whole path works with
+nothing refused. Each documented permission, taken away in turn, is missed: the
+refusal is counted, named and shows in health (or ends a JetStream start-up with
+its name). A permission revoked while running (a reloaded server configuration) is
+seen the same way, and a revoked user ends the service within the connect timeout."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import re
+import signal
+import sqlite3
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from store_svc.bus import connection
 from store_svc.core import HealthStatus
 from store_svc.devtools.natsserver import NatsServer
+from store_svc.errors import JetStreamUnavailable
 from store_svc.runtime.service import StoreService
 from store_svc.settings import load_settings
 
 from .conftest import until
 
 pytestmark = pytest.mark.slow
+
+STORE_SVC = str(Path(sys.executable).parent / "store-svc")
 
 CONF = Path(__file__).resolve().parents[1] / "deploy" / "nats-server.conf"
 PASSWORDS = {
@@ -34,12 +50,98 @@ PASSWORDS = {
 TOKEN = "admin-token-for-the-test"
 
 
+ADMIN = '{ user: "admin", password: "admin-pw-45" }'  # test only: sets up streams
+
+
 def _server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, conf: str) -> NatsServer:
     for name, value in PASSWORDS.items():
         monkeypatch.setenv(name, value)  # the config reads them; nats-server inherits
     path = tmp_path / "server.conf"
     path.write_text(conf)
     return NatsServer(store_dir=tmp_path / "js", extra_args=("-c", str(path)))
+
+
+def _reload(server: NatsServer, tmp_path: Path, conf: str) -> None:
+    """Give the running server ``conf`` (what an operator's ``nats-server --signal
+    reload`` does)."""
+    (tmp_path / "server.conf").write_text(conf)
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGHUP)
+
+
+def _reloaded(server: NatsServer, times: int) -> bool:
+    return b"".join(server.log).count(b"Reloaded server configuration") >= times
+
+
+# --- the documented configuration, read as data ----------------------------------
+
+
+def _block(conf: str, name: str) -> str:
+    """The text of the top-level variable ``name = { ... }``."""
+    m = re.search(rf"^{name} = \{{\n(.*?)^\}}\n", conf, re.S | re.M)
+    assert m, name
+    return m.group(1)
+
+
+def _allowed(block: str, direction: str) -> list[str]:
+    """The subjects a block allows for ``publish`` or ``subscribe``, comments left out."""
+    text = re.sub(r"#[^\n]*", "", block)
+    m = re.search(rf"{direction}: \{{\s*allow: \[(.*?)\]", text, re.S)
+    assert m, direction
+    return re.findall(r'"([^"]+)"', m.group(1))
+
+
+def _without(conf: str, name: str, direction: str, subject: str) -> str:
+    """``conf`` where block ``name`` no longer allows ``subject`` (or, for direction
+    ``responses``, replies to the requests it receives)."""
+    block = _block(conf, name)
+    if direction == "responses":
+        smaller = block.replace("allow_responses: true", "allow_responses: false")
+    else:
+        part = re.search(rf"{direction}: \{{.*?\]", block, re.S)
+        assert part
+        cut = re.sub(rf'\s*"{re.escape(subject)}",?', "", part.group(0), count=1)
+        smaller = block.replace(part.group(0), cut)
+    assert smaller != block
+    return conf.replace(block, smaller)
+
+
+def _covers(pattern: str, subject: str) -> bool:
+    """Whether the NATS ``pattern`` covers ``subject`` (itself possibly a wildcard),
+    ignoring case: nats-py hands the server's refusals over in lower case."""
+    want, have = pattern.lower().split("."), subject.lower().split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or token not in ("*", have[i]):
+            return False
+    return len(want) == len(have)
+
+
+_MODES = {"core": "STORE_CORE", "jetstream": "STORE_JETSTREAM"}
+
+
+def _documented() -> list[tuple[str, str, str]]:
+    conf = CONF.read_text()
+    cases = [
+        (mode, direction, subject)
+        for mode, name in _MODES.items()
+        for direction in ("publish", "subscribe")
+        for subject in _allowed(_block(conf, name), direction)
+    ]
+    return cases + [(mode, "responses", "_INBOX.>") for mode in _MODES]
+
+
+def test_the_operations_table_names_every_subject_of_the_configuration() -> None:
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    table = docs[docs.index("### Least privilege") : docs.index("## Scaling out")]
+    for _, direction, subject in _documented():
+        if direction != "responses":
+            assert f"`{subject}`" in table, subject
+    assert "allow_responses: true" in table
+
+
+# --- fixtures and helpers -------------------------------------------------------
 
 
 @pytest.fixture
@@ -50,7 +152,7 @@ def locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsServ
 
 
 async def _as(server: NatsServer, user: str) -> NATS:
-    password = PASSWORDS[f"{user.upper()}_PASS"]
+    password = PASSWORDS.get(f"{user.upper()}_PASS", "admin-pw-45")
     return await nats.connect(server.url, user=user, password=password)
 
 
@@ -62,7 +164,7 @@ async def users(locked: NatsServer) -> AsyncIterator[dict[str, NATS]]:
         await nc.close()
 
 
-def _store(server: NatsServer, tmp_path: Path, mode: str) -> StoreService:
+def _store(server: NatsServer, tmp_path: Path, mode: str, **extra: Any) -> StoreService:
     return StoreService(
         load_settings(
             nats_url=server.url,
@@ -73,6 +175,7 @@ def _store(server: NatsServer, tmp_path: Path, mode: str) -> StoreService:
             database_url=f"sqlite:///{tmp_path}/store.db",
             admin_token=TOKEN,
             feedback_heartbeat_s=0.5,
+            **extra,
         )
     )
 
@@ -83,10 +186,16 @@ def _trade(symbol: str, n: int = 0) -> bytes:
     ).encode()
 
 
-@pytest.mark.parametrize("mode", ["core", "jetstream"])
-async def test_the_whole_path_works_with_only_the_documented_permissions(
-    mode: str, locked: NatsServer, users: dict[str, NATS], tmp_path: Path
-) -> None:
+def _keeper(into: list[Msg]) -> Callable[[Msg], Awaitable[None]]:
+    async def keep(msg: Msg) -> None:
+        into.append(msg)
+
+    return keep
+
+
+async def _walk(svc: StoreService, mode: str, users: dict[str, NATS], server: NatsServer) -> None:
+    """The whole path, each step checked: writes, DLQ, feedback, health, readiness,
+    ``$SRV``, control with audit, query and latest; nothing refused."""
     publisher, pipeline, operator = users["publisher"], users["pipeline"], users["operator"]
     feedback: list[Msg] = []
     dlq: list[Msg] = []
@@ -95,47 +204,209 @@ async def test_the_whole_path_works_with_only_the_documented_permissions(
     await operator.subscribe("mdp.store.dlq.>", cb=_keeper(dlq))
     await operator.subscribe("mdp.telemetry.audit", cb=_keeper(audit))
     await operator.flush()
-    async with _store(locked, tmp_path, mode) as svc:
-        if mode == "core":
-            reply = await publisher.request("mdp.store.write.trades", _trade("OK"), timeout=10)
-            assert json.loads(reply.data)["accepted"] == 1
-            await publisher.publish("mdp.store.write.trades", b'{"symbol": "BAD"}')
-        else:
-            js = publisher.jetstream()
-            await js.publish("mdp.store.write.trades", _trade("OK"))
-            await js.publish("mdp.store.write.trades", b'{"symbol": "BAD"}')
-        await until(lambda: svc.stats.committed_total == 1 and len(dlq) == 1)
-        await until(lambda: len(feedback) >= 1)
+    await pipeline.flush()
+    if mode == "core":
+        reply = await publisher.request("mdp.store.write.trades", _trade("OK"), timeout=10)
+        assert json.loads(reply.data)["accepted"] == 1
+        await publisher.publish("mdp.store.write.trades", b'{"symbol": "BAD"}')
+    else:
+        js = publisher.jetstream()
+        await js.publish("mdp.store.write.trades", _trade("OK"))
+        await js.publish("mdp.store.write.trades", b'{"symbol": "BAD"}')
+    await until(lambda: svc.stats.committed_total == 1 and len(dlq) == 1)
+    await until(lambda: len(feedback) >= 1)
 
-        health = await operator.request("mdp.store.health", b"", timeout=10)
-        assert HealthStatus.model_validate_json(health.data).state == "healthy"
-        ready = await operator.request("mdp.store.ready", b"", timeout=10)
-        assert "Nats-Service-Error-Code" not in (ready.headers or {})
-        ping = await operator.request("$SRV.PING.market-data-store", b"", timeout=10)
-        assert json.loads(ping.data)["name"] == "market-data-store"
-        stats = await operator.request("$SRV.STATS.market-data-store", b"", timeout=10)
-        assert json.loads(stats.data)["endpoints"]
-        result = await operator.request(
-            "mdp.store.control.reload", b"", timeout=10,
-            headers={"Authorization": f"Bearer {TOKEN}"},
-        )  # fmt: skip
-        assert json.loads(result.data)["status"] == "ok"
-        page = await operator.request("mdp.store.query.trades", b'{"symbol": "OK"}', timeout=10)
-        assert [r["symbol"] for r in json.loads(page.data)["records"]] == ["OK"]
-        latest = await operator.request("mdp.store.latest.trades", b'{"symbol": "OK"}', timeout=10)
-        assert len(json.loads(latest.data)["records"]) == 1
-        await until(lambda: len(audit) == 1)
-        # Nothing the store did was refused: no denial counted, none in the server log.
-        assert [c.permission_denials for c in (svc.ingest_nats, svc.control_nats)] == [0, 0]
-    log = b"".join(locked.log).decode(errors="replace")
+    health = await operator.request("mdp.store.health", b"", timeout=10)
+    assert HealthStatus.model_validate_json(health.data).state == "healthy"
+    ready = await operator.request("mdp.store.ready", b"", timeout=10)
+    assert "Nats-Service-Error-Code" not in (ready.headers or {})
+    ping = await operator.request("$SRV.PING.market-data-store", b"", timeout=10)
+    assert json.loads(ping.data)["name"] == "market-data-store"
+    stats = await operator.request("$SRV.STATS.market-data-store", b"", timeout=10)
+    assert json.loads(stats.data)["endpoints"]
+    result = await operator.request(
+        "mdp.store.control.reload", b"", timeout=10,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )  # fmt: skip
+    assert json.loads(result.data)["status"] == "ok"
+    page = await operator.request("mdp.store.query.trades", b'{"symbol": "OK"}', timeout=10)
+    assert [r["symbol"] for r in json.loads(page.data)["records"]] == ["OK"]
+    latest = await operator.request("mdp.store.latest.trades", b'{"symbol": "OK"}', timeout=10)
+    assert len(json.loads(latest.data)["records"]) == 1
+    await until(lambda: len(audit) == 1)
+    # Nothing the store did was refused: no denial counted, none in the server log.
+    assert [c.permission_denials for c in (svc.ingest_nats, svc.control_nats)] == [0, 0]
+    log = b"".join(server.log).decode(errors="replace")
     assert not re.search(r"store.*Permissions Violation", log), log[-2000:]
 
 
-def _keeper(into: list[Msg]) -> Callable[[Msg], Awaitable[None]]:
-    async def keep(msg: Msg) -> None:
-        into.append(msg)
+# --- the documented permissions are enough --------------------------------------
 
-    return keep
+
+@pytest.mark.parametrize("mode", ["core", "jetstream"])
+async def test_the_whole_path_works_with_only_the_documented_permissions(
+    mode: str, locked: NatsServer, users: dict[str, NATS], tmp_path: Path
+) -> None:
+    async with _store(locked, tmp_path, mode) as svc:
+        await _walk(svc, mode, users, locked)
+
+
+async def test_jetstream_without_create_needs_no_create_permission(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``STORE_JS_CREATE=false`` an administrator makes the stream and the
+    consumer (the commands in docs/operations.md); the store's user then needs
+    neither ``$JS.API.STREAM.CREATE`` nor ``$JS.API.CONSUMER.DURABLE.CREATE``."""
+    conf = CONF.read_text()
+    for subject in (
+        "$JS.API.STREAM.CREATE.STORE_WRITES",
+        "$JS.API.CONSUMER.DURABLE.CREATE.STORE_WRITES.store",
+    ):
+        conf = _without(conf, "STORE_JETSTREAM", "publish", subject)
+    conf = conf.replace("users = [", f"users = [\n    {ADMIN}", 1)
+    with _server(tmp_path, monkeypatch, conf) as server:
+        admin = await _as(server, "admin")
+        js = admin.jetstream()
+        await js.add_stream(name="STORE_WRITES", subjects=["mdp.store.write.>"])
+        await js.add_consumer(
+            "STORE_WRITES",
+            durable_name="store",
+            ack_policy="explicit",
+            filter_subject="mdp.store.write.>",
+            ack_wait=30,
+            max_ack_pending=20_000,
+        )
+        await admin.close()
+        clients = {u: await _as(server, u) for u in ("publisher", "pipeline", "operator")}
+        try:
+            async with _store(server, tmp_path, "jetstream", js_create=False) as svc:
+                await _walk(svc, "jetstream", clients, server)
+        finally:
+            for nc in clients.values():
+                await nc.close()
+
+
+# --- each documented permission is needed, and its absence is seen ----------------
+
+
+@contextlib.contextmanager
+def _db_locked(db: Path) -> Iterator[None]:
+    """Hold the SQLite file's write lock, as a stuck writer would."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+async def _try(coro: Awaitable[Any]) -> None:
+    with contextlib.suppress(nats.errors.Error, TimeoutError):
+        await coro
+
+
+async def _exercise(mode: str, server: NatsServer, stall: Path | None = None) -> None:
+    """Everything that makes the store use its permissions, each step allowed to fail.
+
+    With ``stall`` (the database file), commits are held up for longer than half the
+    ack wait while the writes arrive, so that JetStream messages are kept alive with
+    ``in_progress`` before their ack: a second reply to one message."""
+    clients = {u: await _as(server, u) for u in ("publisher", "operator")}
+    publisher, operator = clients["publisher"], clients["operator"]
+    release = asyncio.Event()
+    held = None
+    if stall is not None:
+        loop = asyncio.get_running_loop()
+        taken = asyncio.Event()
+
+        def hold() -> None:
+            with _db_locked(stall):
+                loop.call_soon_threadsafe(taken.set)
+                asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+
+        held = asyncio.ensure_future(asyncio.to_thread(hold))
+        await taken.wait()
+    try:
+        if mode == "core":
+            await _try(publisher.request("mdp.store.write.trades", _trade("OK"), timeout=1))
+            await publisher.publish("mdp.store.write.trades", b'{"symbol": "BAD"}')
+        else:
+            js = publisher.jetstream()
+            await _try(js.publish("mdp.store.write.trades", _trade("OK"), timeout=2))
+            await _try(js.publish("mdp.store.write.trades", b'{"symbol": "BAD"}', timeout=2))
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        asks = [
+            ("mdp.store.health", b"", None),
+            ("mdp.store.ready", b"", None),
+            ("$SRV.PING.market-data-store", b"", None),
+            ("mdp.store.control.reload", b"", bearer),
+            ("mdp.store.query.trades", b'{"symbol": "OK"}', None),
+            ("mdp.store.latest.trades", b'{"symbol": "OK"}', None),
+        ]
+        await asyncio.gather(
+            *(_try(operator.request(s, b, timeout=1, headers=h)) for s, b, h in asks)
+        )
+        if held is not None:
+            await asyncio.sleep(2.0)  # > half of the 2 s ack wait: in_progress goes out
+    finally:
+        release.set()
+        if held is not None:
+            await held
+        for nc in clients.values():
+            await nc.close()
+
+
+def _refused(svc: StoreService, direction: str, pattern: str) -> list[str]:
+    """The store's refusals that the missing permission explains."""
+    word = "subscription" if direction == "subscribe" else "publish"
+    found = []
+    for conn in (svc.ingest_nats, svc.control_nats):
+        for text in conn.refusals:
+            m = re.search(rf'for {word} to "([^"]+)"', text)
+            if m and _covers(pattern, m.group(1)):
+                found.append(conn.role)
+    return found
+
+
+@pytest.mark.parametrize(("mode", "direction", "subject"), _documented())
+async def test_each_documented_permission_is_missed_when_taken_away(
+    mode: str,
+    direction: str,
+    subject: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conf = _without(CONF.read_text(), _MODES[mode], direction, subject)
+    # An ack alone passes as the one reply allow_responses grants a delivered
+    # message; the ack after an in_progress is the second, and needs $JS.ACK.
+    stall = tmp_path / "store.db" if subject.startswith("$JS.ACK.") else None
+    with _server(tmp_path, monkeypatch, conf) as server:
+        svc = _store(server, tmp_path, mode, js_ack_wait_s=2.0)
+        failure = ""
+        try:
+            await svc.start()
+        except JetStreamUnavailable as exc:
+            failure = str(exc)
+        if failure:
+            # Set-up the server refused: the start-up error names it.
+            assert mode == "jetstream", failure
+            m = re.search(r'to "([^"]+)"', failure)
+            assert m, failure
+            assert _covers(subject, m.group(1)), failure
+            return
+        try:
+            await _exercise(mode, server, stall)
+            await until(lambda: bool(_refused(svc, direction, subject)))
+            for role in _refused(svc, direction, subject):
+                conn = svc.ingest_nats if role == "ingest" else svc.control_nats
+                assert conn.component().state == "degraded"
+                assert conn.component().details["permission_denials"] != "0"
+        finally:
+            await svc.stop()
+
+
+# --- taken away while running -----------------------------------------------------
 
 
 async def test_a_permission_taken_away_is_counted_logged_once_and_shown(
@@ -166,3 +437,105 @@ async def test_a_permission_taken_away_is_counted_logged_once_and_shown(
         finally:
             await publisher.close()
     assert caplog.text.count("the server refused a subject") == 1
+
+
+async def test_a_permission_revoked_while_running_is_seen_and_mended(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(connection, "DENIAL_HOLD_S", 1.0)  # a refused publish's hold
+    base = CONF.read_text()
+    with _server(tmp_path, monkeypatch, base) as server:
+        operator = await _as(server, "operator")
+        try:
+            async with _store(server, tmp_path, "core") as svc:
+                control = svc.control_nats
+                # An operator reloads the server with the feedback right and the health
+                # subscription gone: the server drops the subscription and refuses
+                # every heartbeat from then on.
+                smaller = _without(base, "STORE_CORE", "publish", "mdp.telemetry.feedback")
+                smaller = _without(smaller, "STORE_CORE", "subscribe", "mdp.store.health")
+                _reload(server, tmp_path, smaller)
+                await until(
+                    lambda: (
+                        bool(_refused(svc, "publish", "mdp.telemetry.feedback"))
+                        and bool(_refused(svc, "subscribe", "mdp.store.health"))
+                    )
+                )
+                assert control.component().state == "degraded"
+                with pytest.raises(nats.errors.NoRespondersError):
+                    await operator.request("mdp.store.health", b"", timeout=5)
+                denials = control.permission_denials
+                await until(lambda: control.permission_denials >= denials + 2)  # heartbeats
+
+                # Given back: publishes pass again at once; the dropped subscription is
+                # made again by the next reconnect (here forced; a restart does too).
+                _reload(server, tmp_path, base)
+                await until(lambda: _reloaded(server, 2))
+                assert control.component().state == "degraded"
+                await control.nc.force_reconnect()
+                await until(lambda: control.component().state == "healthy")
+                health = await operator.request("mdp.store.health", b"", timeout=10)
+                assert HealthStatus.model_validate_json(health.data).state == "healthy"
+        finally:
+            await operator.close()
+    # Each refused subject is logged once, however often it was refused.
+    assert caplog.text.count('for publish to "mdp.telemetry.feedback"') == 1
+    assert caplog.text.count('for subscription to "mdp.store.health"') == 1
+
+
+async def test_a_user_revoked_while_running_ends_the_service_within_the_connect_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server reloaded without the store's user: every reconnect is refused, so
+    ``store-svc run`` gives up after ``STORE_NATS_CONNECT_TIMEOUT_S`` with exit 1 and
+    lines naming authorization (not a retry loop that hides it), and what it had
+    acknowledged is stored."""
+    base = CONF.read_text()
+    with _server(tmp_path, monkeypatch, base) as server:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("STORE_")},
+            "STORE_NATS_URL": server.url,
+            "STORE_NATS_USER": "store",
+            "STORE_NATS_PASSWORD": PASSWORDS["STORE_PASS"],
+            "STORE_NATS_INBOX_PREFIX": "_INBOX_store",
+            "STORE_NATS_CONNECT_TIMEOUT_S": "3",
+            "STORE_DATABASE_URL": f"sqlite:///{tmp_path}/store.db",
+        }
+        errors = tmp_path / "stderr.txt"
+        with errors.open("w") as err:
+            proc = await asyncio.create_subprocess_exec(STORE_SVC, "run", env=env, stderr=err)
+        try:
+            publisher = await _as(server, "publisher")
+            for n in range(3):
+                reply = await _write_when_up(publisher, _trade("REV", n))
+                assert json.loads(reply.data)["accepted"] == 1
+            await publisher.close()
+            _reload(server, tmp_path, base.replace('{ user: "store", ', '{ user: "gone", ', 1))
+            revoked = time.monotonic()
+            code = await asyncio.wait_for(proc.wait(), 60)
+            took = time.monotonic() - revoked
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    text = errors.read_text()
+    assert code == 1, text[-3000:]
+    assert "reconnecting was refused: authorization refused by the server" in text, text
+    assert "the service cannot go on" in text
+    assert "Traceback" not in text
+    assert PASSWORDS["STORE_PASS"] not in text
+    assert 3 <= took < 3 + 15, took  # the connect timeout, then a clean stop
+    with sqlite3.connect(tmp_path / "store.db") as db:
+        assert db.execute("SELECT count(*) FROM trades").fetchone() == (3,)
+
+
+async def _write_when_up(publisher: NATS, body: bytes) -> Msg:
+    """A request-reply write, retried while the store is still starting."""
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                return await publisher.request("mdp.store.write.trades", body, timeout=2)
+            except (nats.errors.NoRespondersError, TimeoutError):
+                await asyncio.sleep(0.1)

@@ -205,6 +205,58 @@ async def test_mutual_tls(tmp_path: Path, tls_files: dict[str, Path]) -> None:
         )
 
 
+async def test_the_deploy_tls_configuration(
+    tmp_path: Path, tls_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``deploy/nats-server-tls.conf`` as shipped: the locked-down users over mutual
+    TLS; the store connects with its CA, certificate and password, and stores a
+    publisher's write."""
+    import ssl
+
+    import nats
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    env = {
+        "NATS_TLS_CERT": tls_files["server_cert"],
+        "NATS_TLS_KEY": tls_files["server_key"],
+        "NATS_TLS_CA": tls_files["ca"],
+        "STORE_PASS": PASSWORD,
+        "PUBLISHER_PASS": "publisher-pw",
+        "PIPELINE_PASS": "pipeline-pw",
+        "OPERATOR_PASS": "operator-pw",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))  # read by the configuration
+    tls = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    tls.load_cert_chain(str(tls_files["client_cert"]), str(tls_files["client_key"]))
+    with NatsServer(extra_args=("-c", str(deploy / "nats-server-tls.conf"))) as server:
+        url = server.url.replace("nats://", "tls://")
+        with pytest.raises((ssl.SSLError, nats.errors.Error, OSError)):  # no client cert
+            await nats.connect(
+                url, user="publisher", password="publisher-pw", allow_reconnect=False,
+                tls=ssl.create_default_context(cafile=str(tls_files["ca"])),
+                connect_timeout=2, max_reconnect_attempts=0,
+            )  # fmt: skip
+        settings = load_settings(
+            nats_url=url,
+            nats_user="store",
+            nats_password=PASSWORD,
+            nats_inbox_prefix="_INBOX_store",
+            nats_tls_ca=tls_files["ca"],
+            nats_tls_cert=tls_files["client_cert"],
+            nats_tls_key=tls_files["client_key"],
+            database_url=f"sqlite:///{tmp_path}/store.db",
+        )
+        async with StoreService(settings) as svc:
+            publisher = await nats.connect(url, user="publisher", password="publisher-pw", tls=tls)
+            body = json.dumps({"symbol": "TLS", "ts": 1_700_000_000, "price": "1.5", "size": 1})
+            reply = await publisher.request("mdp.store.write.trades", body.encode(), timeout=10)
+            await publisher.close()
+            assert json.loads(reply.data)["accepted"] == 1
+            assert svc.stats.committed_total == 1
+            assert svc.ingest_nats.permission_denials == svc.control_nats.permission_denials == 0
+
+
 def _cli(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("STORE_")}
     began = time.monotonic()

@@ -82,10 +82,10 @@ def connect_failure(exc: BaseException) -> tuple[str, bool]:
         ``(cause, final)``: ``final`` when trying again cannot help (credentials or a
         certificate the server refuses, TLS where the server has none, or the reverse).
     """
-    text = str(exc).strip().strip("'\"") or type(exc).__name__
+    text = str(exc).strip().removeprefix("nats: ").strip("'\"") or type(exc).__name__
     lower = text.lower()
     if isinstance(exc, nats.errors.AuthorizationError) or any(w in lower for w in _AUTH_WORDS):
-        return f"authorization refused by the server ({text.removeprefix('nats: ')})", True
+        return f"authorization refused by the server ({text})", True
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS: the server's certificate is not trusted ({exc.verify_message})", True
     if isinstance(exc, ssl.SSLError):

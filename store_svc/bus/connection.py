@@ -12,6 +12,12 @@ micro, admin, the read API and telemetry; see ``docs/operations.md``). Each one:
   counted, logged once, and the client is made to reconnect at once. Where it
   cannot reconnect, the connection is reported lost and ``store-svc run`` exits 1
   so a supervisor restarts it;
+* counts what the server refuses (a permission missing or revoked): degraded while a
+  subscription stays refused (until the next reconnect subscribes again) or a
+  publish was refused in the last ``DENIAL_HOLD_S``;
+* gives up when the server keeps refusing its reconnects for good reasons
+  (credentials revoked or expired, a certificate no longer accepted) for longer than
+  ``STORE_NATS_CONNECT_TIMEOUT_S``: retrying would only hide it;
 * measures its round-trip time with a high-resolution clock (nats-py's ``rtt()``
   uses the loop clock, whose resolution under uvloop is a millisecond);
 * reports all of it as one Core ``HealthComponent`` and as ``$SRV.STATS`` figures.
@@ -23,6 +29,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -57,6 +64,11 @@ RTT_TIMEOUT_S = 2.0
 #: An error seen this shortly before a disconnect is taken as its reason.
 _REASON_WINDOW_S = 2.0
 
+
+#: A refused publish keeps the connection degraded this long (the next refusal renews it).
+DENIAL_HOLD_S = 60.0
+
+_SID = re.compile(r'\s*\(sid "[^"]*"\)$')
 
 #: Distinct refused subjects remembered (so each is logged once); more are counted only.
 _MAX_DENIED_SUBJECTS = 256
@@ -103,6 +115,11 @@ class NatsConnection:
         self.permission_denials = 0
         self.last_permission_denied = ""
         self._denied: set[str] = set()
+        #: Subscriptions refused since the last (re)connect; publish refusal's time.
+        self._refused_subscriptions: set[str] = set()
+        self._publish_refused_at: float | None = None
+        #: When the server began refusing this connection's reconnects for good reasons.
+        self._reconnect_refused_since: float | None = None
         self._settings = settings
         self._on_lost = on_lost
         self._on_reconnected = on_reconnected
@@ -115,6 +132,11 @@ class NatsConnection:
         #: While connecting: resolved with the cause when the server refuses us for good.
         self._refused: asyncio.Future[str] | None = None
         self._connect_cause = ""
+
+    @property
+    def refusals(self) -> frozenset[str]:
+        """The distinct refusals seen so far (the first 256), as the server worded them."""
+        return frozenset(self._denied)
 
     @property
     def connected(self) -> bool:
@@ -205,7 +227,7 @@ class NatsConnection:
         nc = self.nc
         connected = self.connected
         state = "healthy" if connected else "unhealthy"
-        if connected and self.permission_denials:
+        if connected and self._refusing():
             state = "degraded"  # up, but something it must publish or receive is refused
         return HealthComponent(
             name=f"nats-{self.role}",
@@ -227,6 +249,12 @@ class NatsConnection:
                 "rtt_ms": f"{self.rtt_ms:.3f}" if self.rtt_ms is not None else "unknown",
             },
         )
+
+    def _refusing(self) -> bool:
+        """Whether something this connection must publish or receive is refused now."""
+        at = self._publish_refused_at
+        recent = at is not None and time.monotonic() - at < DENIAL_HOLD_S
+        return recent or bool(self._refused_subscriptions)
 
     def figures(self) -> dict[str, Any]:
         """Counters for ``$SRV.STATS`` and the metrics."""
@@ -341,6 +369,11 @@ class NatsConnection:
         if "permissions violation" in text.lower():
             self._permission_denied(text)
             return
+        if self.nc.is_reconnecting or self.nc.is_connecting:  # (nats-py: connecting)
+            cause, final = connect_failure(exc)
+            if final:
+                self._reconnect_refused(cause)
+                return
         hung_up = isinstance(exc, UnexpectedEOF | ConnectionResetError | BrokenPipeError)
         self._last_error = (time.monotonic(), text, hung_up)
         log.warning("NATS %s: %s", self.role, text)
@@ -348,8 +381,12 @@ class NatsConnection:
     def _permission_denied(self, text: str) -> None:
         """The server refused a publish or subscribe (a permission missing or revoked)."""
         self.permission_denials += 1
-        what = text.removeprefix("nats: ").strip("'\" ")[:200]
+        what = _SID.sub("", text.removeprefix("nats: ").strip("' "))[:200]
         self.last_permission_denied = what
+        if "for subscription" in what:
+            self._refused_subscriptions.add(what)
+        else:
+            self._publish_refused_at = time.monotonic()
         if what not in self._denied:
             if len(self._denied) < _MAX_DENIED_SUBJECTS:
                 self._denied.add(what)
@@ -359,6 +396,35 @@ class NatsConnection:
                 self.role,
                 what,
             )
+
+    def _reconnect_refused(self, cause: str) -> None:
+        """A reconnect the server refused for a reason retrying cannot mend."""
+        self.last_disconnect = cause[:200]
+        if self._reconnect_refused_since is not None:
+            return
+        self._reconnect_refused_since = time.monotonic()
+        limit = self._settings.nats_connect_timeout_s
+        log.error(
+            "NATS %s: reconnecting was refused: %s; giving up in %gs unless it is accepted",
+            self.role,
+            cause,
+            limit,
+        )
+        self._spawn(self._give_up_if_still_refused(limit, cause), "refused")
+
+    async def _give_up_if_still_refused(self, after: float, cause: str) -> None:
+        await asyncio.sleep(after)
+        if self._reconnect_refused_since is None or not self._in_use:
+            return  # accepted again meanwhile, or closing
+        log.error(
+            "NATS %s connection: the server refused every reconnect for %gs (%s); the "
+            "service cannot go on",
+            self.role,
+            after,
+            cause,
+        )
+        await self.close()
+        self._lost()
 
     async def _on_disconnected(self) -> None:
         if not self._in_use:
@@ -374,9 +440,10 @@ class NatsConnection:
         if hung_up:
             self.server_closed += 1
             log.warning(
-                "the server closed the NATS %s connection; if it is still up, it most "
-                "likely cut this client off as a slow consumer (what it held for this "
-                "client is lost: see the server's log and slow_consumers); reconnecting",
+                "the server closed the NATS %s connection without a reason; if it is still "
+                "up, it most likely cut this client off as a slow consumer (what it held "
+                "for this client is lost: see the server's log and slow_consumers) or no "
+                "longer accepts its credentials; reconnecting",
                 self.role,
             )
         else:
@@ -387,6 +454,8 @@ class NatsConnection:
             )
 
     async def _on_reconnect(self) -> None:
+        self._reconnect_refused_since = None
+        self._refused_subscriptions.clear()  # subscribed again: refused ones say so anew
         self._watch()
         log.info(
             "NATS %s connection re-established at %s",

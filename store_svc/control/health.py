@@ -8,8 +8,9 @@ Components and their states:
 
 =================  ================================================================
 ``nats-ingest``    the connection of the write traffic: healthy when connected;
-                   degraded when the server refused a publish or subscription
-                   (permission_denials); unhealthy while disconnected (counters:
+                   degraded while the server refuses a publish (the last 60 s)
+                   or a subscription (permission_denials); unhealthy while
+                   disconnected (counters:
                    reconnects, disconnects, server_closed, faults)
 ``nats-control``   the connection of health, micro, control, reads and telemetry
 ``queue``          healthy at ``ok``; degraded at ``soft`` or ``hard``

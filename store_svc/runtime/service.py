@@ -41,7 +41,7 @@ from store_svc.control.metrics import Metrics
 from store_svc.control.micro import ControlPlane
 from store_svc.control.probes import HealthSnapshot
 from store_svc.core import BackpressureLevel, ControlAction, FeedbackPublisher
-from store_svc.errors import ConfigError, ShutdownTimeout
+from store_svc.errors import ConfigError, JetStreamUnavailable, ShutdownTimeout
 from store_svc.ingest.batcher import Batcher
 from store_svc.ingest.decode import PayloadDecoder
 from store_svc.ingest.edge import Intake, IntakeParts
@@ -190,7 +190,7 @@ class StoreService:
             else:
                 await self._check_no_stream_captures_writes()
                 self._intake = CoreIntake(parts)
-            await self._intake.start()
+            await self._start_intake(self._intake)
         except BaseException:
             await self._abort()
             raise
@@ -203,6 +203,21 @@ class StoreService:
             self.settings.queue_capacity,
             self.settings.batch_size,
         )
+
+    async def _start_intake(self, intake: Intake) -> None:
+        """Start ``intake``; a JetStream API request the server refused is named as such
+        (it would otherwise read as a server without JetStream)."""
+        denied = self.ingest_nats.permission_denials
+        try:
+            await intake.start()
+        except JetStreamUnavailable as exc:
+            if self.ingest_nats.permission_denials == denied:
+                raise
+            refused = self.ingest_nats.last_permission_denied
+            raise JetStreamUnavailable(
+                f"the NATS server refused the store's JetStream set-up ({refused}): its "
+                "user lacks a permission listed in docs/operations.md, Least privilege"
+            ) from exc
 
     async def _check_no_stream_captures_writes(self) -> None:
         """Core mode: warn when a JetStream stream also captures the write subjects.
