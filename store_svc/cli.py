@@ -19,9 +19,9 @@ from typing import Any
 
 import pydantic
 import uvloop
-from nats.aio.client import Client as NATS
 
 from store_svc import __version__
+from store_svc.bus.client import CommandClient
 from store_svc.errors import StoreError
 from store_svc.read.cli import add_query_parser
 from store_svc.runtime.heap import settle_heap
@@ -82,20 +82,24 @@ def _cmd_demo(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     return run_demo(settings, seconds=args.seconds, rate=args.rate)
 
 
-async def _client(settings: Settings, timeout: float, command: str) -> NATS | None:
+async def _client(settings: Settings, timeout: float, command: str) -> CommandClient | None:
     """A short-lived client for an operator command, or None when NATS cannot be had
     (reported in one line that names the cause: refused, timed out, authorization, TLS)."""
     from store_svc.bus.auth import connect_failure, connect_options, redact_url
-    from store_svc.bus.client import OrderedFlushClient, close_client
+    from store_svc.bus.client import close_client
 
     where = ", ".join(redact_url(u) for u in settings.nats_servers)
     causes: list[tuple[str, bool]] = []
+    nc = CommandClient()
 
     async def on_error(exc: Exception) -> None:
         # Instead of nats-py's default, which logs a whole traceback per attempt.
-        causes.append(connect_failure(exc))
+        text = str(exc).removeprefix("nats: ").strip("' ")
+        if "permissions violation" in text.lower():
+            nc.refused.append(text)
+        else:
+            causes.append(connect_failure(exc))
 
-    nc = OrderedFlushClient()
     try:
         options = connect_options(settings)
         async with asyncio.timeout(timeout):
@@ -129,7 +133,7 @@ async def _probe(settings: Settings, what: str, timeout: float) -> int:
         reply = await nc.request(settings.subject("store", what), b"", timeout=timeout)
     except Exception as exc:
         print(
-            f"store-svc {what}: no answer on {settings.subject('store', what)}: {exc!r}",
+            f"store-svc {what}: {nc.no_answer(settings.subject('store', what), exc)}",
             file=sys.stderr,
         )
         return 1
@@ -152,9 +156,10 @@ async def _control(settings: Settings, action: str, timeout: float) -> int:
     nc = await _client(settings, timeout, "control")
     if nc is None:
         return 1
+    subject = settings.subject("store", "control", action)
     try:
         reply = await nc.request(
-            settings.subject("store", "control", action),
+            subject,
             b"",
             timeout=timeout,
             headers={
@@ -163,7 +168,7 @@ async def _control(settings: Settings, action: str, timeout: float) -> int:
             },
         )
     except Exception as exc:
-        print(f"store-svc control: no answer from {settings.nats_url}: {exc!r}", file=sys.stderr)
+        print(f"store-svc control: {nc.no_answer(subject, exc)}", file=sys.stderr)
         return 1
     finally:
         with contextlib.suppress(Exception):

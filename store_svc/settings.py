@@ -352,8 +352,12 @@ class Settings(BaseSettings):
             raise ValueError("nats_tls_cert and nats_tls_key go together (mutual TLS)")
         for name in ("nats_creds", "nats_nkey", "nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
             path = getattr(self, name)
-            if path is not None and not path.is_file():
+            if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
                 raise ValueError(f"{name}: {path} is not a readable file")
+        if self.nats_creds is not None:
+            _check_creds(self.nats_creds)
+        if self.nats_nkey is not None:
+            _check_seed(self.nats_nkey.read_bytes(), f"nats_nkey: {self.nats_nkey}")
 
     @property
     def nats_servers(self) -> list[str]:
@@ -483,3 +487,27 @@ def load_settings(**overrides: object) -> Settings:
     """
     env_file = overrides.get("env_file", os.environ.get("STORE_ENV_FILE"))
     return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type]
+
+
+def _check_creds(path: Path) -> None:
+    """A ``.creds`` file must hold a user JWT and an NKey seed block: nats-py reads a
+    file without the JWT block in a loop that never ends (the whole process hangs)."""
+    text = path.read_bytes()
+    jwt_at = text.find(b"BEGIN NATS USER JWT")
+    seed_at = text.find(b"BEGIN USER NKEY SEED")
+    if jwt_at < 0 or seed_at < 0:
+        raise ValueError(
+            f"nats_creds: {path} is not a .creds file (it needs a NATS USER JWT block and "
+            "a USER NKEY SEED block)"
+        )
+    lines = text[seed_at:].splitlines()
+    _check_seed(lines[1] if len(lines) > 1 else b"", f"nats_creds: {path}")
+
+
+def _check_seed(seed: bytes, where: str) -> None:
+    import nkeys
+
+    try:
+        nkeys.from_seed(bytearray(seed.strip()))
+    except Exception:  # whatever nkeys raises, the file is no use; never show its text
+        raise ValueError(f"{where} does not hold a valid NKey seed") from None

@@ -132,13 +132,28 @@ def _documented() -> list[tuple[str, str, str]]:
     return cases + [(mode, "responses", "_INBOX.>") for mode in _MODES]
 
 
-def test_the_operations_table_names_every_subject_of_the_configuration() -> None:
+def test_the_operations_table_and_the_configuration_agree() -> None:
+    """Each subject of the store's blocks is in the table's row and column for its
+    mode and direction, and each subject the table names is in that block."""
     docs = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
-    table = docs[docs.index("### Least privilege") : docs.index("## Scaling out")]
-    for _, direction, subject in _documented():
-        if direction != "responses":
-            assert f"`{subject}`" in table, subject
-    assert "allow_responses: true" in table
+    section = docs[docs.index("### Least privilege") : docs.index("## Scaling out")]
+    table = section[section.index("| the store's user |") : section.index("| other roles |")]
+    cells = {
+        row[0]: row[1:3]
+        for line in table.splitlines()[2:]
+        if (row := [c.strip() for c in line.strip().strip("|").split("|")])[0]
+    }
+    rows = {
+        "core": ["both modes", "core mode"],
+        "jetstream": ["both modes", "JetStream mode", "JetStream with `STORE_JS_CREATE=true`"],
+    }
+    conf = CONF.read_text()
+    for mode, name in _MODES.items():
+        for column, direction in enumerate(("publish", "subscribe")):
+            text = " ".join(cells[label][column] for label in rows[mode])
+            documented = {t for t in re.findall(r"`([^`\s=]+)`", text) if "." in t}
+            assert documented == set(_allowed(_block(conf, name), direction)), (mode, direction)
+    assert "allow_responses: true" in cells["both modes"][0]
 
 
 # --- fixtures and helpers -------------------------------------------------------
@@ -234,6 +249,26 @@ async def _walk(svc: StoreService, mode: str, users: dict[str, NATS], server: Na
     latest = await operator.request("mdp.store.latest.trades", b'{"symbol": "OK"}', timeout=10)
     assert len(json.loads(latest.data)["records"]) == 1
     await until(lambda: len(audit) == 1)
+    for command in ("health", "ready"):  # the container health check, as the store
+        code, said = await _health_check(server, mode, command)
+        assert code == 0, said
+    # The operator's commands, under the operator's user (default inbox prefix).
+    operator_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("STORE_")},
+        "STORE_NATS_URL": server.url,
+        "STORE_NATS_USER": "operator",
+        "STORE_NATS_PASSWORD": PASSWORDS["OPERATOR_PASS"],
+        "STORE_ADMIN_TOKEN": TOKEN,
+    }
+    for args in (("control", "reload"), ("query", "trades", "OK"), ("health",)):
+        proc = await asyncio.create_subprocess_exec(
+            STORE_SVC, *args, env=operator_env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, (args, err)
+        assert b"OK" in out or args[0] != "query", out
+    await until(lambda: len(audit) == 2)  # the command's reload is audited too
     # Nothing the store did was refused: no denial counted, none in the server log.
     assert [c.permission_denials for c in (svc.ingest_nats, svc.control_nats)] == [0, 0]
     log = b"".join(server.log).decode(errors="replace")
@@ -306,8 +341,37 @@ async def _try(coro: Awaitable[Any]) -> None:
         await coro
 
 
-async def _exercise(mode: str, server: NatsServer, stall: Path | None = None) -> None:
-    """Everything that makes the store use its permissions, each step allowed to fail.
+def _store_env(server: NatsServer, mode: str) -> dict[str, str]:
+    """The store's settings as its container health check gets them."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("STORE_")},
+        "STORE_NATS_URL": server.url,
+        "STORE_NATS_USER": "store" if mode == "core" else "store-js",
+        "STORE_NATS_PASSWORD": PASSWORDS["STORE_PASS"],
+        "STORE_NATS_INBOX_PREFIX": "_INBOX_store",
+    }
+
+
+async def _health_check(server: NatsServer, mode: str, command: str) -> tuple[int, str]:
+    """``store-svc health`` or ``ready`` with the store's own settings (the container
+    health check of docker-compose.yml and the Dockerfile): exit code and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        STORE_SVC,
+        command,
+        "--timeout",
+        "2",
+        env=_store_env(server, mode),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+async def _exercise(mode: str, server: NatsServer, stall: Path | None = None) -> list[str]:
+    """Everything that makes the store use its permissions, each step allowed to fail;
+    returns what the store's health checks printed.
 
     With ``stall`` (the database file), commits are held up for longer than half the
     ack wait while the writes arrive, so that JetStream messages are kept alive with
@@ -344,8 +408,10 @@ async def _exercise(mode: str, server: NatsServer, stall: Path | None = None) ->
             ("mdp.store.query.trades", b'{"symbol": "OK"}', None),
             ("mdp.store.latest.trades", b'{"symbol": "OK"}', None),
         ]
-        await asyncio.gather(
-            *(_try(operator.request(s, b, timeout=1, headers=h)) for s, b, h in asks)
+        checks = [_health_check(server, mode, c) for c in ("health", "ready")]
+        *_, said_health, said_ready = await asyncio.gather(
+            *(_try(operator.request(s, b, timeout=1, headers=h)) for s, b, h in asks),
+            *checks,
         )
         if held is not None:
             await asyncio.sleep(2.0)  # > half of the 2 s ack wait: in_progress goes out
@@ -355,18 +421,24 @@ async def _exercise(mode: str, server: NatsServer, stall: Path | None = None) ->
             await held
         for nc in clients.values():
             await nc.close()
+    return [said_health[1], said_ready[1]]
+
+
+def _explains(text: str, direction: str, pattern: str) -> bool:
+    """Whether the refusal ``text`` is one the missing permission explains."""
+    word = "subscription" if direction == "subscribe" else "publish"
+    m = re.search(rf'for {word} to "([^"]+)"', text)
+    return bool(m) and _covers(pattern, m.group(1) if m else "")
 
 
 def _refused(svc: StoreService, direction: str, pattern: str) -> list[str]:
-    """The store's refusals that the missing permission explains."""
-    word = "subscription" if direction == "subscribe" else "publish"
-    found = []
-    for conn in (svc.ingest_nats, svc.control_nats):
-        for text in conn.refusals:
-            m = re.search(rf'for {word} to "([^"]+)"', text)
-            if m and _covers(pattern, m.group(1)):
-                found.append(conn.role)
-    return found
+    """The store's connections with a refusal the missing permission explains."""
+    return [
+        conn.role
+        for conn in (svc.ingest_nats, svc.control_nats)
+        for text in conn.refusals
+        if _explains(text, direction, pattern)
+    ]
 
 
 @pytest.mark.parametrize(("mode", "direction", "subject"), _documented())
@@ -396,7 +468,12 @@ async def test_each_documented_permission_is_missed_when_taken_away(
             assert _covers(subject, m.group(1)), failure
             return
         try:
-            await _exercise(mode, server, stall)
+            said = await _exercise(mode, server, stall)
+            # The health checks' own subjects are refused to the command, which says so.
+            told = [t for t in said if _explains(t.lower(), direction, subject)]
+            if told:
+                assert "the server refused this user" in told[0], told[0]
+                return
             await until(lambda: bool(_refused(svc, direction, subject)))
             for role in _refused(svc, direction, subject):
                 conn = svc.ingest_nats if role == "ingest" else svc.control_nats
@@ -529,6 +606,28 @@ async def test_a_user_revoked_while_running_ends_the_service_within_the_connect_
     assert 3 <= took < 3 + 15, took  # the connect timeout, then a clean stop
     with sqlite3.connect(tmp_path / "store.db") as db:
         assert db.execute("SELECT count(*) FROM trades").fetchone() == (3,)
+
+
+async def test_a_refusal_then_an_outage_is_waited_out_not_taken_for_a_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server refuses a reconnect once, then is down (connection refused): that is
+    a network fault again, and the service waits for the server as long as it takes,
+    then carries on when it is back with the user."""
+    base = CONF.read_text()
+    with _server(tmp_path, monkeypatch, base) as server:
+        async with _store(server, tmp_path, "core", nats_connect_timeout_s=2.0) as svc:
+            _reload(server, tmp_path, base.replace('{ user: "store", ', '{ user: "gone", ', 1))
+            await until(lambda: "authorization" in svc.control_nats.last_disconnect)
+            port = server.port
+            await asyncio.to_thread(server.stop)  # down before the 2 s are over
+            await asyncio.sleep(4.0)  # twice the connect timeout, spent refused-then-down
+            assert not svc.connection_lost.is_set()
+            (tmp_path / "server.conf").write_text(base)
+            server.port = port
+            await asyncio.to_thread(server.start)
+            await until(lambda: svc.ingest_nats.connected and svc.control_nats.connected)
+            assert not svc.connection_lost.is_set()
 
 
 async def _write_when_up(publisher: NATS, body: bytes) -> Msg:

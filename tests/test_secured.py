@@ -25,6 +25,8 @@ from store_svc.devtools.natsserver import NatsServer
 from store_svc.runtime.service import StoreService
 from store_svc.settings import load_settings
 
+from .conftest import until
+
 pytestmark = pytest.mark.slow
 
 STORE_SVC = str(Path(sys.executable).parent / "store-svc")
@@ -257,6 +259,64 @@ async def test_the_deploy_tls_configuration(
             assert svc.ingest_nats.permission_denials == svc.control_nats.permission_denials == 0
 
 
+async def test_tls_wanted_but_not_offered_sends_no_credential(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    """Something on the port that speaks NATS without offering TLS (a misconfigured
+    server, or a man in the middle): nats-py alone would send the password in plain
+    text. The service and the commands refuse at once, naming it, and send nothing."""
+    import asyncio
+    import contextlib
+
+    from store_svc.bus.connection import NatsConnection
+    from store_svc.errors import NatsUnavailable
+
+    received = bytearray()
+    connections = []
+
+    async def fake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        info = {"server_id": "FAKE", "version": "2.10.0", "proto": 1, "headers": True}
+        writer.write(b"INFO " + json.dumps({**info, "max_payload": 1 << 20}).encode() + b"\r\n")
+        await writer.drain()
+        with contextlib.suppress(OSError):
+            while chunk := await reader.read(4096):
+                received.extend(chunk)
+        writer.close()
+
+    server = await asyncio.start_server(fake, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    env = {
+        "STORE_NATS_URL": f"tls://127.0.0.1:{port}",
+        "STORE_NATS_USER": "store",
+        "STORE_NATS_PASSWORD": PASSWORD,
+        "STORE_NATS_TLS_CA": str(tmp_path / "ca.pem"),
+        "STORE_NATS_CONNECT_TIMEOUT_S": "20",
+        "STORE_DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
+    }
+    try:
+        settings = load_settings(**{k.removeprefix("STORE_").lower(): v for k, v in env.items()})
+        conn = NatsConnection("ingest", settings)
+        began = time.monotonic()
+        with pytest.raises(NatsUnavailable, match="TLS: the server does not offer TLS"):
+            await conn.connect()
+        assert time.monotonic() - began < 10  # at once, not after the 20 s timeout
+        await conn.close()
+        base = {k: v for k, v in os.environ.items() if not k.startswith("STORE_")}
+        proc = await asyncio.create_subprocess_exec(
+            STORE_SVC, "health", env={**base, **env}, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 1, err
+        assert b"TLS: the server does not offer TLS" in err, err
+    finally:
+        server.close()
+    assert len(connections) >= 2, "the service and the command both reached the fake"
+    assert PASSWORD.encode() not in received
+    assert b"CONNECT" not in received
+
+
 def _cli(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("STORE_")}
     began = time.monotonic()
@@ -276,6 +336,7 @@ def _refused_at_once(command: str, env: dict[str, str], tmp_path: Path, says: st
     before its 30 s connect timeout (retrying cannot help), with no traceback."""
     out, took = _cli(
         command,
+        *([] if command == "run" else ["--timeout", "30"]),
         env={
             **env,
             "STORE_NATS_CONNECT_TIMEOUT_S": "30",
@@ -285,7 +346,7 @@ def _refused_at_once(command: str, env: dict[str, str], tmp_path: Path, says: st
     assert out.returncode == 1, out.stderr
     assert says in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
-    assert took < 30
+    assert took < 10  # well inside the 30 s: retrying cannot help
 
 
 @pytest.fixture
@@ -300,6 +361,8 @@ def test_a_wrong_password_ends_at_once_with_one_line_naming_it(
     command: str, password_server: NatsServer, tmp_path: Path
 ) -> None:
     args = [command, *(["trades", "SEC"] if command == "query" else [])]
+    if command != "run":
+        args += ["--timeout", "30"]
     out, took = _cli(
         *args,
         env={
@@ -314,8 +377,8 @@ def test_a_wrong_password_ends_at_once_with_one_line_naming_it(
     assert "authorization refused by the server" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     assert "not-the-password" not in out.stderr + out.stdout
-    # Given up at once, not after the 30 s connect timeout (retrying cannot help).
-    assert took < 30
+    # Given up at once, not after the 30 s timeout (retrying cannot help).
+    assert took < 10
 
 
 def test_a_server_certificate_from_another_ca_is_named(
@@ -330,7 +393,7 @@ def test_a_server_certificate_from_another_ca_is_named(
             "STORE_NATS_TLS_CA": str(other),
         }
         for command in ("run", "health"):
-            _refused_at_once(command, env, tmp_path, "TLS")
+            _refused_at_once(command, env, tmp_path, "TLS: the server's certificate is not trusted")
 
 
 @pytest.mark.parametrize(
@@ -351,6 +414,34 @@ def test_contradictory_or_missing_auth_settings_exit_2(env: dict[str, str], says
     assert out.returncode == 2, out.stderr
     assert says in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "health"])
+def test_malformed_creds_and_seed_files_exit_2_without_showing_them(
+    command: str, tmp_path: Path
+) -> None:
+    """A ``.creds`` file without its JWT block made nats-py's reader loop for ever
+    (the process hung, deaf to SIGTERM); a file that is no seed failed with a
+    ``TypeError``. Both are refused with the settings, naming the file, not its text."""
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
+    seed_only = tmp_path / "seed-only.creds"
+    seed_only.write_text(
+        f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    )
+    garbage = tmp_path / "garbage.nk"
+    garbage.write_text("SUnot-a-seed-but-secret-looking\n")
+    cases = [
+        ({"STORE_NATS_CREDS": str(seed_only)}, "is not a .creds file"),
+        ({"STORE_NATS_NKEY": str(garbage)}, "does not hold a valid NKey seed"),
+        ({"STORE_NATS_CREDS": str(garbage)}, "is not a .creds file"),
+    ]
+    for env, says in cases:
+        out, took = _cli(command, env=env)
+        assert out.returncode == 2, out.stderr
+        assert says in out.stderr, out.stderr
+        assert seed not in out.stderr
+        assert "secret-looking" not in out.stderr
+        assert took < 20
 
 
 async def test_no_secret_in_logs_health_or_metrics(
@@ -378,6 +469,12 @@ async def test_no_secret_in_logs_health_or_metrics(
 
                 metrics = await asyncio.to_thread(scrape)
                 assert "***@127.0.0.1" in health  # the server is named, the userinfo not
+                # A reconnect logs where it landed.
+                reconnects = svc.control_nats.figures()["reconnects"]
+                await svc.control_nats.nc.force_reconnect()
+                await until(lambda: svc.control_nats.figures()["reconnects"] > reconnects)
+                await until(lambda: svc.control_nats.connected)
+        assert "NATS control connection re-established at ***@127.0.0.1" in caplog.text
     for where, text in (
         ("log", caplog.text),
         ("health", health),

@@ -12,9 +12,9 @@ start-up gives up at once instead of retrying until its timeout.
 
 from __future__ import annotations
 
+import re
 import ssl
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import nats.errors
 
@@ -22,8 +22,17 @@ from store_svc.settings import Settings
 
 __all__ = ["connect_failure", "connect_options", "redact_url", "uses_tls"]
 
-#: What the server says when it refuses a client's credentials.
-_AUTH_WORDS = ("authorization violation", "authentication", "user authentication expired")
+#: What the server says when it refuses a client's credentials for good (not its
+#: "Authentication Timeout", which a slow handshake meets and a retry can pass).
+_AUTH_WORDS = (
+    "authorization violation",
+    "user authentication expired",
+    "user authentication revoked",
+    "account authentication expired",
+)
+
+#: A URL's user information: after the optional scheme, up to the last "@".
+_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)?.*@", re.IGNORECASE)
 
 
 def uses_tls(settings: Settings) -> bool:
@@ -87,9 +96,17 @@ def connect_failure(exc: BaseException) -> tuple[str, bool]:
     if isinstance(exc, nats.errors.AuthorizationError) or any(w in lower for w in _AUTH_WORDS):
         return f"authorization refused by the server ({text})", True
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: the server's certificate is not trusted ({exc.verify_message})", True
+        return (
+            f"TLS: the server's certificate is not trusted ({exc.verify_message}; "
+            "a private CA goes in STORE_NATS_TLS_CA)",
+            True,
+        )
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        # The server hung up mid-handshake (its TLS timeout, a restart): try again.
+        return f"TLS handshake cut off ({text})", False
     if isinstance(exc, ssl.SSLError):
-        return f"TLS failed ({exc.reason or text})", True
+        words = [a for a in exc.args if isinstance(a, str)]
+        return f"TLS failed ({getattr(exc, 'reason', None) or ' '.join(words) or text})", True
     if isinstance(exc, nats.errors.SecureConnRequiredError):
         return "TLS: the server requires TLS (use tls:// or STORE_NATS_TLS_CA)", True
     if isinstance(exc, nats.errors.SecureConnWantedError):
@@ -104,9 +121,6 @@ def connect_failure(exc: BaseException) -> tuple[str, bool]:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its user information (``nats://u:p@host`` -> ``nats://***@host``)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+    """``url`` without its user information (``nats://u:p@host`` -> ``nats://***@host``;
+    also without a scheme, and with ``/`` or ``@`` in the password)."""
+    return _USERINFO.sub(lambda m: f"{m.group(1) or ''}***@", url, count=1)

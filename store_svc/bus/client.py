@@ -34,6 +34,18 @@ made one RTT probe late). :meth:`_process_pong` here skips a wait that is alread
 over, as the PONG still belongs to it. ``connection.py`` also watches the client's
 tasks, so any other death of the read loop is a connection fault, not silence.
 
+nats-py also upgrades a connection to TLS only when the server's INFO asks for it:
+given a ``tls://`` URL or a TLS context, against a server (or anything listening
+there) that does not ask, it goes on in plain text and sends the CONNECT with the
+user's password or token in the clear (measured with a fake server).
+:meth:`_connect_command`, which nats-py calls after any upgrade and before writing
+the CONNECT, refuses with ``SecureConnWantedError`` when TLS was wanted and the
+socket is not TLS; ``tests/test_secured.py`` checks that no credential leaves.
+
+A connection attempt that fails after the socket is open (credentials refused, a
+TLS failure) leaves that socket open in nats-py; :meth:`_process_connect_init`
+closes it (``tests/test_natsclient.py`` shows plain nats-py leaving it).
+
 Last, nats-py's read loop does not suspend while its socket buffer holds data: a
 write flood kept it parsing for 40+ ms per turn of the event loop (measured with
 asyncio's slow-callback log), and every other task, health on the other connection
@@ -50,14 +62,14 @@ from typing import Any
 
 from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as _Client
-from nats.errors import MaxPayloadError
+from nats.errors import MaxPayloadError, SecureConnWantedError
 from nats.protocol.parser import Parser
 
 from store_svc.tasks import Turns
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OrderedFlushClient", "close_client", "header_bytes", "payload_room"]
+__all__ = ["CommandClient", "OrderedFlushClient", "close_client", "header_bytes", "payload_room"]
 
 
 def header_bytes(headers: dict[str, str] | None) -> int:
@@ -122,6 +134,12 @@ async def close_client(nc: _Client, timeout: float = CLOSE_TIMEOUT_S) -> None:
         log.debug("closing a NATS client: %r", exc)
 
 
+def _on_tls(transport: Any) -> bool:
+    """Whether nats-py's TCP transport runs over TLS (its writer has an SSL object)."""
+    writer = getattr(transport, "_io_writer", None)
+    return writer is not None and writer.get_extra_info("ssl_object") is not None
+
+
 class OrderedFlushClient(_Client):
     """A nats-py client whose PINGs travel behind the commands sent before them, whose
     read loop survives a late PONG, and that never sends a message the server refuses."""
@@ -131,7 +149,16 @@ class OrderedFlushClient(_Client):
         self._ps = _TurnTakingParser(self)
 
     async def _process_connect_init(self) -> None:
-        await super()._process_connect_init()
+        try:
+            await super()._process_connect_init()
+        except BaseException:
+            # nats-py leaves the socket of a failed attempt (refused credentials, TLS)
+            # open and opens the next one beside it: one file descriptor per attempt
+            # until garbage collection (a ResourceWarning each), twice a second while
+            # a server refuses the reconnects.
+            if self._transport is not None:
+                self._transport.close()  # type: ignore[no-untyped-call]
+            raise
         # _send_ping queues PINGs in _pending, which a reconnect keeps and sends on the
         # new connection, while the waits they belonged to were dropped with the old
         # _pongs: their PONGs would then answer the next flush() before its own PING
@@ -140,6 +167,11 @@ class OrderedFlushClient(_Client):
         if stale:
             self._pending = [cmd for cmd in self._pending if cmd is not PING_PROTO]
             self._pending_data_size -= stale * len(PING_PROTO)
+
+    def _connect_command(self) -> bytes:
+        if "tls" in self.options and not _on_tls(self._transport):
+            raise SecureConnWantedError  # never send credentials in the clear
+        return bytes(super()._connect_command())
 
     async def _send_ping(self, future: asyncio.Future[bool] | None = None) -> None:
         if future is None:
@@ -170,3 +202,24 @@ class OrderedFlushClient(_Client):
         if headers and payload_size + header_bytes(headers) > self._max_payload:
             raise MaxPayloadError
         await super()._send_publish(subject, reply, payload, payload_size, headers)
+
+
+class CommandClient(OrderedFlushClient):
+    """The client of an operator command (``health``, ``ready``, ``control``, ``query``):
+    it keeps what the server refused once connected, so that a request that gets no
+    answer because its user may not publish the subject (or hear the reply) says so,
+    rather than time out with nothing to go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: The server's refusals (``permissions violation ...``), in lower case.
+        self.refused: list[str] = []
+
+    def no_answer(self, subject: str, exc: BaseException) -> str:
+        """Why a request on ``subject`` failed with ``exc``, in one line."""
+        if self.refused:
+            return (
+                f"no answer on {subject}: the server refused this user "
+                f"({self.refused[-1]}; see docs/operations.md, Least privilege)"
+            )
+        return f"no answer on {subject}: {exc!r}"

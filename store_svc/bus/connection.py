@@ -69,6 +69,9 @@ _REASON_WINDOW_S = 2.0
 DENIAL_HOLD_S = 60.0
 
 _SID = re.compile(r'\s*\(sid "[^"]*"\)$')
+#: Subject tokens that differ per message (sequence numbers, inbox ids): a refusal of
+#: ``$JS.ACK.S.c.1.42.42...`` or ``_INBOX.<id>`` is one refusal, however many follow.
+_VARYING = re.compile(r"(?<=\.)(?:\d+|[A-Za-z0-9]{16,})(?=\.|\"|$)")
 
 #: Distinct refused subjects remembered (so each is logged once); more are counted only.
 _MAX_DENIED_SUBJECTS = 256
@@ -115,11 +118,13 @@ class NatsConnection:
         self.permission_denials = 0
         self.last_permission_denied = ""
         self._denied: set[str] = set()
+        self._denied_full = False
         #: Subscriptions refused since the last (re)connect; publish refusal's time.
         self._refused_subscriptions: set[str] = set()
         self._publish_refused_at: float | None = None
         #: When the server began refusing this connection's reconnects for good reasons.
         self._reconnect_refused_since: float | None = None
+        self._give_up: asyncio.Task[None] | None = None
         self._settings = settings
         self._on_lost = on_lost
         self._on_reconnected = on_reconnected
@@ -128,6 +133,7 @@ class NatsConnection:
         self._tried = False
         #: (monotonic time, text, whether it says the server closed the socket)
         self._last_error: tuple[float, str, bool] | None = None
+        self._last_warned = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         #: While connecting: resolved with the cause when the server refuses us for good.
         self._refused: asyncio.Future[str] | None = None
@@ -135,7 +141,8 @@ class NatsConnection:
 
     @property
     def refusals(self) -> frozenset[str]:
-        """The distinct refusals seen so far (the first 256), as the server worded them."""
+        """The distinct refusals seen so far (the first 256), as the server worded them
+        (nats-py hands them over in lower case), per-message tokens as ``*``."""
         return frozenset(self._denied)
 
     @property
@@ -361,7 +368,8 @@ class NatsConnection:
         if refused is not None:  # still connecting: name the cause, give up if final
             cause, final = connect_failure(exc)
             self._connect_cause = cause
-            if final and not refused.done():
+            # With several seed URLs another server may yet take us: wait for it.
+            if final and not refused.done() and len(self._settings.nats_servers) == 1:
                 refused.set_result(cause)
             log.debug("NATS %s: connecting: %s", self.role, cause)
             return
@@ -374,9 +382,16 @@ class NatsConnection:
             if final:
                 self._reconnect_refused(cause)
                 return
+            self._refusals_ended()  # a network fault: the server did not refuse us
         hung_up = isinstance(exc, UnexpectedEOF | ConnectionResetError | BrokenPipeError)
-        self._last_error = (time.monotonic(), text, hung_up)
-        log.warning("NATS %s: %s", self.role, text)
+        now = time.monotonic()
+        last = self._last_error
+        self._last_error = (now, text, hung_up)
+        # Every failed reconnect reports here, twice a second during an outage: a text
+        # already logged in the last minute is not logged again.
+        if last is None or last[1] != text or now - self._last_warned >= 60.0:
+            self._last_warned = now
+            log.warning("NATS %s: %s", self.role, text)
 
     def _permission_denied(self, text: str) -> None:
         """The server refused a publish or subscribe (a permission missing or revoked)."""
@@ -387,15 +402,24 @@ class NatsConnection:
             self._refused_subscriptions.add(what)
         else:
             self._publish_refused_at = time.monotonic()
-        if what not in self._denied:
-            if len(self._denied) < _MAX_DENIED_SUBJECTS:
-                self._denied.add(what)
+        key = _VARYING.sub("*", what)
+        if key in self._denied or self._denied_full:
+            return
+        if len(self._denied) == _MAX_DENIED_SUBJECTS:
+            self._denied_full = True
             log.error(
-                "NATS %s: the server refused a subject: %s (check this user's permissions; "
-                "docs/operations.md lists what the store needs)",
+                "NATS %s: %d distinct refusals logged; further ones are only counted",
                 self.role,
-                what,
+                _MAX_DENIED_SUBJECTS,
             )
+            return
+        self._denied.add(key)
+        log.error(
+            "NATS %s: the server refused a subject: %s (check this user's permissions; "
+            "docs/operations.md lists what the store needs)",
+            self.role,
+            what,
+        )
 
     def _reconnect_refused(self, cause: str) -> None:
         """A reconnect the server refused for a reason retrying cannot mend."""
@@ -410,12 +434,24 @@ class NatsConnection:
             cause,
             limit,
         )
-        self._spawn(self._give_up_if_still_refused(limit, cause), "refused")
+        self._give_up = asyncio.create_task(
+            self._give_up_if_still_refused(limit, cause), name=f"nats-{self.role}-refused"
+        )
+        self._tasks.add(self._give_up)
+        self._give_up.add_done_callback(self._tasks.discard)
+
+    def _refusals_ended(self) -> None:
+        """Accepted again, or failing for a reason that is not a refusal (the server
+        is down or unreachable: reconnecting goes on for as long as it takes)."""
+        self._reconnect_refused_since = None
+        task, self._give_up = self._give_up, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
 
     async def _give_up_if_still_refused(self, after: float, cause: str) -> None:
         await asyncio.sleep(after)
-        if self._reconnect_refused_since is None or not self._in_use:
-            return  # accepted again meanwhile, or closing
+        if self._give_up is not asyncio.current_task() or not self._in_use:
+            return  # accepted again meanwhile (or another kind of failure), or closing
         log.error(
             "NATS %s connection: the server refused every reconnect for %gs (%s); the "
             "service cannot go on",
@@ -454,13 +490,13 @@ class NatsConnection:
             )
 
     async def _on_reconnect(self) -> None:
-        self._reconnect_refused_since = None
+        self._refusals_ended()
         self._refused_subscriptions.clear()  # subscribed again: refused ones say so anew
         self._watch()
         log.info(
             "NATS %s connection re-established at %s",
             self.role,
-            self.nc.connected_url.netloc if self.nc.connected_url else "?",
+            redact_url(self.nc.connected_url.netloc) if self.nc.connected_url else "?",
         )
         if self._on_reconnected is not None:
             self._on_reconnected()

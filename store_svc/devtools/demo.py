@@ -116,11 +116,25 @@ async def _feed(url: str, prefix: str, seconds: float, rate: int) -> tuple[int, 
     return sent, bad
 
 
+#: The settings that authenticate to a NATS server or set up TLS with it.
+_NATS_AUTH = (
+    "nats_creds",
+    "nats_nkey",
+    "nats_user",
+    "nats_password",
+    "nats_token",
+    "nats_tls_ca",
+    "nats_tls_cert",
+    "nats_tls_key",
+)
+
+
 async def run_demo(settings: Settings, seconds: float = 10.0, rate: int = 20_000) -> int:
     """Run the demo and print what was stored.
 
     Args:
-        settings: service settings (its NATS URL is replaced by the private server's).
+        settings: service settings (its NATS URL is replaced by the private server's,
+            and NATS credentials and TLS files are left out).
         seconds: how long the feed publishes.
         rate: records per second to publish.
 
@@ -128,7 +142,10 @@ async def run_demo(settings: Settings, seconds: float = 10.0, rate: int = 20_000
         0 on success.
     """
     with NatsServer() as server:
-        settings = settings.model_copy(update={"nats_url": server.url})
+        # The private server is open: NATS credentials and TLS settings meant for a
+        # real server are not sent to it.
+        unset = dict.fromkeys(_NATS_AUTH)
+        settings = settings.model_copy(update={"nats_url": server.url, **unset})
         print(f"nats-server on {server.url}; storing into {settings.database_url}")
         watcher = await nats.connect(server.url)
         feedback: list[FeedbackEvent] = []

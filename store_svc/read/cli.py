@@ -13,8 +13,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from nats.aio.client import Client as NATS
-
+from store_svc.bus.client import CommandClient
 from store_svc.settings import Settings
 
 __all__ = ["add_query_parser", "print_table", "run_query"]
@@ -59,7 +58,7 @@ def add_query_parser(sub: Any) -> argparse.ArgumentParser:
     return query  # type: ignore[no-any-return]
 
 
-async def run_query(settings: Settings, nc: NATS, args: argparse.Namespace) -> int:
+async def run_query(settings: Settings, nc: CommandClient, args: argparse.Namespace) -> int:
     """Ask, page and print; 0 on success, 1 when the service refused or did not answer."""
     kind = args.kind
     body: dict[str, Any] = {"symbol": args.symbol}
@@ -83,7 +82,7 @@ async def run_query(settings: Settings, nc: NATS, args: argparse.Namespace) -> i
         try:
             reply = await nc.request(subject, json.dumps(body).encode(), timeout=args.timeout)
         except Exception as exc:
-            print(f"store-svc query: no answer on {subject}: {exc!r}", file=sys.stderr)
+            print(f"store-svc query: {nc.no_answer(subject, exc)}", file=sys.stderr)
             return 1
         headers = reply.headers or {}
         if "Nats-Service-Error-Code" in headers:
