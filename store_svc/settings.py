@@ -8,17 +8,64 @@ environment: components receive the :class:`Settings` instance they need.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["RELOADABLE", "Settings", "load_settings", "reloaded", "unknown_environment"]
+__all__ = [
+    "RELOADABLE",
+    "Duration",
+    "Settings",
+    "format_duration",
+    "load_settings",
+    "parse_duration",
+    "reloaded",
+    "unknown_environment",
+]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdwy]?)\s*$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400, "y": 365 * 86_400}
+
+
+def parse_duration(value: object) -> object:
+    """``90d``, ``12h``, ``5y`` (365 days), ``30m``, ``45s``, ``2w``, or seconds, as a
+    ``timedelta``; anything else is handed on for pydantic to judge."""
+    if isinstance(value, str):
+        m = _DURATION.match(value.lower())
+        if m is None:
+            raise ValueError(f"{value!r} is not a duration (e.g. 90d, 12h, 5y, 30m, 45s)")
+        return timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2)])
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    return value
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest of ``5y``, ``2w``, ``7d``, ``12h``, ``30m``, ``45s`` that is exact."""
+    seconds = value.total_seconds()
+    for unit in ("y", "w", "d", "h", "m"):
+        if seconds and seconds % _UNIT_S[unit] == 0:
+            return f"{int(seconds // _UNIT_S[unit])}{unit}"
+    return f"{seconds:g}s"
+
+
+#: A length of time: ``90d``, ``12h``, ``5y``, or seconds.
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 _NATS_TOKEN = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
 
@@ -231,6 +278,24 @@ class Settings(BaseSettings):
     """SQLite ``synchronous`` pragma. ``NORMAL`` with WAL survives a process crash;
     ``FULL`` also survives power loss at some cost in commit latency."""
 
+    timescaledb: Literal["auto", "require", "off"] = "auto"
+    """PostgreSQL only. ``auto``: hypertables when the server has TimescaleDB
+    preloaded, plain tables otherwise (with one warning when it is installed but not
+    preloaded). ``require``: start-up fails (exit 1) unless TimescaleDB can be used.
+    ``off``: plain tables; the extension is not created."""
+
+    chunk_interval_bars: Duration = timedelta(days=7)
+    """TimescaleDB chunk interval of the bars hypertable (new chunks only)."""
+
+    chunk_interval_trades: Duration = timedelta(days=1)
+    """TimescaleDB chunk interval of the trades hypertable."""
+
+    chunk_interval_quotes: Duration = timedelta(days=1)
+    """TimescaleDB chunk interval of the quotes hypertable."""
+
+    chunk_interval_options: Duration = timedelta(days=1)
+    """TimescaleDB chunk interval of the options hypertable."""
+
     sink_retry_initial_s: float = Field(default=0.1, gt=0.0)
     """First back-off after a failed commit (doubles, with jitter)."""
 
@@ -268,6 +333,18 @@ class Settings(BaseSettings):
     def _check_group(cls, value: str) -> str:
         if not value or any(c not in _NATS_TOKEN + "." for c in value):
             raise ValueError("queue_group must be letters, digits, '.', '-' or '_'")
+        return value
+
+    @field_validator(
+        "chunk_interval_bars",
+        "chunk_interval_trades",
+        "chunk_interval_quotes",
+        "chunk_interval_options",
+    )
+    @classmethod
+    def _check_chunk_interval(cls, value: timedelta) -> timedelta:
+        if value < timedelta(minutes=1):
+            raise ValueError("a chunk interval is at least 1m")
         return value
 
     @field_validator("database_url")
@@ -358,6 +435,16 @@ class Settings(BaseSettings):
             _check_creds(self.nats_creds)
         if self.nats_nkey is not None:
             _check_seed(self.nats_nkey.read_bytes(), f"nats_nkey: {self.nats_nkey}")
+
+    @property
+    def chunk_intervals(self) -> dict[str, timedelta]:
+        """The TimescaleDB chunk interval of each kind's table."""
+        return {
+            "bars": self.chunk_interval_bars,
+            "trades": self.chunk_interval_trades,
+            "quotes": self.chunk_interval_quotes,
+            "options": self.chunk_interval_options,
+        }
 
     @property
     def nats_servers(self) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -165,6 +165,16 @@ class ServiceView(Protocol):
     @property
     def sink_name(self) -> str:
         """The sink's short name (``sqlite``, ``postgresql``)."""
+        ...
+
+    @property
+    def sink_details(self) -> Mapping[str, str]:
+        """What the sink shows of itself (its layout, e.g. TimescaleDB hypertables)."""
+        ...
+
+    @property
+    def sink_progress(self) -> str:
+        """What a long sink opening is doing now (empty when nothing is under way)."""
         ...
 
     @property

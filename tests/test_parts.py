@@ -66,6 +66,8 @@ class _View:
     stats: Stats = field(default_factory=Stats)
     ingest_mode: str = "core"
     sink_name: str = "memory"
+    sink_details: dict[str, str] = field(default_factory=dict)
+    sink_progress: str = ""
     queue_depth: int = 0
     queue_capacity: int = 100
     in_flight: int = 0

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pydantic
 import pytest
 
-from store_svc.settings import Settings, load_settings, unknown_environment
+from store_svc.settings import (
+    Settings,
+    format_duration,
+    load_settings,
+    parse_duration,
+    unknown_environment,
+)
 
 pytestmark = pytest.mark.logic
 
@@ -124,3 +132,41 @@ def test_reload_reads_names_in_any_case_and_keeps_what_is_not_set() -> None:
     assert new.queue_capacity == 100, "only run-time settings change"
     with pytest.raises(pydantic.ValidationError, match="batch_size"):
         reloaded(current, {"STORE_BATCH_SIZE": "500"})
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds", "shown"),
+    [
+        ("90d", 90 * 86_400, "90d"),
+        ("12h", 43_200, "12h"),
+        ("5y", 5 * 365 * 86_400, "5y"),
+        ("2w", 14 * 86_400, "2w"),
+        ("30m", 1_800, "30m"),
+        ("45s", 45, "45s"),
+        ("3600", 3_600, "1h"),
+        (" 1.5d ", 129_600, "36h"),
+    ],
+)
+def test_durations_read_as_a_desk_writes_them(text: str, seconds: int, shown: str) -> None:
+    value = parse_duration(text)
+    assert isinstance(value, timedelta)
+    assert value.total_seconds() == seconds
+    assert format_duration(value) == shown
+
+
+@pytest.mark.parametrize("text", ["1 day", "d", "-1d", "7x", ""])
+def test_a_duration_that_is_not_one_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)
+
+
+def test_chunk_intervals_per_kind_and_their_floor() -> None:
+    s = load_settings(chunk_interval_trades="6h", chunk_interval_options=3600)
+    assert s.chunk_intervals == {
+        "bars": timedelta(days=7),
+        "trades": timedelta(hours=6),
+        "quotes": timedelta(days=1),
+        "options": timedelta(hours=1),
+    }
+    with pytest.raises(pydantic.ValidationError, match="at least 1m"):
+        load_settings(chunk_interval_bars="30s")

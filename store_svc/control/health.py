@@ -14,7 +14,9 @@ Components and their states:
                    reconnects, disconnects, server_closed, faults)
 ``nats-control``   the connection of health, micro, control, reads and telemetry
 ``queue``          healthy at ``ok``; degraded at ``soft`` or ``hard``
-``sink``           healthy while commits succeed; unhealthy while they fail (retrying)
+``sink``           healthy while commits succeed; unhealthy while they fail (retrying);
+                   ``layout`` (PostgreSQL: ``hypertables`` or ``plain``), ``opening``
+                   (while start-up converts a table, say)
 ``intake``         healthy while taking writes; degraded while starting, paused or
                    draining, or with a warning (a stream that captures the writes)
 ``loop``           the event loop: ``lag_ms`` (how late it runs); over HTTP,
@@ -75,6 +77,8 @@ def health_status(svc: ServiceView) -> HealthStatus:
         state="healthy" if svc.sink_ok else "unhealthy",
         details={
             "backend": svc.sink_name,
+            **svc.sink_details,
+            **({"opening": svc.sink_progress} if svc.sink_progress else {}),
             "reachable": str(svc.sink_ok).lower(),
             "last_commit_age_s": f"{loop.time() - last:.3f}" if last is not None else "never",
             "last_error": stats.last_sink_error or "",
@@ -134,7 +138,8 @@ def readiness(svc: ServiceView) -> tuple[bool, str, HealthStatus]:
     """
     status = health_status(svc)
     if svc.status is not Status.RUNNING:
-        return False, f"service is {svc.status.value}", status
+        doing = f": {svc.sink_progress}" if svc.sink_progress else ""
+        return False, f"service is {svc.status.value}{doing}", status
     if svc.paused:
         return False, "intake is paused", status
     for conn in svc.connections:

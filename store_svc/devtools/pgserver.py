@@ -3,7 +3,9 @@
 Uses the machine's ``initdb`` / ``pg_ctl`` (from ``/usr/lib/postgresql/<version>/bin``
 or ``$PATH``). The server refuses to run as root, so as root it runs as the ``postgres`` user. It
 listens on a random free loopback port, trusts local connections, and is removed
-with its data when stopped.
+with its data when stopped. ``preload`` puts libraries in
+``shared_preload_libraries`` (TimescaleDB needs it); :func:`has_extension` says
+whether the machine's PostgreSQL has an extension installed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-__all__ = ["PostgresServer", "find_pg_bin"]
+__all__ = ["PostgresServer", "find_pg_bin", "has_extension"]
 
 
 def find_pg_bin() -> Path:
@@ -40,6 +42,24 @@ def find_pg_bin() -> Path:
     raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
 
 
+def has_extension(name: str) -> bool:
+    """Whether the machine's PostgreSQL (the one :func:`find_pg_bin` finds) has the
+    extension ``name`` installed (its control file in the share folder)."""
+    try:
+        pg_config = find_pg_bin() / "pg_config"
+        if not pg_config.exists():
+            found = shutil.which("pg_config")
+            if found is None:
+                return False
+            pg_config = Path(found)
+        share = subprocess.run(
+            [str(pg_config), "--sharedir"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (FileNotFoundError, subprocess.CalledProcessError):
+        return False
+    return (Path(share) / "extension" / f"{name}.control").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,9 +71,11 @@ class PostgresServer:
 
     Args:
         port: a fixed port (to restart on the same address); 0 picks one.
+        preload: libraries for ``shared_preload_libraries`` (e.g. ``("timescaledb",)``).
     """
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, preload: tuple[str, ...] = ()) -> None:
+        self.preload = preload
         self.bin = find_pg_bin()
         self.port = port or _free_port()
         self.root = Path(tempfile.mkdtemp(prefix="store-pg-"))
@@ -116,10 +138,18 @@ class PostgresServer:
             "-t",
             "60",
             "-o",
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off",
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+            + self._preload_options(),
             "start",
         )
         return self
+
+    def _preload_options(self) -> str:
+        if not self.preload:
+            return ""
+        # No telemetry calls from a test server (there is no network to call).
+        extra = " -c timescaledb.telemetry_level=off" if "timescaledb" in self.preload else ""
+        return f" -c shared_preload_libraries={','.join(self.preload)}{extra}"
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server, keeping its data (for a restart).

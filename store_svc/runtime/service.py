@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -468,6 +468,14 @@ class _View:
     @property
     def sink_name(self) -> str:
         return self._svc.sink.name
+
+    @property
+    def sink_details(self) -> Mapping[str, str]:
+        return self._svc.sink.details()
+
+    @property
+    def sink_progress(self) -> str:
+        return self._svc.sink.progress
 
     @property
     def queue_depth(self) -> int:

@@ -57,6 +57,13 @@ class Sink(abc.ABC):
     name: str = "sink"
     #: Whether :meth:`prepare` overlaps a batch with the commit of the one ahead.
     overlaps_writes: bool = False
+    #: What a long :meth:`open` is doing now (e.g. converting a table), for health;
+    #: empty when nothing is under way.
+    progress: str = ""
+
+    def details(self) -> dict[str, str]:
+        """What health's ``sink`` component shows of this sink (e.g. its layout)."""
+        return {}
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -28,5 +28,9 @@ def make_sink(settings: Settings) -> Sink:
     if settings.database_url.startswith(("postgresql://", "postgres://")):
         from store_svc.store.postgres import PostgresSink
 
-        return PostgresSink(settings.database_url)
+        return PostgresSink(
+            settings.database_url,
+            timescaledb=settings.timescaledb,
+            chunk_intervals=settings.chunk_intervals,
+        )
     raise ConfigError(f"no sink for STORE_DATABASE_URL {settings.database_url.split(':')[0]}")

@@ -13,16 +13,17 @@ Two writer connections take turns: while one batch merges and commits, the next
 is copied into staging on the other; the batcher commits them in order.
 
 The schema is versioned in ``store_meta``; it is created or checked at start-up
-under an advisory lock, so instances starting together do not race. When the
-``timescaledb`` extension is available the four tables become hypertables on their
-time column; plain PostgreSQL works without it.
+under an advisory lock, so instances starting together do not race. Whether the
+four tables become TimescaleDB hypertables is ``STORE_TIMESCALEDB``'s to decide (see
+:mod:`store_svc.store.timescale`); plain PostgreSQL works without it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from datetime import timedelta
+from typing import Any, Literal
 
 import asyncpg
 
@@ -32,6 +33,7 @@ from store_svc.store.base import Batch, Prepared, Sink
 from store_svc.store.codec import compile_converter
 from store_svc.store.postgres_read import DRIVER_ERRORS, PostgresReader, quoted
 from store_svc.store.reads import Reader
+from store_svc.store.timescale import Timescale, describe
 
 __all__ = ["SCHEMA_VERSION", "PostgresSink", "merge_sql", "staging_records"]
 
@@ -202,14 +204,34 @@ class PostgresSink(Sink):
     Args:
         dsn: a ``postgresql://`` URL.
         pool_size: most connections kept open.
+        timescaledb: ``STORE_TIMESCALEDB`` (``auto``, ``require``, ``off``).
+        chunk_intervals: TimescaleDB chunk interval per kind (default: the settings').
+        command_timeout_s: the statement timeout of the pool's and the writers'
+            connections (a hypertable conversion has none).
     """
 
     name = "postgresql"
     overlaps_writes = True
 
-    def __init__(self, dsn: str, pool_size: int = 4) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        pool_size: int = 4,
+        *,
+        timescaledb: Literal["auto", "require", "off"] = "auto",
+        chunk_intervals: dict[str, timedelta] | None = None,
+        command_timeout_s: float = 60.0,
+    ) -> None:
         self.dsn = dsn
         self._pool_size = pool_size
+        self._timeout = command_timeout_s
+        intervals = chunk_intervals or {
+            "bars": timedelta(days=7),
+            "trades": timedelta(days=1),
+            "quotes": timedelta(days=1),
+            "options": timedelta(days=1),
+        }
+        self._ts = Timescale(dsn, timescaledb, intervals, self._set_progress)
         self._pool: asyncpg.Pool | None = None
         self._writers: set[asyncpg.Connection] = set()
         self._idle: list[asyncpg.Connection] = []
@@ -227,10 +249,10 @@ class PostgresSink(Sink):
             return
         try:
             pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=self._pool_size, command_timeout=60
+                self.dsn, min_size=1, max_size=self._pool_size, command_timeout=self._timeout
             )
         except DRIVER_ERRORS as exc:
-            raise SinkError(f"cannot connect to PostgreSQL: {exc}") from exc
+            raise SinkError(f"cannot connect to PostgreSQL: {describe(exc)}") from exc
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
@@ -248,37 +270,31 @@ class PostgresSink(Sink):
                         f"the database has schema version {found}; this version of store-svc "
                         f"understands up to {SCHEMA_VERSION}. Upgrade store-svc."
                     )
-                self.timescale = await self._hypertables(conn)
-        except SchemaError:
+                use = await self._ts.usable(conn)
+            if use:
+                # Outside the schema transaction and its timeout: a conversion of a big
+                # table takes minutes.
+                await self._ts.prepare()
+            self.timescale = use
+        except SinkError:
             await pool.close()
             raise
         except DRIVER_ERRORS as exc:
             await pool.close()
-            raise SinkError(f"cannot prepare the PostgreSQL schema: {exc}") from exc
+            raise SinkError(f"cannot prepare the PostgreSQL schema: {describe(exc)}") from exc
         self._pool = pool
+        if use:
+            log.info("TimescaleDB: the tables are hypertables")
 
-    @staticmethod
-    async def _hypertables(conn: Any) -> bool:
-        available = await conn.fetchval(
-            "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'"
-        )
-        if not available:
-            return False
-        try:
-            async with conn.transaction():  # a savepoint: a refusal keeps plain tables
-                await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        except asyncpg.PostgresError as exc:
-            log.warning("timescaledb is installed but cannot be enabled (%s); plain tables", exc)
-            return False
-        for table, column in ((k, spec.time_column) for k, spec in KINDS.items()):
-            await conn.execute(
-                "SELECT create_hypertable($1::regclass, $2::name, if_not_exists => TRUE, "
-                "migrate_data => TRUE)",
-                table,
-                column,
-            )
-        log.info("TimescaleDB found: tables are hypertables")
-        return True
+    def _set_progress(self, what: str) -> None:
+        self.progress = what
+
+    def details(self) -> dict[str, str]:
+        """The layout in use: ``hypertables`` or ``plain`` (and why plain)."""
+        if self.timescale:
+            return {"layout": "hypertables"}
+        because = self._ts.plain_because
+        return {"layout": "plain", **({"timescaledb": because} if because else {})}
 
     async def write(self, batch: Batch) -> None:
         """Copy and merge the batch in one transaction.
@@ -331,7 +347,7 @@ class PostgresSink(Sink):
             if not conn.is_closed():
                 return conn
             self._writers.discard(conn)
-        conn = await asyncpg.connect(self.dsn, command_timeout=60)
+        conn = await asyncpg.connect(self.dsn, command_timeout=self._timeout)
         try:
             for create, _ in self._sql.values():
                 await conn.execute(create)
