@@ -296,6 +296,25 @@ class Settings(BaseSettings):
     chunk_interval_options: Duration = timedelta(days=1)
     """TimescaleDB chunk interval of the options hypertable."""
 
+    retention_bars: Duration | None = None
+    """Bars older than this are removed (e.g. ``5y``); unset keeps them all."""
+
+    retention_trades: Duration | None = None
+    """Trades older than this are removed (e.g. ``90d``); unset keeps them all."""
+
+    retention_quotes: Duration | None = None
+    """Quotes older than this are removed; unset keeps them all."""
+
+    retention_options: Duration | None = None
+    """Option snapshots older than this are removed; unset keeps them all."""
+
+    retention_interval_s: float = Field(default=3600.0, gt=0.0)
+    """Time between two retention passes (the first runs a second after start-up)."""
+
+    retention_batch: int = Field(default=5000, ge=1, le=1_000_000)
+    """Rows removed per step of a pass (SQLite and plain PostgreSQL): a write waits
+    for one step at most."""
+
     sink_retry_initial_s: float = Field(default=0.1, gt=0.0)
     """First back-off after a failed commit (doubles, with jitter)."""
 
@@ -345,6 +364,13 @@ class Settings(BaseSettings):
     def _check_chunk_interval(cls, value: timedelta) -> timedelta:
         if value < timedelta(minutes=1):
             raise ValueError("a chunk interval is at least 1m")
+        return value
+
+    @field_validator("retention_bars", "retention_trades", "retention_quotes", "retention_options")
+    @classmethod
+    def _check_retention(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value < timedelta(hours=1):
+            raise ValueError("a retention is at least 1h")
         return value
 
     @field_validator("database_url")
@@ -445,6 +471,17 @@ class Settings(BaseSettings):
             "quotes": self.chunk_interval_quotes,
             "options": self.chunk_interval_options,
         }
+
+    @property
+    def retentions(self) -> dict[str, timedelta]:
+        """How long each kind with a retention keeps its records."""
+        kept = {
+            "bars": self.retention_bars,
+            "trades": self.retention_trades,
+            "quotes": self.retention_quotes,
+            "options": self.retention_options,
+        }
+        return {kind: value for kind, value in kept.items() if value is not None}
 
     @property
     def nats_servers(self) -> list[str]:

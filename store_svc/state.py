@@ -60,6 +60,13 @@ class Stats:
         queries: read requests answered, per ``<endpoint>:<outcome>`` (``query:ok``,
             ``latest:invalid_range``, ``query:query_timeout`` ...).
         query_records: records sent in query and latest replies.
+        retention_removed: rows removed by retention, per kind (hypertables: an
+            estimate from the planner's statistics).
+        retention_done: retention passes run by this instance.
+        retention_skipped: passes another instance of a shared database ran.
+        retention_failed: passes that failed (retried at the next interval).
+        retention_last_pass: wall time of the last pass that ran or was skipped.
+        retention_last_error: text of the last failed pass, cleared by a good one.
     """
 
     messages: int = 0
@@ -85,6 +92,12 @@ class Stats:
     js_pull_resets: int = 0
     queries: Counter[str] = field(default_factory=Counter)
     query_records: int = 0
+    retention_removed: Counter[str] = field(default_factory=Counter)
+    retention_done: int = 0
+    retention_skipped: int = 0
+    retention_failed: int = 0
+    retention_last_pass: float | None = None
+    retention_last_error: str = ""
 
     @property
     def committed_total(self) -> int:
@@ -175,6 +188,11 @@ class ServiceView(Protocol):
     @property
     def sink_progress(self) -> str:
         """What a long sink opening is doing now (empty when nothing is under way)."""
+        ...
+
+    @property
+    def retention(self) -> Mapping[str, str]:
+        """The retention of each kind that has one (``trades`` -> ``90d``)."""
         ...
 
     @property

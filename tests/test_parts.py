@@ -68,6 +68,7 @@ class _View:
     sink_name: str = "memory"
     sink_details: dict[str, str] = field(default_factory=dict)
     sink_progress: str = ""
+    retention: dict[str, str] = field(default_factory=dict)
     queue_depth: int = 0
     queue_capacity: int = 100
     in_flight: int = 0

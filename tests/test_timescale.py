@@ -244,3 +244,22 @@ async def test_installed_not_preloaded_runs_on_plain_tables_with_one_warning(
 async def test_require_without_the_preload_ends_start_up_saying_what_to_do(pg_url: str) -> None:
     with pytest.raises(SinkError, match="shared_preload_libraries"):
         await PostgresSink(pg_url, timescaledb="require").open()
+
+
+async def test_retention_drops_whole_chunks(ts_url: str) -> None:
+    from .test_retention import NOW, old_and_new
+
+    async with PostgresSink(ts_url, expiring=frozenset({"trades"})) as sink:
+        await sink.write({"trades": old_and_new(2_000, 100)})
+        conn = await asyncpg.connect(ts_url)
+        chunks = "SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = $1"
+        before = await conn.fetchval(chunks, "trades")
+        await conn.execute("ANALYZE trades")  # the removed count comes from statistics
+        removed = await sink.expire_pass({"trades": NOW - timedelta(days=1)}, 1_000, 0)
+        after = await conn.fetchval(chunks, "trades")
+        await conn.close()
+        assert removed == {"trades": 2_000}
+        assert (await sink.counts())["trades"] == 100
+        assert after < before
+    # Hypertables drop chunks: no time index is made for retention.
+    assert len(await _indexes(ts_url, "trades")) == 1

@@ -19,6 +19,8 @@ Components and their states:
                    (while start-up converts a table, say)
 ``intake``         healthy while taking writes; degraded while starting, paused or
                    draining, or with a warning (a stream that captures the writes)
+``retention``      (with a ``STORE_RETENTION_<KIND>``) healthy while passes succeed;
+                   degraded after a failed one (keeps, passes, removed, last_error)
 ``loop``           the event loop: ``lag_ms`` (how late it runs); over HTTP,
                    unhealthy once it has been stuck for ``STORE_LOOP_STALL_S``
 =================  ================================================================
@@ -118,12 +120,33 @@ def health_status(svc: ServiceView) -> HealthStatus:
         intake_c,
         loop_component(svc.loop_lag_ms),
     ]
+    if svc.retention:
+        components.append(_retention_component(svc))
     return HealthStatus(
         service=SERVICE_NAME,
         state=_worst([c.state for c in components]),
         components=components,
         version=__version__,
         ts=time.time(),
+    )
+
+
+def _retention_component(svc: ServiceView) -> HealthComponent:
+    """Healthy while passes succeed; degraded after a failed one (retried)."""
+    stats = svc.stats
+    last = stats.retention_last_pass
+    return HealthComponent(
+        name="retention",
+        state="degraded" if stats.retention_last_error else "healthy",
+        details={
+            "keeps": ", ".join(f"{k} {v}" for k, v in svc.retention.items()),
+            "passes": str(stats.retention_done),
+            "skipped": str(stats.retention_skipped),
+            "failed": str(stats.retention_failed),
+            "removed": ", ".join(f"{k} {n}" for k, n in sorted(stats.retention_removed.items())),
+            "last_pass_age_s": f"{time.time() - last:.0f}" if last is not None else "never",
+            "last_error": stats.retention_last_error,
+        },
     )
 
 

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from store_svc.control.probes import HealthSnapshot
 from store_svc.core import BackpressureLevel
-from store_svc.state import ServiceView
+from store_svc.state import ServiceView, Stats
 
 __all__ = ["Metrics"]
 
@@ -139,6 +139,34 @@ class _StoreCollector(Collector):
         yield faults
         yield disconnects
         yield denials
+        if svc.retention:
+            yield from _retention_metrics(stats)
+
+
+def _retention_metrics(stats: Stats) -> Iterator[Metric]:
+    removed = CounterMetricFamily(
+        "store_retention_removed",
+        "Rows removed by retention, per kind (hypertables: from the planner's statistics).",
+        labels=["kind"],
+    )
+    for kind, n in sorted(stats.retention_removed.items()):
+        removed.add_metric([kind], n)
+    yield removed
+    passes = CounterMetricFamily(
+        "store_retention_passes",
+        "Retention passes: done here, skipped (another instance ran it), failed.",
+        labels=["outcome"],
+    )
+    passes.add_metric(["done"], stats.retention_done)
+    passes.add_metric(["skipped"], stats.retention_skipped)
+    passes.add_metric(["failed"], stats.retention_failed)
+    yield passes
+    if stats.retention_last_pass is not None:
+        yield GaugeMetricFamily(
+            "store_retention_last_pass_timestamp_seconds",
+            "When the last retention pass ran or was skipped (Unix time).",
+            value=stats.retention_last_pass,
+        )
 
 
 class _Server(ThreadingMixIn, WSGIServer):

@@ -27,7 +27,7 @@ from store_svc.constants import (
     TS_HEADER,
 )
 from store_svc.errors import RejectedInput
-from store_svc.ingest.records import MIRRORS, Mirror, RowContext, to_utc
+from store_svc.ingest.records import MIRRORS, Mirror, RowContext, check_kept, to_utc
 from store_svc.kinds import KINDS, KindSpec, Row
 
 __all__ = ["Decoded", "PayloadDecoder", "Reject"]
@@ -115,11 +115,19 @@ class PayloadDecoder:
     Args:
         max_payload_bytes: larger payloads are rejected as ``oversize_payload``.
         max_future_skew_s: how far in the future a record time may lie.
+        retentions: how long each kind keeps its records; older ones are rejected as
+            ``beyond_retention`` (a retention pass would only remove them again).
     """
 
-    def __init__(self, max_payload_bytes: int, max_future_skew_s: float) -> None:
+    def __init__(
+        self,
+        max_payload_bytes: int,
+        max_future_skew_s: float,
+        retentions: dict[str, timedelta] | None = None,
+    ) -> None:
         self._max_payload = max_payload_bytes
         self._skew = timedelta(seconds=max_future_skew_s)
+        self._kept = dict(retentions or {})
         self._json = {kind: _Codec(spec, msgpack=False) for kind, spec in KINDS.items()}
         self._msgpack = {kind: _Codec(spec, msgpack=True) for kind, spec in KINDS.items()}
 
@@ -164,7 +172,13 @@ class PayloadDecoder:
                 option_ts = _parse_md_ts(md_ts, latest)
         else:
             codec = self._json[kind]
-        ctx = RowContext(latest, symbol, option_ts)
+        kept = self._kept.get(kind)
+        if kept is None:
+            ctx = RowContext(latest, symbol, option_ts)
+        else:
+            ctx = RowContext(latest, symbol, option_ts, received - kept)
+            if kind == "options":
+                check_kept(option_ts, "the snapshot time", ctx.earliest)
         out = Decoded(spec, [], [])
         try:
             whole = codec.whole.decode(payload)

@@ -134,29 +134,40 @@ class RowContext:
         latest: the latest acceptable record time (receipt time plus the allowed skew).
         symbol: the symbol token of the subject, if the subject had one.
         option_ts: the time given to option snapshots (``Md-Ts`` header or receipt).
+        earliest: the oldest record time this kind keeps (receipt time minus its
+            retention; 1900 when it keeps everything).
     """
 
-    __slots__ = ("latest", "option_ts", "symbol")
+    __slots__ = ("earliest", "latest", "option_ts", "symbol")
 
-    def __init__(self, latest: datetime, symbol: str | None, option_ts: datetime) -> None:
+    def __init__(
+        self,
+        latest: datetime,
+        symbol: str | None,
+        option_ts: datetime,
+        earliest: datetime = EARLIEST,
+    ) -> None:
         self.latest = latest
         self.symbol = symbol
         self.option_ts = option_ts
+        self.earliest = earliest
 
 
-def to_utc(value: Time, field: str, latest: datetime) -> datetime:
+def to_utc(value: Time, field: str, latest: datetime, earliest: datetime = EARLIEST) -> datetime:
     """Turn a wire time into an aware UTC datetime and check that it is plausible.
 
     Args:
         value: a datetime (naive means UTC) or epoch seconds / milliseconds.
         field: the field name, for the error.
         latest: the latest acceptable time.
+        earliest: the oldest time kept (a retention's cut-off), 1900 at the earliest.
 
     Returns:
         The time as an aware UTC datetime.
 
     Raises:
-        RejectedInput: ``timestamp_out_of_range`` when outside [1900, latest].
+        RejectedInput: ``timestamp_out_of_range`` when outside [1900, latest];
+            ``beyond_retention`` when older than ``earliest``.
     """
     if isinstance(value, datetime):
         if value.tzinfo is None:
@@ -172,12 +183,27 @@ def to_utc(value: Time, field: str, latest: datetime) -> datetime:
                 ) from None
     else:
         when = _from_epoch(value, field)
-    if not EARLIEST <= when <= latest:
+    if not earliest <= when <= latest:
+        if EARLIEST <= when < earliest:
+            raise RejectedInput("beyond_retention", _beyond(field, when, earliest))
         raise RejectedInput(
             "timestamp_out_of_range",
             f"{field} {when.isoformat()} is outside [{EARLIEST.date()}, {latest.isoformat()}]",
         )
     return when
+
+
+def _beyond(field: str, when: datetime, earliest: datetime) -> str:
+    return (
+        f"{field} {when.isoformat()} is older than this store keeps (since "
+        f"{earliest.isoformat(timespec='seconds')}: STORE_RETENTION_<KIND>)"
+    )
+
+
+def check_kept(when: datetime, field: str, earliest: datetime) -> None:
+    """Raise ``beyond_retention`` when ``when`` is older than ``earliest``."""
+    if when < earliest:
+        raise RejectedInput("beyond_retention", _beyond(field, when, earliest))
 
 
 def time_bound(value: Time, field: str) -> int:
@@ -333,7 +359,7 @@ def bar_row(r: BarRecord, ctx: RowContext) -> Row:
     return (
         check_symbol(r.symbol, ctx),
         check_text(r.resolution, "resolution"),
-        to_utc(r.ts, "ts", ctx.latest),
+        to_utc(r.ts, "ts", ctx.latest, ctx.earliest),
         check_decimal(r.open, "open"),
         check_decimal(r.high, "high"),
         check_decimal(r.low, "low"),
@@ -347,7 +373,7 @@ def trade_row(r: TradeRecord, ctx: RowContext) -> Row:
     """Validate a trade and return its row, in ``KINDS["trades"].columns`` order."""
     return (
         check_symbol(r.symbol, ctx),
-        to_utc(r.ts, "ts", ctx.latest),
+        to_utc(r.ts, "ts", ctx.latest, ctx.earliest),
         check_decimal(r.price, "price"),
         check_int64(r.size, "size"),
         _opt_text(r.exchange, "exchange"),
@@ -359,7 +385,7 @@ def quote_row(r: QuoteRecord, ctx: RowContext) -> Row:
     """Validate a quote and return its row, in ``KINDS["quotes"].columns`` order."""
     return (
         check_symbol(r.symbol, ctx),
-        to_utc(r.timestamp, "timestamp", ctx.latest),
+        to_utc(r.timestamp, "timestamp", ctx.latest, ctx.earliest),
         _opt_decimal(r.bid, "bid"),
         _opt_decimal(r.ask, "ask"),
         _opt_decimal(r.last, "last"),

@@ -50,6 +50,7 @@ from store_svc.ingest.jetstream import JetStreamIntake
 from store_svc.ingest.queue import RecordQueue
 from store_svc.kinds import kind_or_unknown
 from store_svc.read.api import QueryApi
+from store_svc.runtime.retention import RetentionRunner
 from store_svc.settings import RELOADABLE, Settings, reloaded
 from store_svc.state import ConnectionView, Stats, Status
 from store_svc.store.base import Sink
@@ -123,11 +124,14 @@ class StoreService:
             on_commit=self.metrics.observe_commit,
             on_sink_state=self._on_sink_state,
         )
-        self.decoder = PayloadDecoder(settings.max_payload_bytes, settings.max_future_skew_s)
+        self.decoder = PayloadDecoder(
+            settings.max_payload_bytes, settings.max_future_skew_s, settings.retentions
+        )
         self.control = ControlPlane(settings, self.view)
         self.admin = AdminControl(settings, self._act)
         self.query: QueryApi | None = None
         self._intake: Intake | None = None
+        self.retention = RetentionRunner(self.sink, settings, self.stats)
         #: The snapshot refresher, the feedback publisher and the batcher.
         self._tasks = TaskSet("service")
         self._stopped = asyncio.Event()
@@ -191,6 +195,8 @@ class StoreService:
                 await self._check_no_stream_captures_writes()
                 self._intake = CoreIntake(parts)
             await self._start_intake(self._intake)
+            if self.retention.configured:
+                self._tasks.start("retention", self.retention.run())
         except BaseException:
             await self._abort()
             raise
@@ -268,6 +274,7 @@ class StoreService:
             return max(0.0, deadline - loop.time())
 
         try:
+            await self._tasks.stop("retention")  # no deletes while draining
             if self._intake is not None:
                 log.info("stopping intake")
                 await self._intake.stop(left() / 2)
@@ -476,6 +483,10 @@ class _View:
     @property
     def sink_progress(self) -> str:
         return self._svc.sink.progress
+
+    @property
+    def retention(self) -> Mapping[str, str]:
+        return self._svc.retention.describe()
 
     @property
     def queue_depth(self) -> int:

@@ -3,16 +3,22 @@
 A sink commits whole batches in one transaction with idempotent upserts; one that
 can overlap work prepares the next batch while the one ahead commits
 (:class:`Prepared`). Reads are a separate contract (``reads.py``): a sink that can
-be queried hands out a :class:`~store_svc.store.reads.Reader` of its own.
+be queried hands out a :class:`~store_svc.store.reads.Reader` of its own. Retention
+removes old rows in small steps (:meth:`Sink.expire`) within one pass
+(:meth:`Sink.expire_pass`), which a shared database lets one instance run at a time.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Self
 
+from store_svc.errors import SinkError
 from store_svc.kinds import Row
 from store_svc.store.reads import Reader
 
@@ -116,6 +122,49 @@ class Sink(abc.ABC):
             queried.
         """
         return None
+
+    async def expire(self, kind: str, before: datetime, limit: int) -> int:
+        """Remove up to ``limit`` rows of ``kind`` whose time is before ``before``.
+
+        Returns:
+            The rows removed; fewer than ``limit`` means none older are left.
+
+        Raises:
+            SinkError: the rows could not be removed (nothing of this step was).
+        """
+        raise SinkError(f"the {self.name} sink cannot remove old rows", retryable=False)
+
+    @contextlib.asynccontextmanager
+    async def retention_turn(self) -> AsyncIterator[bool]:
+        """Whether this instance runs the retention pass now (a database shared by
+        several instances gives one of them the turn); held while the pass runs."""
+        yield True
+
+    async def expire_pass(
+        self, cutoffs: Mapping[str, datetime], limit: int, pause_s: float
+    ) -> dict[str, int] | None:
+        """Remove the rows older than each kind's cut-off, ``limit`` rows per step,
+        pausing ``pause_s`` between steps so writes go first.
+
+        Returns:
+            The rows removed per kind, or ``None`` when another instance has the turn.
+
+        Raises:
+            SinkError: a step failed (the steps before it stay done).
+        """
+        async with self.retention_turn() as mine:
+            if not mine:
+                return None
+            removed: dict[str, int] = {}
+            for kind, before in cutoffs.items():
+                removed[kind] = 0
+                while True:
+                    n = await self.expire(kind, before, limit)
+                    removed[kind] += n
+                    if n < limit:
+                        break
+                    await asyncio.sleep(pause_s)
+            return removed
 
     @abc.abstractmethod
     async def close(self) -> None:

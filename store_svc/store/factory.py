@@ -24,7 +24,11 @@ def make_sink(settings: Settings) -> Sink:
     """
     path = settings.sqlite_path
     if path is not None:
-        return SqliteSink(path, synchronous=settings.sqlite_synchronous)
+        return SqliteSink(
+            path,
+            synchronous=settings.sqlite_synchronous,
+            expiring=frozenset(settings.retentions),
+        )
     if settings.database_url.startswith(("postgresql://", "postgres://")):
         from store_svc.store.postgres import PostgresSink
 
@@ -32,5 +36,6 @@ def make_sink(settings: Settings) -> Sink:
             settings.database_url,
             timescaledb=settings.timescaledb,
             chunk_intervals=settings.chunk_intervals,
+            expiring=frozenset(settings.retentions),
         )
     raise ConfigError(f"no sink for STORE_DATABASE_URL {settings.database_url.split(':')[0]}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 from store_svc.errors import SinkError
 from store_svc.kinds import KINDS, Row
@@ -82,6 +83,16 @@ class MemorySink(Sink):
     async def rows(self, kind: str) -> list[Row]:
         """Rows of ``kind`` in insertion order of their keys."""
         return list(self._tables[kind].values())
+
+    async def expire(self, kind: str, before: datetime, limit: int) -> int:
+        """Remove up to ``limit`` rows of ``kind`` older than ``before``."""
+        spec = KINDS[kind]
+        at = spec.columns.index(spec.time_column)
+        table = self._tables[kind]
+        doomed = [key for key, row in table.items() if row[at] < before][:limit]
+        for key in doomed:
+            del table[key]
+        return len(doomed)
 
     async def counts(self) -> dict[str, int]:
         """Rows per kind."""

@@ -20,9 +20,10 @@ four tables become TimescaleDB hypertables is ``STORE_TIMESCALEDB``'s to decide 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
-from datetime import timedelta
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _LOCK_KEY = 0x5354_4F52  # "STOR": the advisory lock that serialises schema changes
+_RETENTION_KEY = 0x5354_5245  # "STRE": the instance whose turn it is to run retention
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS store_meta (key text PRIMARY KEY, value text NOT NULL);
@@ -208,6 +210,9 @@ class PostgresSink(Sink):
         chunk_intervals: TimescaleDB chunk interval per kind (default: the settings').
         command_timeout_s: the statement timeout of the pool's and the writers'
             connections (a hypertable conversion has none).
+        expiring: kinds with a retention: as plain tables they get a BRIN index on
+            the time column (small, nearly free to keep), which retention's deletes
+            go by; hypertables drop whole chunks instead.
     """
 
     name = "postgresql"
@@ -221,7 +226,9 @@ class PostgresSink(Sink):
         timescaledb: Literal["auto", "require", "off"] = "auto",
         chunk_intervals: dict[str, timedelta] | None = None,
         command_timeout_s: float = 60.0,
+        expiring: frozenset[str] = frozenset(),
     ) -> None:
+        self._expiring = expiring
         self.dsn = dsn
         self._pool_size = pool_size
         self._timeout = command_timeout_s
@@ -275,6 +282,8 @@ class PostgresSink(Sink):
                 # Outside the schema transaction and its timeout: a conversion of a big
                 # table takes minutes.
                 await self._ts.prepare()
+            elif self._expiring:
+                await self._age_indexes()
             self.timescale = use
         except SinkError:
             await pool.close()
@@ -285,6 +294,85 @@ class PostgresSink(Sink):
         self._pool = pool
         if use:
             log.info("TimescaleDB: the tables are hypertables")
+
+    async def _age_indexes(self) -> None:
+        """BRIN indexes on the time column of plain tables with a retention (built
+        outside the schema transaction's timeout: a big table takes a while)."""
+        conn = await asyncpg.connect(self.dsn, command_timeout=None)
+        try:
+            await conn.execute("SET statement_timeout = 0")
+            for kind in sorted(self._expiring):
+                spec = KINDS[kind]
+                column = quoted(spec.time_column)
+                self.progress = f"indexing {spec.table} by time for retention"
+                await conn.execute(
+                    f"CREATE INDEX IF NOT EXISTS {spec.table}_{spec.time_column}_age "
+                    f"ON {spec.table} USING brin ({column})"
+                )
+        finally:
+            self.progress = ""
+            await conn.close()
+
+    async def expire(self, kind: str, before: datetime, limit: int) -> int:
+        """Remove rows of ``kind`` older than ``before``: up to ``limit`` of a plain
+        table in one short transaction; on a hypertable, every chunk wholly older
+        (rows counted from the planner's statistics: an estimate)."""
+        pool = self._pool
+        if pool is None:
+            raise SinkError("the PostgreSQL sink is not open")
+        spec = KINDS[kind]
+        try:
+            if self.timescale:
+                async with pool.acquire() as conn:
+                    estimate = await conn.fetchval(
+                        "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint "
+                        "FROM show_chunks($1::regclass, older_than => $2::timestamptz) AS s "
+                        "JOIN pg_class c ON c.oid = s",
+                        spec.table,
+                        before,
+                    )
+                    dropped = await conn.fetch(
+                        "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)",
+                        spec.table,
+                        before,
+                    )
+                if dropped:
+                    log.info("retention: dropped %d %s chunks", len(dropped), spec.table)
+                return int(estimate) if dropped else 0
+            column = quoted(spec.time_column)
+            status = await pool.execute(
+                f"DELETE FROM {spec.table} WHERE ctid = ANY (ARRAY(SELECT ctid FROM "
+                f"{spec.table} WHERE {column} < $1 LIMIT $2))",
+                before,
+                limit,
+            )
+        except DRIVER_ERRORS as exc:
+            raise SinkError(f"retention on {spec.table} failed: {describe(exc)}") from exc
+        return int(status.rsplit(" ", 1)[-1])
+
+    @contextlib.asynccontextmanager
+    async def retention_turn(self) -> AsyncIterator[bool]:
+        """One instance per database runs a pass: the one holding an advisory lock."""
+        pool = self._pool
+        if pool is None:
+            raise SinkError("the PostgreSQL sink is not open")
+        try:
+            conn = await pool.acquire()
+        except DRIVER_ERRORS as exc:
+            raise SinkError(f"retention: {describe(exc)}") from exc
+        try:
+            try:
+                mine = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RETENTION_KEY))
+            except DRIVER_ERRORS as exc:
+                raise SinkError(f"retention: {describe(exc)}") from exc
+            try:
+                yield mine
+            finally:
+                if mine:
+                    with contextlib.suppress(*DRIVER_ERRORS):
+                        await conn.execute("SELECT pg_advisory_unlock($1)", _RETENTION_KEY)
+        finally:
+            await pool.release(conn)
 
     def _set_progress(self, what: str) -> None:
         self.progress = what

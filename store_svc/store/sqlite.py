@@ -157,6 +157,15 @@ def _ignore_result(fut: asyncio.Future[Any]) -> None:
         fut.exception()  # mark it retrieved
 
 
+def _age_index(spec: KindSpec) -> str:
+    """The time index retention's deletes use (only made for kinds with a retention:
+    it costs every write)."""
+    return (
+        f"CREATE INDEX IF NOT EXISTS {spec.table}_{spec.time_column}_age "
+        f"ON {spec.table} ({spec.time_column});\n"
+    )
+
+
 class SqliteSink(Sink):
     """Stores rows in a SQLite file, through a writer process of its own.
 
@@ -168,13 +177,19 @@ class SqliteSink(Sink):
     Args:
         path: the database file; its folder is created if missing.
         synchronous: the ``synchronous`` pragma (``NORMAL`` or ``FULL``; see settings).
+        expiring: kinds with a retention: their tables get an index on the time
+            column (made at open), which retention's deletes go by.
     """
 
     name = "sqlite"
     overlaps_writes = True
 
     def __init__(
-        self, path: Path, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000
+        self,
+        path: Path,
+        synchronous: str = "NORMAL",
+        busy_timeout_ms: int = 5000,
+        expiring: frozenset[str] = frozenset(),
     ) -> None:
         self.path = path
         self._synchronous = synchronous
@@ -185,7 +200,7 @@ class SqliteSink(Sink):
             "path": str(path),
             "synchronous": synchronous,
             "busy_timeout_ms": busy_timeout_ms,
-            "ddl": _DDL,
+            "ddl": _DDL + "".join(_age_index(KINDS[kind]) for kind in sorted(expiring)),
             "schema_version": SCHEMA_VERSION,
             "sql": {kind: upsert_sql(spec) for kind, spec in KINDS.items()},
             "select": {
@@ -271,6 +286,16 @@ class SqliteSink(Sink):
         await self._ensure_writer()
         raw = await self._writer.call("rows", kind)
         return [_from_sqlite(spec, r) for r in raw]
+
+    async def expire(self, kind: str, before: datetime, limit: int) -> int:
+        """Remove up to ``limit`` rows of ``kind`` older than ``before`` (one small
+        transaction in the writer). Freed pages are reused by new rows; the file does
+        not shrink."""
+        spec = KINDS[kind]
+        await self._ensure_writer()
+        arg = [spec.table, spec.time_column, time_micros(before), limit]
+        removed: int = await self._writer.call("expire", arg)
+        return removed
 
     async def counts(self) -> dict[str, int]:
         """Rows per table."""
