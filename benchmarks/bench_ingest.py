@@ -51,19 +51,20 @@ from benchmarks.ingest_scenarios import (
     MATRIX,
     MIXED,
     MIXED_PER_MSG,
-    POSTGRESQL,
+    PG_SINKS,
     QUERY_CHAINS,
     QUERY_IN_FLIGHT,
     QUERY_PAGE_LIMIT,
     QUICK,
     RSS_FULL_QUEUE,
     SCALEOUT,
+    TIMESCALEDB,
     Preset,
     select,
 )
 from benchmarks.ingest_throughput import run_service_scenario
 from store_svc.devtools.natsserver import NatsServer
-from store_svc.devtools.pgserver import PostgresServer
+from store_svc.devtools.pgserver import PostgresServer, has_extension
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -74,6 +75,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     names = select(args.only)
     sink_of = {s.name: s.sink for s in (*MATRIX, *SCALEOUT)}
     sink_of.update((s.name, s.sink) for s in MIXED)
+    timescale = has_extension("timescaledb")
+    if not timescale:
+        left_out = [n for n in names if sink_of.get(n) == TIMESCALEDB]
+        if left_out:
+            print(
+                f"TimescaleDB is not installed in this machine's PostgreSQL: "
+                f"{len(left_out)} timescaledb scenarios left out",
+                file=sys.stderr,
+            )
+        names = [n for n in names if n not in left_out]
     info = machine_info()
     started = time.monotonic()
     scenarios: list[dict[str, Any]] = []
@@ -93,14 +104,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         server = stack.enter_context(NatsServer(store_dir=workroot / "jetstream"))
         progress.log(f"nats-server on {server.url} (JetStream store in {workroot})")
         pg: PostgresServer | None = None
-        if any(sink_of.get(n) == POSTGRESQL for n in names):
+        if any(sink_of.get(n) in PG_SINKS for n in names):
             progress.phase("starting PostgreSQL")
             try:
-                pg = PostgresServer()
+                # Preloaded where installed: the postgresql scenarios then run on plain
+                # tables and the timescaledb ones on hypertables of the same server.
+                pg = PostgresServer(preload=("timescaledb",) if timescale else ())
                 stack.callback(pg.remove)  # also after a failed start: the folder goes
                 pg.start()
                 progress.log(f"PostgreSQL on {pg.dsn}")
                 info["postgresql"] = pg_version()
+                info["timescaledb_preloaded"] = timescale
             except (OSError, subprocess.SubprocessError) as exc:
                 # The PostgreSQL scenarios fail (exit code 1); the others still run.
                 progress.log(f"PostgreSQL could not start: {exc!r}")
@@ -125,7 +139,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             progress.advance()
     info["loadavg_at_end"] = os.getloadavg()
     info["git_at_end"] = git_state()
-    defaults = DEFAULTS.model_dump(exclude={"admin_token", "nats_url", "database_url"})
+    defaults = DEFAULTS.model_dump(mode="json", exclude={"admin_token", "nats_url", "database_url"})
     report: dict[str, Any] = {
         "benchmark": "ingest",
         "preset": preset.name,

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import msgspec
@@ -195,7 +195,11 @@ def measure_raw_executemany(
 
 
 def measure_raw_copy_merge(
-    kind: str, payloads: list[bytes], database_url: str, settings: Settings
+    kind: str,
+    payloads: list[bytes],
+    database_url: str,
+    settings: Settings,
+    timescaledb: Literal["auto", "require", "off"] = "off",
 ) -> dict[str, Any]:
     """Ceiling B for PostgreSQL: the same rows through plain asyncpg COPY + merge.
 
@@ -214,19 +218,24 @@ def measure_raw_copy_merge(
         payloads: the scenario's message bodies.
         database_url: a fresh, empty PostgreSQL database.
         settings: supplies ``batch_size`` and the decoder limits.
+        timescaledb: ``off`` for plain tables, ``require`` for hypertables.
 
     Returns:
         Rows, rows stored, the seconds and rows/s of each way, and ``rows_per_s`` of
         the faster (the ceiling).
     """
-    return uvloop.run(_raw_copy_merge(kind, payloads, database_url, settings))
+    return uvloop.run(_raw_copy_merge(kind, payloads, database_url, settings, timescaledb))
 
 
 async def _raw_copy_merge(
-    kind: str, payloads: list[bytes], database_url: str, settings: Settings
+    kind: str,
+    payloads: list[bytes],
+    database_url: str,
+    settings: Settings,
+    timescaledb: Literal["auto", "require", "off"],
 ) -> dict[str, Any]:
     """The body of :func:`measure_raw_copy_merge` (inside the event loop)."""
-    sink = PostgresSink(database_url)
+    sink = PostgresSink(database_url, timescaledb=timescaledb)
     await sink.open()
     timescale = sink.timescale
     await sink.close()

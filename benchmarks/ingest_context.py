@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
@@ -38,7 +38,8 @@ from benchmarks.ingest_scenarios import (
     DEFAULTS,
     MIXED_KIND,
     MIXED_PER_MSG,
-    POSTGRESQL,
+    PG_SINKS,
+    TIMESCALEDB,
     PayloadSet,
     PhasePayloads,
     Preset,
@@ -163,11 +164,12 @@ class RunContext:
         if key not in self.ceilings_b:
             pset = self.payload_set(per_msg, kind)
             self.progress.phase(f"ceiling B (raw {sink} insert) {key}")
-            if sink == POSTGRESQL:
+            if sink in PG_SINKS:
                 assert self.pg is not None
                 url = create_pg_database(self.pg, f"raw-{key}")
+                layout: Literal["require", "off"] = "require" if sink == TIMESCALEDB else "off"
                 try:
-                    b = measure_raw_copy_merge(kind, pset.payloads(), url, DEFAULTS)
+                    b = measure_raw_copy_merge(kind, pset.payloads(), url, DEFAULTS, layout)
                 finally:
                     drop_pg_database(self.pg, url)
             else:
@@ -184,7 +186,7 @@ class RunContext:
 
     def require_pg(self, sink: str) -> None:
         """Fail a PostgreSQL scenario when the run has no PostgreSQL server."""
-        if sink == POSTGRESQL and self.pg is None:
+        if sink in PG_SINKS and self.pg is None:
             raise RuntimeError("no PostgreSQL server (see the log above)")
 
     def scenario_database(self, name: str, sink: str) -> tuple[Path, str]:
@@ -196,7 +198,7 @@ class RunContext:
         """
         workdir = self.workroot / name
         workdir.mkdir()
-        if sink == POSTGRESQL:
+        if sink in PG_SINKS:
             assert self.pg is not None
             database_url = create_pg_database(self.pg, name)
         else:

@@ -235,13 +235,23 @@ def summarize(results: list[PublishResult], per_msg: int) -> Throughput:
 # ----------------------------------------------------------------- the service
 
 
-def service_settings(nats_url: str, database_url: str, mode: str = CORE) -> Settings:
-    """The settings a benchmarked service runs with (defaults but these three)."""
+def service_settings(
+    nats_url: str,
+    database_url: str,
+    mode: str = CORE,
+    timescaledb: Literal["auto", "require", "off"] = "off",
+) -> Settings:
+    """The settings a benchmarked service runs with (defaults but these four). A
+    PostgreSQL sink runs on plain tables unless ``timescaledb`` asks for hypertables
+    (the run's server preloads TimescaleDB where it is installed)."""
     if mode not in (CORE, JETSTREAM):
         raise ValueError(f"unknown ingest mode {mode!r}")
     ingest_mode: Literal["core", "jetstream"] = "jetstream" if mode == JETSTREAM else "core"
     return Settings.model_construct(
-        nats_url=nats_url, database_url=database_url, ingest_mode=ingest_mode
+        nats_url=nats_url,
+        database_url=database_url,
+        ingest_mode=ingest_mode,
+        timescaledb=timescaledb,
     )
 
 
@@ -249,9 +259,10 @@ class ServiceProcess:
     """``store-svc run`` as a subprocess, with its log in a file.
 
     Args:
-        settings: the settings it runs with (only the two URLs, and the ingest mode when
-            it is not ``core``, are passed; every other ``STORE_*`` variable is removed
-            from its environment, so it runs with the defaults).
+        settings: the settings it runs with (only the two URLs, the ingest mode when
+            it is not ``core`` and, for PostgreSQL, ``timescaledb`` are passed; every
+            other ``STORE_*`` variable is removed from its environment, so it runs
+            with the defaults).
         log_path: where its stderr goes.
         extra_env: more environment variables (e.g. ``STORE_METRICS_PORT``).
     """
@@ -288,6 +299,8 @@ class ServiceProcess:
         env["STORE_DATABASE_URL"] = self.settings.database_url
         if self.settings.ingest_mode != CORE:
             env["STORE_INGEST_MODE"] = self.settings.ingest_mode
+        if self.settings.database_url.startswith("postgres"):
+            env["STORE_TIMESCALEDB"] = self.settings.timescaledb
         env.update(self.extra_env)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(

@@ -29,6 +29,10 @@ from store_svc.settings import Settings
 
 SQLITE = "sqlite"
 POSTGRESQL = "postgresql"
+#: PostgreSQL with the tables as TimescaleDB hypertables (the same server, preloaded;
+#: ``postgresql`` scenarios run with ``STORE_TIMESCALEDB=off``).
+TIMESCALEDB = "timescaledb"
+PG_SINKS = (POSTGRESQL, TIMESCALEDB)
 MODES = (CORE, JETSTREAM)
 SINKS = (SQLITE, POSTGRESQL)
 RECORDS_PER_MSG = (1, 100, 1000)
@@ -63,7 +67,7 @@ class Scenario:
 
     Attributes:
         mode: the service's ingest mode, ``core`` or ``jetstream``.
-        sink: ``sqlite`` or ``postgresql``.
+        sink: ``sqlite``, ``postgresql`` or ``timescaledb``.
         per_msg: records per message.
         kind: ``trades`` or ``bars``.
         instances: service instances sharing the work (2 for scale-out).
@@ -86,12 +90,21 @@ class Scenario:
         return f"{SCALEOUT_PREFIX}{self.base_name}" if self.instances > 1 else self.base_name
 
 
-MATRIX = tuple(
-    Scenario(mode, sink, per_msg, kind)
-    for mode in MODES
-    for sink in SINKS
-    for per_msg in RECORDS_PER_MSG
-    for kind in RECORD_KINDS
+MATRIX = (
+    *(
+        Scenario(mode, sink, per_msg, kind)
+        for mode in MODES
+        for sink in SINKS
+        for per_msg in RECORDS_PER_MSG
+        for kind in RECORD_KINDS
+    ),
+    # Where the database's cost shows: against postgresql-<n> in the same run.
+    *(
+        Scenario(mode, TIMESCALEDB, per_msg, kind)
+        for mode in MODES
+        for per_msg in (100, 1000)
+        for kind in RECORD_KINDS
+    ),
 )
 SCALEOUT = tuple(Scenario(mode, POSTGRESQL, 1000, "trades", instances=2) for mode in MODES)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Literal
 
 from benchmarks.ingest_context import RunContext, ServiceRun
 from benchmarks.ingest_infra import (
@@ -33,7 +33,7 @@ from benchmarks.ingest_infra import (
 )
 from benchmarks.ingest_latency import run_latency_phases
 from benchmarks.ingest_roles import PublishResult
-from benchmarks.ingest_scenarios import POSTGRESQL, Scenario
+from benchmarks.ingest_scenarios import PG_SINKS, TIMESCALEDB, Scenario
 
 
 def run_service_scenario(ctx: RunContext, sc: Scenario) -> dict[str, Any]:
@@ -50,7 +50,8 @@ def run_service_scenario(ctx: RunContext, sc: Scenario) -> dict[str, Any]:
     a_key, a = ctx.ceiling_a(sc.per_msg, sc.kind)
     b_key, b = ctx.ceiling_b(sc.sink, sc.per_msg, sc.kind)
     workdir, database_url = ctx.scenario_database(sc.name, sc.sink)
-    settings = service_settings(ctx.url, database_url, sc.mode)
+    layout: Literal["require", "off"] = "require" if sc.sink == TIMESCALEDB else "off"
+    settings = service_settings(ctx.url, database_url, sc.mode, layout)
     run = ServiceRun(
         sc,
         pset,
@@ -265,7 +266,7 @@ def _stop_services(
     if run.on_js:
         out["jetstream"] = jetstream_state(ctx.url, settings)
         delete_stream(ctx.url, settings.js_stream)
-    if ctx.pg is not None and sc.sink == POSTGRESQL:
+    if ctx.pg is not None and sc.sink in PG_SINKS:
         drop_pg_database(ctx.pg, run.database_url)
     return shutdowns
 

@@ -49,7 +49,10 @@ def parse_duration(value: object) -> object:
         m = _DURATION.match(value.lower())
         if m is None:
             raise ValueError(f"{value!r} is not a duration (e.g. 90d, 12h, 5y, 30m, 45s)")
-        return timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2)])
+        try:
+            return timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2)])
+        except OverflowError:
+            raise ValueError(f"{value!r} is longer than any duration this store takes") from None
     if isinstance(value, int | float) and not isinstance(value, bool):
         return timedelta(seconds=value)
     return value
@@ -282,7 +285,8 @@ class Settings(BaseSettings):
     """PostgreSQL only. ``auto``: hypertables when the server has TimescaleDB
     preloaded, plain tables otherwise (with one warning when it is installed but not
     preloaded). ``require``: start-up fails (exit 1) unless TimescaleDB can be used.
-    ``off``: plain tables; the extension is not created."""
+    ``off``: plain tables; the extension is not created (tables that are hypertables
+    already are refused)."""
 
     chunk_interval_bars: Duration = timedelta(days=7)
     """TimescaleDB chunk interval of the bars hypertable (new chunks only)."""
@@ -369,8 +373,8 @@ class Settings(BaseSettings):
     @field_validator("retention_bars", "retention_trades", "retention_quotes", "retention_options")
     @classmethod
     def _check_retention(cls, value: timedelta | None) -> timedelta | None:
-        if value is not None and value < timedelta(hours=1):
-            raise ValueError("a retention is at least 1h")
+        if value is not None and not timedelta(hours=1) <= value <= timedelta(days=100 * 365):
+            raise ValueError("a retention is at least 1h and at most 100y")
         return value
 
     @field_validator("database_url")

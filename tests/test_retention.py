@@ -22,7 +22,7 @@ from store_svc.ingest.decode import PayloadDecoder
 from store_svc.kinds import Row
 from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings
-from store_svc.store.base import Sink
+from store_svc.store.base import Expired, Sink
 from store_svc.store.memory import MemorySink
 from store_svc.store.postgres import PostgresSink
 from store_svc.store.sqlite import SqliteSink
@@ -46,11 +46,35 @@ def trade_rows(symbol: str, times: list[datetime]) -> list[Row]:
     return decoded.rows
 
 
-def old_and_new(old: int, new: int) -> list[Row]:
-    """``old`` trades 10 to 20 days old and ``new`` ones of the last hours."""
-    olds = [NOW - 10 * DAY - i * timedelta(seconds=10) for i in range(old)]
+def old_and_new(old: int, new: int, kind: str = "trades", spread: timedelta = DAY) -> list[Row]:
+    """``old`` rows of ``kind`` from 10 days ago back over ``spread``, and ``new``
+    ones of the last hours."""
+    step = spread / max(old, 1)
+    olds = [NOW - 10 * DAY - i * step for i in range(old)]
     news = [NOW - timedelta(hours=2) - i * timedelta(seconds=1) for i in range(new)]
-    return [*trade_rows("OLD", olds), *(trade_rows("NEW", news) if news else [])]
+    return [*rows_at(kind, "OLD", olds), *rows_at(kind, "NEW", news)]
+
+
+def rows_at(kind: str, symbol: str, times: list[datetime]) -> list[Row]:
+    """Rows of ``kind`` as intake makes them, one per time."""
+    if kind == "trades":
+        return trade_rows(symbol, times) if times else []
+    decoder = PayloadDecoder(1 << 30, 86_400)
+    rows: list[Row] = []
+    for t in times:
+        if kind == "bars":
+            body = {"symbol": symbol, "resolution": "1m", "ts": t.isoformat(), "open": "1",
+                    "high": "1", "low": "1", "close": "1", "volume": "1"}  # fmt: skip
+            headers = None
+        elif kind == "quotes":
+            body = {"symbol": symbol, "timestamp": t.isoformat(), "bid": "1", "volume": 1}
+            headers = None
+        else:
+            body = {"symbol": symbol, "expiry": "2031-01-17", "strike": "100",
+                    "option_type": "C"}  # fmt: skip
+            headers = {"Md-Ts": t.isoformat()}
+        rows += decoder.decode(kind, None, json.dumps(body).encode(), headers, NOW).rows
+    return rows
 
 
 # --- the pass itself, on the in-memory sink -----------------------------------------
@@ -63,10 +87,10 @@ async def test_a_pass_removes_in_steps_and_keeps_what_is_recent() -> None:
     steps: list[int] = []
     real = sink.expire
 
-    async def counted(kind: str, before: datetime, limit: int) -> int:
-        n = await real(kind, before, limit)
-        steps.append(n)
-        return n
+    async def counted(kind: str, before: datetime, limit: int) -> Expired:
+        step = await real(kind, before, limit)
+        steps.append(step.rows)
+        return step
 
     sink.expire = counted  # type: ignore[method-assign]
     removed = await sink.expire_pass({"trades": NOW - DAY}, limit=10, pause_s=0)
@@ -112,27 +136,40 @@ def test_a_record_older_than_its_kinds_retention_is_refused_at_the_edge() -> Non
 # --- every real sink ------------------------------------------------------------------
 
 
+KINDS_ALL = ("bars", "trades", "quotes", "options")
+
+
 async def _expire_on(sink: Sink) -> None:
+    """Every kind: 2,500 old rows go in steps, 100 recent ones stay."""
     async with sink:
-        await sink.write({"trades": old_and_new(2_500, 100)})
-        removed = await sink.expire_pass({"trades": NOW - DAY}, limit=1_000, pause_s=0)
-        assert removed == {"trades": 2_500}
-        assert (await sink.counts())["trades"] == 100
-        assert await sink.expire_pass({"trades": NOW - DAY}, 1_000, 0) == {"trades": 0}
+        for kind in KINDS_ALL:
+            await sink.write({kind: old_and_new(250 if kind == "options" else 2_500, 100, kind)})
+        cutoffs = dict.fromkeys(KINDS_ALL, NOW - DAY)
+        removed = await sink.expire_pass(cutoffs, limit=1_000, pause_s=0)
+        assert removed == {k: 250 if k == "options" else 2_500 for k in KINDS_ALL}
+        assert await sink.counts() == dict.fromkeys(KINDS_ALL, 100)
+        assert await sink.expire_pass(cutoffs, 1_000, 0) == dict.fromkeys(KINDS_ALL, 0)
 
 
-async def test_sqlite_removes_old_rows_by_a_time_index(tmp_path: Path) -> None:
+async def test_sqlite_removes_old_rows_of_every_kind_by_a_time_index(tmp_path: Path) -> None:
     db = tmp_path / "store.db"
-    await _expire_on(SqliteSink(db, expiring=frozenset({"trades"})))
+    await _expire_on(SqliteSink(db, expiring=frozenset(KINDS_ALL)))
     with sqlite3.connect(db) as conn:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-    assert "trades_ts_age" in names
+    assert {"trades_ts_age", "bars_ts_age", "quotes_timestamp_age", "options_ts_age"} <= names
+    other = tmp_path / "other.db"
+    async with SqliteSink(other, expiring=frozenset({"trades"})):
+        pass
+    with sqlite3.connect(other) as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert "bars_ts_age" not in names  # no retention, no index to pay for
 
 
 @pytest.mark.slow
-async def test_plain_postgresql_removes_old_rows_by_a_brin_index(pg_url: str) -> None:
-    await _expire_on(PostgresSink(pg_url, timescaledb="off", expiring=frozenset({"trades"})))
+async def test_plain_postgresql_removes_old_rows_of_every_kind_by_brin_indexes(
+    pg_url: str,
+) -> None:
+    await _expire_on(PostgresSink(pg_url, timescaledb="off", expiring=frozenset(KINDS_ALL)))
     conn = await asyncpg.connect(pg_url)
     try:
         method = await conn.fetchval(
@@ -142,6 +179,16 @@ async def test_plain_postgresql_removes_old_rows_by_a_brin_index(pg_url: str) ->
     finally:
         await conn.close()
     assert method == "brin"
+
+
+@pytest.mark.slow
+async def test_instances_starting_together_make_the_indexes_once(pg_url: str) -> None:
+    sinks = [PostgresSink(pg_url, timescaledb="off", expiring=frozenset(KINDS_ALL))
+             for _ in range(3)]  # fmt: skip
+    try:
+        await asyncio.gather(*(s.open() for s in sinks))
+    finally:
+        await asyncio.gather(*(s.close() for s in sinks))
 
 
 @pytest.mark.slow
@@ -225,3 +272,6 @@ async def test_writes_go_on_while_a_pass_runs(
         assert removed == {"trades": 60_000}
         during = [t for t in answered if began < t < ended]
         assert len(during) >= 5, (len(during), ended - began)
+        # No write waited for the pass: the longest gap between answers is a step or so.
+        gaps = [b - a for a, b in zip([began, *during], [*during, ended], strict=True)]
+        assert max(gaps) < (ended - began) / 4, (max(gaps), ended - began)

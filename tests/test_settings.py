@@ -170,3 +170,13 @@ def test_chunk_intervals_per_kind_and_their_floor() -> None:
     }
     with pytest.raises(pydantic.ValidationError, match="at least 1m"):
         load_settings(chunk_interval_bars="30s")
+
+
+def test_retentions_per_kind_and_their_bounds() -> None:
+    s = load_settings(retention_trades="90d", retention_bars="5y")
+    assert s.retentions == {"bars": timedelta(days=5 * 365), "trades": timedelta(days=90)}
+    for wrong in ("30m", "101y"):
+        with pytest.raises(pydantic.ValidationError, match="at least 1h and at most 100y"):
+            load_settings(retention_quotes=wrong)
+    with pytest.raises(pydantic.ValidationError, match="longer than any duration"):
+        load_settings(retention_quotes="99999999999y")

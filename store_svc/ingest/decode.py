@@ -27,7 +27,7 @@ from store_svc.constants import (
     TS_HEADER,
 )
 from store_svc.errors import RejectedInput
-from store_svc.ingest.records import MIRRORS, Mirror, RowContext, check_kept, to_utc
+from store_svc.ingest.records import EARLIEST, MIRRORS, Mirror, RowContext, check_kept, to_utc
 from store_svc.kinds import KINDS, KindSpec, Row
 
 __all__ = ["Decoded", "PayloadDecoder", "Reject"]
@@ -176,7 +176,7 @@ class PayloadDecoder:
         if kept is None:
             ctx = RowContext(latest, symbol, option_ts)
         else:
-            ctx = RowContext(latest, symbol, option_ts, received - kept)
+            ctx = RowContext(latest, symbol, option_ts, max(EARLIEST, received - kept))
             if kind == "options":
                 check_kept(option_ts, "the snapshot time", ctx.earliest)
         out = Decoded(spec, [], [])

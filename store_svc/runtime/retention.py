@@ -77,12 +77,14 @@ class RetentionRunner:
         began = time.monotonic()
         try:
             removed = await self._sink.expire_pass(cutoffs, self._batch, STEP_PAUSE_S)
-        except SinkError as exc:
+        except Exception as exc:
             stats.retention_failed += 1
-            stats.retention_last_error = str(exc)[:500]
-            log.error("retention pass failed (retried in %gs): %s", self._every, exc)
+            text = str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
+            stats.retention_last_error = text[:500]
+            log.error("retention pass failed (retried in %gs): %s", self._every, text)
             return None
         stats.retention_last_pass = time.time()
+        stats.retention_last_error = ""
         if removed is None:
             stats.retention_skipped += 1
             log.debug("retention pass skipped: another instance holds the turn")

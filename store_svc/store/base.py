@@ -16,13 +16,25 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Self
+from typing import NamedTuple, Self
 
 from store_svc.errors import SinkError
 from store_svc.kinds import Row
 from store_svc.store.reads import Reader
 
-__all__ = ["Batch", "Prepared", "Sink"]
+__all__ = ["Batch", "Expired", "Prepared", "Sink"]
+
+
+class Expired(NamedTuple):
+    """What one retention step removed.
+
+    Attributes:
+        rows: rows removed (TimescaleDB: counted from the chunks' statistics).
+        more: whether older rows may be left (another step is due).
+    """
+
+    rows: int
+    more: bool
 
 
 #: Rows to commit in one transaction, grouped by kind (``bars`` ...).
@@ -123,11 +135,11 @@ class Sink(abc.ABC):
         """
         return None
 
-    async def expire(self, kind: str, before: datetime, limit: int) -> int:
+    async def expire(self, kind: str, before: datetime, limit: int) -> Expired:
         """Remove up to ``limit`` rows of ``kind`` whose time is before ``before``.
 
         Returns:
-            The rows removed; fewer than ``limit`` means none older are left.
+            The rows removed, and whether another step is due.
 
         Raises:
             SinkError: the rows could not be removed (nothing of this step was).
@@ -159,9 +171,9 @@ class Sink(abc.ABC):
             for kind, before in cutoffs.items():
                 removed[kind] = 0
                 while True:
-                    n = await self.expire(kind, before, limit)
-                    removed[kind] += n
-                    if n < limit:
+                    step = await self.expire(kind, before, limit)
+                    removed[kind] += step.rows
+                    if not step.more:
                         break
                     await asyncio.sleep(pause_s)
             return removed

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from store_svc.errors import SinkError
 from store_svc.kinds import KINDS, Row
-from store_svc.store.base import Batch, Prepared, Sink
+from store_svc.store.base import Batch, Expired, Prepared, Sink
 
 __all__ = ["MemorySink"]
 
@@ -84,7 +84,7 @@ class MemorySink(Sink):
         """Rows of ``kind`` in insertion order of their keys."""
         return list(self._tables[kind].values())
 
-    async def expire(self, kind: str, before: datetime, limit: int) -> int:
+    async def expire(self, kind: str, before: datetime, limit: int) -> Expired:
         """Remove up to ``limit`` rows of ``kind`` older than ``before``."""
         spec = KINDS[kind]
         at = spec.columns.index(spec.time_column)
@@ -92,7 +92,7 @@ class MemorySink(Sink):
         doomed = [key for key, row in table.items() if row[at] < before][:limit]
         for key in doomed:
             del table[key]
-        return len(doomed)
+        return Expired(len(doomed), more=len(doomed) == limit)
 
     async def counts(self) -> dict[str, int]:
         """Rows per kind."""

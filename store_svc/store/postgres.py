@@ -30,11 +30,11 @@ import asyncpg
 
 from store_svc.errors import SchemaError, SinkError
 from store_svc.kinds import KINDS, KindSpec, Row
-from store_svc.store.base import Batch, Prepared, Sink
+from store_svc.store.base import Batch, Expired, Prepared, Sink
 from store_svc.store.codec import compile_converter
 from store_svc.store.postgres_read import DRIVER_ERRORS, PostgresReader, quoted
 from store_svc.store.reads import Reader
-from store_svc.store.timescale import Timescale, describe
+from store_svc.store.timescale import Timescale, describe, drop_old_chunks
 
 __all__ = ["SCHEMA_VERSION", "PostgresSink", "merge_sql", "staging_records"]
 
@@ -261,6 +261,10 @@ class PostgresSink(Sink):
         except DRIVER_ERRORS as exc:
             raise SinkError(f"cannot connect to PostgreSQL: {describe(exc)}") from exc
         try:
+            async with pool.acquire() as conn:
+                # Hypertables of a database whose server no longer preloads TimescaleDB
+                # end every session that touches them with a FATAL: say so first.
+                await self._ts.check_not_orphaned(conn)
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
                 await conn.execute(_DDL)
@@ -281,7 +285,7 @@ class PostgresSink(Sink):
             if use:
                 # Outside the schema transaction and its timeout: a conversion of a big
                 # table takes minutes.
-                await self._ts.prepare()
+                use = await self._ts.prepare()
             elif self._expiring:
                 await self._age_indexes()
             self.timescale = use
@@ -291,6 +295,9 @@ class PostgresSink(Sink):
         except DRIVER_ERRORS as exc:
             await pool.close()
             raise SinkError(f"cannot prepare the PostgreSQL schema: {describe(exc)}") from exc
+        except BaseException:
+            await pool.close()  # cancelled (a stop during a long conversion)
+            raise
         self._pool = pool
         if use:
             log.info("TimescaleDB: the tables are hypertables")
@@ -301,6 +308,8 @@ class PostgresSink(Sink):
         conn = await asyncpg.connect(self.dsn, command_timeout=None)
         try:
             await conn.execute("SET statement_timeout = 0")
+            # Instances starting together: CREATE INDEX IF NOT EXISTS is not race-safe.
+            await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
             for kind in sorted(self._expiring):
                 spec = KINDS[kind]
                 column = quoted(spec.time_column)
@@ -313,42 +322,30 @@ class PostgresSink(Sink):
             self.progress = ""
             await conn.close()
 
-    async def expire(self, kind: str, before: datetime, limit: int) -> int:
+    async def expire(self, kind: str, before: datetime, limit: int) -> Expired:
         """Remove rows of ``kind`` older than ``before``: up to ``limit`` of a plain
-        table in one short transaction; on a hypertable, every chunk wholly older
-        (rows counted from the planner's statistics: an estimate)."""
+        table in one short transaction; of a hypertable, the oldest
+        ``CHUNKS_PER_STEP`` chunks that lie wholly before ``before``."""
         pool = self._pool
         if pool is None:
             raise SinkError("the PostgreSQL sink is not open")
         spec = KINDS[kind]
         try:
             if self.timescale:
-                async with pool.acquire() as conn:
-                    estimate = await conn.fetchval(
-                        "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint "
-                        "FROM show_chunks($1::regclass, older_than => $2::timestamptz) AS s "
-                        "JOIN pg_class c ON c.oid = s",
-                        spec.table,
-                        before,
-                    )
-                    dropped = await conn.fetch(
-                        "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)",
-                        spec.table,
-                        before,
-                    )
-                if dropped:
-                    log.info("retention: dropped %d %s chunks", len(dropped), spec.table)
-                return int(estimate) if dropped else 0
+                return await drop_old_chunks(pool, spec.table, before)
             column = quoted(spec.time_column)
+            # By (tableoid, ctid): a ctid alone names a row only within one table.
             status = await pool.execute(
-                f"DELETE FROM {spec.table} WHERE ctid = ANY (ARRAY(SELECT ctid FROM "
-                f"{spec.table} WHERE {column} < $1 LIMIT $2))",
+                f"WITH doomed AS (SELECT tableoid, ctid FROM {spec.table} "
+                f"WHERE {column} < $1 LIMIT $2) DELETE FROM {spec.table} t USING doomed d "
+                "WHERE t.tableoid = d.tableoid AND t.ctid = d.ctid",
                 before,
                 limit,
             )
         except DRIVER_ERRORS as exc:
             raise SinkError(f"retention on {spec.table} failed: {describe(exc)}") from exc
-        return int(status.rsplit(" ", 1)[-1])
+        removed = int(status.rsplit(" ", 1)[-1])
+        return Expired(removed, more=removed == limit)
 
     @contextlib.asynccontextmanager
     async def retention_turn(self) -> AsyncIterator[bool]:

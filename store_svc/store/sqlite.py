@@ -25,7 +25,7 @@ import msgspec
 
 from store_svc.errors import SchemaError, SinkError
 from store_svc.kinds import KINDS, KindSpec, Row
-from store_svc.store.base import Batch, Prepared, Sink
+from store_svc.store.base import Batch, Expired, Prepared, Sink
 from store_svc.store.codec import EPOCH, compile_converter, time_micros
 from store_svc.store.reads import Reader
 from store_svc.store.sqlite_process import WorkerProcess
@@ -155,6 +155,12 @@ class _Sent(Prepared):
 def _ignore_result(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()  # mark it retrieved
+
+
+def _has_rowid(table: str) -> bool:
+    """Whether ``table`` is a rowid table in :data:`_DDL` (not ``WITHOUT ROWID``)."""
+    start = _DDL.index(f"CREATE TABLE IF NOT EXISTS {table} (")
+    return "WITHOUT ROWID" not in _DDL[start : _DDL.index(";", start)]
 
 
 def _age_index(spec: KindSpec) -> str:
@@ -287,15 +293,18 @@ class SqliteSink(Sink):
         raw = await self._writer.call("rows", kind)
         return [_from_sqlite(spec, r) for r in raw]
 
-    async def expire(self, kind: str, before: datetime, limit: int) -> int:
+    async def expire(self, kind: str, before: datetime, limit: int) -> Expired:
         """Remove up to ``limit`` rows of ``kind`` older than ``before`` (one small
         transaction in the writer). Freed pages are reused by new rows; the file does
         not shrink."""
         spec = KINDS[kind]
         await self._ensure_writer()
-        arg = [spec.table, spec.time_column, time_micros(before), limit]
+        # A rowid table by rowid (the trades key holds a NULL-able exchange, which a
+        # key comparison would never match); the WITHOUT ROWID tables by their key.
+        key = ["rowid"] if _has_rowid(spec.table) else list(spec.key)
+        arg = [spec.table, spec.time_column, key, time_micros(before), limit]
         removed: int = await self._writer.call("expire", arg)
-        return removed
+        return Expired(removed, more=removed == limit)
 
     async def counts(self) -> dict[str, int]:
         """Rows per table."""

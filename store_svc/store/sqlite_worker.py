@@ -170,14 +170,16 @@ class Writer:
 
     def expire(self, arg: list[Any]) -> int:
         # One small transaction: a write queued behind it waits for this step only.
-        # The rows go by the time index made at open for kinds with a retention.
-        table, column, before, limit = arg
+        # The rows go by the time index made at open for kinds with a retention, and
+        # by rowid or, in a WITHOUT ROWID table, by their key.
+        table, column, key, before, limit = arg
+        keys = ", ".join(key)
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             cur = conn.execute(
-                f"DELETE FROM {table} WHERE rowid IN "
-                f"(SELECT rowid FROM {table} WHERE {column} < ? LIMIT ?)",
+                f"DELETE FROM {table} WHERE ({keys}) IN "
+                f"(SELECT {keys} FROM {table} WHERE {column} < ? LIMIT ?)",
                 (before, limit),
             )
             conn.execute("COMMIT")

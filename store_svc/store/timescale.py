@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
@@ -29,9 +29,10 @@ import asyncpg
 from store_svc.errors import SinkError
 from store_svc.kinds import KINDS
 from store_svc.settings import format_duration
+from store_svc.store.base import Expired
 from store_svc.store.postgres_read import DRIVER_ERRORS
 
-__all__ = ["Timescale", "describe"]
+__all__ = ["CHUNKS_PER_STEP", "Timescale", "describe", "drop_old_chunks"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,11 @@ _PRELOADED = "SELECT current_setting('timescaledb.max_background_workers', true)
 
 #: How often a long conversion says it is still going.
 PROGRESS_EVERY_S = 15.0
+
+#: Chunks one retention step drops at most (each takes locks until the commit).
+CHUNKS_PER_STEP = 16
+
+_INSTALLED_HERE = "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"
 
 _warned_not_preloaded = False
 
@@ -76,14 +82,43 @@ class Timescale:
         #: Why the tables are plain (empty when they are hypertables).
         self.plain_because = ""
 
+    async def check_not_orphaned(self, conn: Any) -> None:
+        """Refuse a database that has the extension on a server that no longer preloads
+        it: any use of its hypertables would end the session with a FATAL.
+
+        Raises:
+            SinkError: so (not retryable), saying what to do.
+        """
+        if await conn.fetchval(_INSTALLED_HERE) and not await conn.fetchval(_PRELOADED):
+            raise SinkError(
+                "this database has the timescaledb extension, but the server does not "
+                "preload it (every use of a hypertable would fail): add timescaledb to "
+                "shared_preload_libraries in postgresql.conf and restart, or, if no "
+                "table is a hypertable, DROP EXTENSION timescaledb",
+                retryable=False,
+            )
+
     async def usable(self, conn: Any) -> bool:
         """Whether TimescaleDB is to be used on this server.
 
         Raises:
-            SinkError: ``require`` and it cannot be used.
+            SinkError: ``require`` and it cannot be used; ``off`` with tables that are
+                hypertables already.
         """
         global _warned_not_preloaded
         if self._mode == "off":
+            if await conn.fetchval(_INSTALLED_HERE):
+                made = await conn.fetchval(
+                    "SELECT count(*) FROM timescaledb_information.hypertables "
+                    "WHERE hypertable_schema = current_schema() AND hypertable_name = ANY($1)",
+                    list(KINDS),
+                )
+                if made:
+                    raise SinkError(
+                        "STORE_TIMESCALEDB=off, but the tables are TimescaleDB hypertables "
+                        "already: set STORE_TIMESCALEDB=auto to use them as such",
+                        retryable=False,
+                    )
             self.plain_because = "STORE_TIMESCALEDB=off"
             return False
         installed = await conn.fetchval(
@@ -113,8 +148,11 @@ class Timescale:
             )
         return False
 
-    async def prepare(self) -> None:
+    async def prepare(self) -> bool:
         """Create the extension and make each table a hypertable with its interval.
+
+        Returns:
+            True; False when ``auto`` may not create the extension (plain tables).
 
         Raises:
             SinkError: a step failed; the message says which, and what to do.
@@ -128,9 +166,21 @@ class Timescale:
             self._progress("waiting for another instance preparing the hypertables")
             await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
             self._progress("preparing the hypertables")
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            try:
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            except asyncpg.InsufficientPrivilegeError as exc:
+                if self._mode == "require":
+                    raise SinkError(
+                        f"STORE_TIMESCALEDB=require, but {describe(exc)}: create the "
+                        "extension as a superuser (CREATE EXTENSION timescaledb)",
+                        retryable=False,
+                    ) from exc
+                self.plain_because = f"the extension cannot be created ({describe(exc)})"
+                log.warning("%s: the tables stay plain PostgreSQL tables", self.plain_because)
+                return False
             for kind in KINDS:
                 await self._table(conn, kind)
+            return True
         except SinkError:
             raise
         except DRIVER_ERRORS as exc:
@@ -165,9 +215,10 @@ class Timescale:
         default_index = f"{table}_{column}_idx"
         dropped = await conn.fetchval(
             "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() "
-            "AND tablename = $1 AND indexname = $2",
+            "AND tablename = $1 AND indexname = $2 AND indexdef LIKE $3",
             table,
             default_index,
+            f"%({quoted_name(column)} DESC)",
         )
         if dropped:
             await conn.execute(f'DROP INDEX "{default_index}"')
@@ -217,3 +268,40 @@ class Timescale:
                 said = int(elapsed // PROGRESS_EVERY_S)
                 log.info("%s: still going, %.0fs so far", what, elapsed)
             await asyncio.sleep(1.0)
+
+
+def quoted_name(column: str) -> str:
+    """``column`` as ``pg_indexes.indexdef`` writes it (quoted only when it must be)."""
+    return f'"{column}"' if column in ("timestamp",) else column
+
+
+async def drop_old_chunks(pool: Any, table: str, before: datetime) -> Expired:
+    """Drop the oldest :data:`CHUNKS_PER_STEP` chunks of ``table`` lying wholly before
+    ``before``, and count their rows (from statistics, exactly where there are none)."""
+    async with pool.acquire() as conn:
+        chunks = await conn.fetch(
+            "SELECT format('%I.%I', chunk_schema, chunk_name) AS chunk, range_end "
+            "FROM timescaledb_information.chunks WHERE hypertable_schema = current_schema() "
+            "AND hypertable_name = $1 AND range_end <= $2 ORDER BY range_end LIMIT $3",
+            table,
+            before,
+            CHUNKS_PER_STEP + 1,
+        )
+        step = chunks[:CHUNKS_PER_STEP]
+        if not step:
+            return Expired(0, more=False)
+        rows = 0
+        for chunk in step:
+            estimate = await conn.fetchval(
+                "SELECT reltuples FROM pg_class WHERE oid = $1::regclass", chunk["chunk"]
+            )
+            if estimate is None or estimate < 0:  # never analysed: count it
+                estimate = await conn.fetchval(f"SELECT count(*) FROM {chunk['chunk']}")
+            rows += int(estimate)
+        await conn.execute(
+            "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)",
+            table,
+            step[-1]["range_end"],
+        )
+    log.info("retention: dropped %d %s chunks (about %d rows)", len(step), table, rows)
+    return Expired(rows, more=len(chunks) > CHUNKS_PER_STEP)
