@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
 
+from benchmarks.overload import BURN
 from store_svc.core import HealthStatus
 from store_svc.ingest.decode import PayloadDecoder
 from store_svc.kinds import Row
@@ -243,11 +245,25 @@ async def test_the_service_runs_passes_and_shows_them(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "a-core-busy"])
 async def test_writes_go_on_while_a_pass_runs(
-    make_settings: Callable[..., Settings], client: NATS
+    busy: bool, make_settings: Callable[..., Settings], client: NATS
 ) -> None:
     """60,000 old rows in steps of 500: the pass takes many steps, and request-reply
-    writes sent meanwhile are answered before it ends (each waits one step at most)."""
+    writes sent meanwhile are answered before it ends (each waits one step at most),
+    also with another process burning a core."""
+    burner = (
+        await asyncio.create_subprocess_exec(sys.executable, "-c", BURN, "120") if busy else None
+    )
+    try:
+        await _writes_during_a_pass(make_settings, client)
+    finally:
+        if burner is not None:
+            burner.kill()
+            await burner.wait()
+
+
+async def _writes_during_a_pass(make_settings: Callable[..., Settings], client: NATS) -> None:
     settings = make_settings(retention_trades="1d", retention_interval_s=3600, retention_batch=500)
     async with StoreService(settings) as svc:
         await until(lambda: svc.stats.retention_done == 1, timeout=60)  # the first pass
