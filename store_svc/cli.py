@@ -85,7 +85,12 @@ def _cmd_demo(args: argparse.Namespace) -> Coroutine[Any, Any, int]:
 async def _client(settings: Settings, timeout: float, command: str) -> CommandClient | None:
     """A short-lived client for an operator command, or None when NATS cannot be had
     (reported in one line that names the cause: refused, timed out, authorization, TLS)."""
-    from store_svc.bus.auth import connect_failure, connect_options, redact_url
+    from store_svc.bus.auth import (
+        connect_failure,
+        connect_options,
+        permission_refusal,
+        redact_url,
+    )
     from store_svc.bus.client import close_client
 
     where = ", ".join(redact_url(u) for u in settings.nats_servers)
@@ -94,9 +99,9 @@ async def _client(settings: Settings, timeout: float, command: str) -> CommandCl
 
     async def on_error(exc: Exception) -> None:
         # Instead of nats-py's default, which logs a whole traceback per attempt.
-        text = str(exc).removeprefix("nats: ").strip("' ")
-        if "permissions violation" in text.lower():
-            nc.refused.append(text)
+        refusal = permission_refusal(str(exc))
+        if refusal is not None:
+            nc.refused.append(refusal)
         else:
             causes.append(connect_failure(exc))
 

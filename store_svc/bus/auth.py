@@ -20,7 +20,7 @@ import nats.errors
 
 from store_svc.settings import Settings
 
-__all__ = ["connect_failure", "connect_options", "redact_url", "uses_tls"]
+__all__ = ["connect_failure", "connect_options", "permission_refusal", "redact_url", "uses_tls"]
 
 #: What the server says when it refuses a client's credentials for good (not its
 #: "Authentication Timeout", which a slow handshake meets and a retry can pass).
@@ -30,6 +30,9 @@ _AUTH_WORDS = (
     "user authentication revoked",
     "account authentication expired",
 )
+
+#: The subscription id the server appends to a refused subscription.
+_SID = re.compile(r'\s*\(sid "[^"]*"\)$')
 
 #: A URL's user information: after the optional scheme, up to the last "@".
 _USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)?.*@", re.IGNORECASE)
@@ -118,6 +121,14 @@ def connect_failure(exc: BaseException) -> tuple[str, bool]:
     if isinstance(exc, OSError):
         return f"network error ({exc.strerror or text})", False
     return f"{type(exc).__name__}: {text}"[:300], False
+
+
+def permission_refusal(text: str) -> str | None:
+    """The server's refusal of a publish or subscription, as nats-py reports it (lower
+    case, ``nats: '...'``), without the wrapping and the subscription id; ``None`` when
+    ``text`` is another error."""
+    what = _SID.sub("", text.removeprefix("nats: ").strip("' "))
+    return what if "permissions violation" in what.lower() else None
 
 
 def redact_url(url: str) -> str:

@@ -40,7 +40,12 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.errors import SlowConsumerError, UnexpectedEOF
 
-from store_svc.bus.auth import connect_failure, connect_options, redact_url
+from store_svc.bus.auth import (
+    connect_failure,
+    connect_options,
+    permission_refusal,
+    redact_url,
+)
 from store_svc.bus.client import OrderedFlushClient, close_client
 from store_svc.core import HealthComponent
 from store_svc.errors import NatsUnavailable
@@ -68,7 +73,6 @@ _REASON_WINDOW_S = 2.0
 #: A refused publish keeps the connection degraded this long (the next refusal renews it).
 DENIAL_HOLD_S = 60.0
 
-_SID = re.compile(r'\s*\(sid "[^"]*"\)$')
 #: Subject tokens that differ per message (sequence numbers, inbox ids): a refusal of
 #: ``$JS.ACK.S.c.1.42.42...`` or ``_INBOX.<id>`` is one refusal, however many follow.
 _VARYING = re.compile(r"(?<=\.)(?:\d+|[A-Za-z0-9]{16,})(?=\.|\"|$)")
@@ -374,8 +378,9 @@ class NatsConnection:
             log.debug("NATS %s: connecting: %s", self.role, cause)
             return
         text = str(exc) or type(exc).__name__
-        if "permissions violation" in text.lower():
-            self._permission_denied(text)
+        refusal = permission_refusal(text)
+        if refusal is not None:
+            self._permission_denied(refusal)
             return
         if self.nc.is_reconnecting or self.nc.is_connecting:  # (nats-py: connecting)
             cause, final = connect_failure(exc)
@@ -396,7 +401,7 @@ class NatsConnection:
     def _permission_denied(self, text: str) -> None:
         """The server refused a publish or subscribe (a permission missing or revoked)."""
         self.permission_denials += 1
-        what = _SID.sub("", text.removeprefix("nats: ").strip("' "))[:200]
+        what = (permission_refusal(text) or text)[:200]
         self.last_permission_denied = what
         if "for subscription" in what:
             self._refused_subscriptions.add(what)

@@ -90,7 +90,6 @@ class RetentionRunner:
             log.debug("retention pass skipped: another instance holds the turn")
             return None
         stats.retention_done += 1
-        stats.retention_last_error = ""
         stats.retention_removed.update(removed)
         if any(removed.values()):
             log.info(

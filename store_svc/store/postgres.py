@@ -30,6 +30,7 @@ import asyncpg
 
 from store_svc.errors import SchemaError, SinkError
 from store_svc.kinds import KINDS, KindSpec, Row
+from store_svc.settings import Settings
 from store_svc.store.base import Batch, Expired, Prepared, Sink
 from store_svc.store.codec import compile_converter
 from store_svc.store.postgres_read import DRIVER_ERRORS, PostgresReader, quoted
@@ -232,12 +233,7 @@ class PostgresSink(Sink):
         self.dsn = dsn
         self._pool_size = pool_size
         self._timeout = command_timeout_s
-        intervals = chunk_intervals or {
-            "bars": timedelta(days=7),
-            "trades": timedelta(days=1),
-            "quotes": timedelta(days=1),
-            "options": timedelta(days=1),
-        }
+        intervals = chunk_intervals or Settings.model_construct().chunk_intervals
         self._ts = Timescale(dsn, timescaledb, intervals, self._set_progress)
         self._pool: asyncpg.Pool | None = None
         self._writers: set[asyncpg.Connection] = set()
