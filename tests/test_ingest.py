@@ -146,7 +146,8 @@ async def test_a_full_queue_makes_intake_wait_and_loses_nothing(
             for i in range(400):
                 await client.publish("mdp.store.write.trades", json.dumps(trade(size=i)).encode())
             await client.flush()
-            await until(lambda: svc.queue.depth == 50, timeout=20)
+            # Full: the next envelope (up to a quarter of the queue) does not fit.
+            await until(lambda: svc.queue.depth > 50 - 50 // 4, timeout=20)
             assert svc.queue.depth <= settings.queue_capacity
         await barrier(client)
         assert svc.stats.dropped_messages == 0
@@ -167,7 +168,7 @@ async def test_slow_consumer_drops_are_counted(
             await until(lambda: svc.stats.dropped_messages > 0, timeout=20)
         sub: Any = svc._intake.subscription if svc._intake else None
         # Let the client's buffer empty, so the barrier itself is not dropped.
-        await until(lambda: sub.pending_msgs == 0 and svc.queue.depth == 0, timeout=20)
+        await until(lambda: svc._intake.pending_msgs == 0 and svc.queue.depth == 0, timeout=20)
         await barrier(client)
         stored = count(db_path, "trades") - 1
         assert stored + svc.stats.dropped_messages == 300, "every message is stored or counted"

@@ -14,7 +14,8 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.protocol.parser import Parser
 
-from store_svc.bus.client import OrderedFlushClient, _TurnTakingParser, close_client
+from store_svc.bus.client import OrderedFlushClient, close_client
+from store_svc.bus.receive import ReceiveParser
 from store_svc.devtools.natsserver import NatsServer
 
 from .conftest import until
@@ -168,7 +169,7 @@ class _Recorder:
 @pytest.mark.logic
 async def test_a_reset_while_parsing_drops_the_rest_of_the_old_read() -> None:
     nc = _Recorder()
-    parser = _TurnTakingParser(nc)  # type: ignore[arg-type]
+    parser = ReceiveParser(nc)  # type: ignore[arg-type]
     stream = b"".join(b"MSG a 1 1000\r\n" + bytes([65 + i]) * 1000 + b"\r\n" for i in range(40))
 
     async def reset_soon() -> None:

@@ -49,9 +49,11 @@ closes it (``tests/test_natsclient.py`` shows plain nats-py leaving it).
 Last, nats-py's read loop does not suspend while its socket buffer holds data: a
 write flood kept it parsing for 40+ ms per turn of the event loop (measured with
 asyncio's slow-callback log), and every other task, health on the other connection
-included, waited that long for each of its steps. The parser here yields to the
-loop once it has parsed for ``TURN_SLICE_S`` (checked every 4 KiB; a read is up to
-32 KiB).
+included, waited that long for each of its steps. The client's parser
+(``bus/receive.py``) yields to the loop once it has parsed for ``TURN_SLICE_S``
+(checked every 4 KiB; a read is up to 32 KiB), and hands the messages of a
+subscription made with :meth:`OrderedFlushClient.subscribe_batched` to its consumer
+in batches, without a ``Msg`` or a task step per message.
 """
 
 from __future__ import annotations
@@ -62,10 +64,16 @@ from typing import Any
 
 from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as _Client
-from nats.errors import MaxPayloadError, SecureConnWantedError
-from nats.protocol.parser import Parser
+from nats.aio.subscription import Subscription
+from nats.errors import (
+    ConnectionClosedError,
+    ConnectionDrainingError,
+    MaxPayloadError,
+    OutboundBufferLimitError,
+    SecureConnWantedError,
+)
 
-from store_svc.tasks import Turns
+from store_svc.bus.receive import Incoming, ReceiveParser, Receiver
 
 log = logging.getLogger(__name__)
 
@@ -83,33 +91,6 @@ def header_bytes(headers: dict[str, str] | None) -> int:
 def payload_room(nc: _Client, headers: dict[str, str] | None) -> int:
     """Payload bytes a message with ``headers`` may carry on ``nc``'s connection."""
     return int(nc.max_payload) - header_bytes(headers)
-
-
-#: Bytes parsed before the parser looks at the clock (about 20 small messages).
-PARSE_SLICE = 4096
-
-
-class _TurnTakingParser(Parser):
-    def __init__(self, nc: _Client) -> None:
-        self.generation = 0
-        super().__init__(nc)
-        self._turns = Turns()
-
-    def reset(self) -> None:
-        # A reset (a reconnect) starts a new byte stream: counted, so that a read of
-        # the old connection being parsed across a turn of the loop is not fed on.
-        self.generation += 1
-        super().reset()
-
-    async def parse(self, data: bytes = b"") -> None:
-        # The parser keeps a partial message for the next call, so a read can be
-        # parsed in slices, with a turn of the loop whenever the time slice is used.
-        generation = self.generation
-        for start in range(0, len(data), PARSE_SLICE):
-            await super().parse(data[start : start + PARSE_SLICE])
-            await self._turns.take()
-            if self.generation != generation:
-                return  # the connection was reset meanwhile: the rest is of the old one
 
 
 #: How long closing a client may take. nats-py's ``close()`` never returns after a
@@ -146,7 +127,88 @@ class OrderedFlushClient(_Client):
 
     def __init__(self) -> None:
         super().__init__()
-        self._ps = _TurnTakingParser(self)
+        self._ps: ReceiveParser = ReceiveParser(self)
+
+    async def subscribe_batched(
+        self,
+        subject: str,
+        queue: str,
+        pending_msgs_limit: int,
+        pending_bytes_limit: int,
+    ) -> tuple[Subscription, Receiver]:
+        """Subscribe, the messages going to a :class:`Receiver` in batches (no ``Msg``,
+        no callback): for a consumer that takes many messages at once.
+
+        It is a nats-py subscription all the same: re-made on a reconnect, ended by
+        ``drain()`` or ``unsubscribe()``; call :meth:`unbatch` once it is over.
+
+        Args:
+            subject: the subject (wildcards allowed).
+            queue: the queue group.
+            pending_msgs_limit: messages held before more are dropped as a slow consumer.
+            pending_bytes_limit: payload bytes held before more are dropped.
+
+        Returns:
+            The subscription and its receiver.
+        """
+        receiver = Receiver(pending_msgs_limit, pending_bytes_limit)
+        sub = await self.subscribe(
+            subject,
+            queue=queue,
+            pending_msgs_limit=pending_msgs_limit,
+            pending_bytes_limit=pending_bytes_limit,
+        )
+        self._ps.batch(sub._id, receiver)
+        # A message parsed before the line above (the SUB may have gone out and been
+        # answered while subscribe() awaited) went to nats-py's queue: move it over.
+        pending = sub._pending_queue
+        while not pending.empty():
+            msg = pending.get_nowait()
+            pending.task_done()
+            sub._pending_size -= len(msg.data)
+            receiver.offer(Incoming(msg.subject, msg.reply, msg.data, msg.headers))
+        if receiver.pending_msgs:
+            receiver.wake()
+        return sub, receiver
+
+    async def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
+        """Publish ``(subject, payload)`` messages (no reply, no headers) as one write:
+        the replies to a committed batch of request-reply writes, or its JetStream
+        acks, cost one buffer append instead of one ``publish()`` each.
+
+        Args:
+            messages: subjects and payloads, sent in this order.
+
+        Raises:
+            ConnectionClosedError, ConnectionDrainingError, OutboundBufferLimitError,
+            MaxPayloadError: as ``publish()`` raises them, before anything is sent.
+        """
+        if not messages:
+            return
+        if self.is_closed:
+            raise ConnectionClosedError
+        if self.is_draining_pubs:
+            raise ConnectionDrainingError
+        command = b"".join(
+            b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload)
+            for subject, payload in messages
+        )
+        size = sum(len(payload) for _, payload in messages)
+        if not self.is_connected and (
+            self._max_pending_size <= 0
+            or len(command) + self._pending_data_size > self._max_pending_size
+        ):
+            raise OutboundBufferLimitError
+        if any(len(payload) > self._max_payload for _, payload in messages):
+            raise MaxPayloadError
+        self.stats["out_msgs"] += len(messages)
+        self.stats["out_bytes"] += size
+        await self._send_command(command)
+        await self._flush_pending()
+
+    def unbatch(self, sub: Subscription) -> None:
+        """Stop handing ``sub``'s messages to its receiver (after its drain)."""
+        self._ps.unbatch(sub._id)
 
     async def _process_connect_init(self) -> None:
         try:

@@ -179,6 +179,9 @@ class Batcher:
 
     async def _isolate(self, batch: list[Envelope], exc: SinkError) -> None:
         """Commit the envelopes of a refused batch one by one; drop only the refused."""
+        if len(batch) == 1 and batch[0].split is not None:
+            # One envelope of several messages: each message on its own.
+            batch = batch[0].split()
         if len(batch) == 1:
             env = batch[0]
             self._stats.rejected["sink_refused"] += len(env.rows)

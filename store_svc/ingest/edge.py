@@ -18,11 +18,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
@@ -52,8 +51,23 @@ log = logging.getLogger(__name__)
 
 _encode = msgspec.json.encode
 
+
+class WriteMessage(Protocol):
+    """What the edge reads of a write message: a nats-py ``Msg`` (JetStream) or a
+    :class:`~store_svc.bus.receive.Incoming` (core mode's batched subscription)."""
+
+    @property
+    def subject(self) -> str: ...
+    @property
+    def reply(self) -> str: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def headers(self) -> dict[str, str] | None: ...
+
+
 #: What a message with nothing usable is handed to: ``refuse(msg, rejects)``.
-Refuse = Callable[[Msg, list[Reject]], Awaitable[None]]
+Refuse = Callable[[Any, list[Reject]], Awaitable[None]]
 
 
 def write_reply(accepted: int, rejects: list[Reject]) -> bytes:
@@ -160,7 +174,30 @@ class WriteEdge:
         """The wildcard subject of every write."""
         return self.write_prefix + ">"
 
-    async def examine(self, msg: Msg) -> tuple[str, Decoded | None]:
+    def clean(self, msg: WriteMessage, now: datetime) -> tuple[str, Decoded] | None:
+        """Decode a write message whose every record is valid, without a suspension.
+
+        Args:
+            msg: the write message.
+            now: when it was taken off the connection (aware UTC).
+
+        Returns:
+            ``(kind, decoded)`` when the message decodes with no reject, counted as
+            received; None for anything else, which :meth:`examine` then handles
+            (decoding it again: bad input is rare, and its cost stays its own).
+        """
+        subject = msg.subject
+        kind, _, symbol = subject[len(self.write_prefix) :].partition(".")
+        try:
+            decoded = self._decoder.decode(kind, symbol or None, msg.data, msg.headers, now)
+        except Exception:  # RejectedInput or a decoder bug: examine() reports it
+            return None
+        if decoded.rejects or not decoded.rows:
+            return None
+        self._stats.received[kind] += len(decoded.rows)
+        return kind, decoded
+
+    async def examine(self, msg: WriteMessage) -> tuple[str, Decoded | None]:
         """Decode and validate a write message; send its rejects to the DLQ.
 
         Args:
@@ -198,7 +235,7 @@ class WriteEdge:
             return kind, None
         return kind, decoded
 
-    async def _reject_message(self, msg: Msg, kind: str, rej: RejectedInput) -> None:
+    async def _reject_message(self, msg: WriteMessage, kind: str, rej: RejectedInput) -> None:
         self._stats.received[kind_or_unknown(kind)] += 1
         reject = Reject(rej.reason, rej.detail, msg.data)
         await self.to_dlq(kind, msg.subject, reject, msg.headers)

@@ -1,11 +1,16 @@
-"""Core-mode intake: the write subscription, from a NATS message to a queued envelope.
+"""Core-mode intake: the write subscription, from NATS messages to queued envelopes.
 
 The subscription is in the queue group ``STORE_QUEUE_GROUP``, so instances share the
-writes. Every message goes through the :class:`~store_svc.ingest.edge.WriteEdge`
-(decode, validate, rejects to the DLQ); the valid records are queued together as one
-envelope. A write that carries a reply subject is answered after its records are
-committed, at once with a ``400`` service error when nothing in it could be used, or
-with ``503`` at the hard watermark.
+writes. It is a *batched* subscription (``bus/receive.py``): the client's parser
+puts the messages of each socket read in a :class:`~store_svc.bus.receive.Receiver`,
+and one task here takes them many at a time. Every message goes through the
+:class:`~store_svc.ingest.edge.WriteEdge` (decode, validate, rejects to the DLQ);
+the valid records of consecutive messages of one kind are queued together as one
+envelope, which still answers each message on its own: a write that carries a reply
+subject is answered after its records are committed, at once with a ``400`` service
+error when nothing in it could be used, or with ``503`` at the hard watermark; and
+when the database refuses an envelope, the batcher splits it to find the message at
+fault.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from store_svc.bus.client import OrderedFlushClient
+from store_svc.bus.receive import Incoming, Receiver
 from store_svc.constants import OVERLOAD_RETRY_AFTER_MS, RETRY_AFTER_HEADER
 from store_svc.core import BackpressureLevel
-from store_svc.ingest.decode import Decoded, Reject
+from store_svc.ingest.decode import Reject
 from store_svc.ingest.edge import (
     IntakeParts,
     MessageSize,
@@ -28,7 +35,8 @@ from store_svc.ingest.edge import (
     write_reply,
 )
 from store_svc.ingest.queue import Envelope, QueueClosed
-from store_svc.tasks import Turns
+from store_svc.kinds import Row
+from store_svc.tasks import Turns, cancel_and_wait
 
 __all__ = ["CoreIntake"]
 
@@ -39,6 +47,29 @@ log = logging.getLogger(__name__)
 SINK_REFUSED_DETAIL = "the database refused these records; they were not stored"
 
 
+#: Messages taken off the receiver at a time: enough to share the per-take costs,
+#: few enough that a take is a short step of the loop.
+TAKE_MOST = 256
+
+
+class _Group:
+    """The valid records of consecutive messages of one kind, becoming one envelope.
+
+    ``ends[i]`` is where the rows of the group's i-th message end; ``answers`` holds
+    ``(message index, reply subject, reply body)`` of the messages that wait for an
+    answer.
+    """
+
+    __slots__ = ("answers", "ends", "kind", "received", "rows")
+
+    def __init__(self, kind: str, received: float) -> None:
+        self.kind = kind
+        self.received = received
+        self.rows: list[Row] = []
+        self.ends: list[int] = []
+        self.answers: list[tuple[int, str, bytes]] = []
+
+
 class CoreIntake:
     """Subscribes to the write subjects with plain (core) NATS.
 
@@ -47,19 +78,27 @@ class CoreIntake:
     """
 
     def __init__(self, parts: IntakeParts) -> None:
-        self._nc = parts.nc
+        if not isinstance(parts.nc, OrderedFlushClient):
+            raise TypeError("core intake needs the service's client (bus.client)")
+        self._nc: OrderedFlushClient = parts.nc
         self._settings = parts.settings
         self._queue = parts.queue
         self._stats = parts.stats
         self._pressure = parts.pressure
         self._edge = WriteEdge(parts, self._refuse)
         self._sub: Subscription | None = None
+        self._receiver: Receiver | None = None
+        self._consumer: asyncio.Task[None] | None = None
         self._draining: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._turns = Turns()
         self._size = MessageSize(1.0)
         self._backlog_reported = 0
         self._backlog_step = max(1, parts.settings.queue_capacity // 100)
+        # An envelope never outgrows a batch, nor a quarter of the queue (the
+        # watermarks stay fine-grained with a small queue).
+        settings = parts.settings
+        self._group_most = max(1, min(settings.batch_size, settings.queue_capacity // 4))
 
     @property
     def subject(self) -> str:
@@ -71,19 +110,27 @@ class CoreIntake:
         """The live subscription, if started."""
         return self._sub
 
+    @property
+    def pending_msgs(self) -> int:
+        """Messages received and not yet taken (what waits in the client)."""
+        receiver = self._receiver
+        return receiver.pending_msgs if receiver is not None else 0
+
     async def start(self) -> None:
         """Subscribe in the queue group."""
-        self._sub = await self._nc.subscribe(
+        settings = self._settings
+        self._sub, receiver = await self._nc.subscribe_batched(
             self.subject,
-            queue=self._settings.queue_group,
-            cb=self._on_msg,
-            pending_msgs_limit=self._settings.write_pending_msgs,
-            pending_bytes_limit=self._settings.write_pending_bytes,
+            settings.queue_group,
+            settings.write_pending_msgs,
+            settings.write_pending_bytes,
         )
+        self._receiver = receiver
+        self._consumer = asyncio.create_task(self._consume(receiver), name="core-intake")
         # A round trip makes the server know the subscription before start() returns,
         # so a write sent right after start-up finds a responder.
         await self._nc.flush()
-        log.info("listening on %s (queue group %s)", self.subject, self._settings.queue_group)
+        log.info("listening on %s (queue group %s)", self.subject, settings.queue_group)
 
     async def stop(self, timeout: float) -> None:
         """Stop intake: no new messages; those already delivered are still handled.
@@ -96,7 +143,10 @@ class CoreIntake:
         """
         sub, self._sub = self._sub, None
         if sub is not None:
-            self._draining = asyncio.ensure_future(drain_subscription(sub, timeout))
+            receiver, consumer = self._receiver, self._consumer
+            assert receiver is not None
+            assert consumer is not None
+            self._draining = asyncio.ensure_future(self._drain(sub, receiver, consumer, timeout))
         draining = self._draining
         if draining is not None:
             await asyncio.shield(draining)
@@ -106,6 +156,33 @@ class CoreIntake:
             self._backlog_reported = 0
             self._pressure.on_backlog(0)
 
+    async def _drain(
+        self, sub: Subscription, receiver: Receiver, consumer: asyncio.Task[None], timeout: float
+    ) -> None:
+        deadline = self._loop.time() + timeout
+        # UNSUB, then a round trip: every message sent before it is in the receiver.
+        await drain_subscription(sub, timeout)
+        self._nc.unbatch(sub)
+        receiver.close()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - self._loop.time())):
+                await asyncio.shield(consumer)
+        except TimeoutError:
+            left = receiver.pending_msgs
+            await cancel_and_wait(consumer)
+            if left:
+                self._stats.dropped_messages += left
+                log.warning(
+                    "intake drain timed out after %.1fs; %d messages still held by the "
+                    "client are dropped (counted)",
+                    timeout,
+                    left,
+                )
+        finally:
+            if self._consumer is consumer:
+                self._consumer = None
+                self._receiver = None
+
     def sink_state(self, down: bool) -> None:
         """The database started (True) or stopped (False) failing commits (nothing to do:
         the queue fills and the intake waits)."""
@@ -114,74 +191,134 @@ class CoreIntake:
         """The NATS connection came back (the client re-subscribes by itself)."""
 
     async def close(self) -> None:
-        """Release what intake still holds once the batcher has finished (nothing here)."""
+        """End the intake's task, if a stop did not (nothing else is held here)."""
+        consumer, self._consumer = self._consumer, None
+        await cancel_and_wait(consumer)
 
-    async def _on_msg(self, msg: Msg) -> None:
-        await self._turns.take()
-        self._report_backlog()
-        self._stats.messages += 1
-        if msg.reply and self._pressure.level is BackpressureLevel.hard:
-            # A publisher that waits for an answer can slow down or go elsewhere:
-            # refuse now rather than make it wait behind a full queue.
-            self._stats.refused_overload += 1
-            await self._edge.error_reply(
-                msg.reply,
-                503,
-                "overloaded",
-                "the store's queue is at its hard watermark; retry later",
-                headers={RETRY_AFTER_HEADER: str(OVERLOAD_RETRY_AFTER_MS)},
-            )
-            return
+    async def _consume(self, receiver: Receiver) -> None:
+        """Take the receiver's messages, many at a time, until it is closed and empty."""
+        while True:
+            await receiver.wait()
+            items = receiver.take(TAKE_MOST)
+            if not items:
+                return  # closed, and everything handled
+            try:
+                await self._handle(items)
+            except Exception:  # a bug must cost these messages, not the intake
+                log.exception("unexpected error handling %d write messages", len(items))
+            self._report_backlog(receiver)
+            await self._turns.take()
+
+    async def _handle(self, items: list[Incoming]) -> None:
+        stats, edge, pressure = self._stats, self._edge, self._pressure
+        stats.messages += len(items)
         received = self._loop.time()
-        kind, decoded = await self._edge.examine(msg)
-        if decoded is None:
-            return
-        self._size.observe(len(decoded.rows))
-        ack = fail = None
-        if msg.reply:
-            ack = self._reply_after_commit(msg.reply, decoded)
-            fail = self._reply_refused(msg.reply)
-        self._stats.accepted[kind] += len(decoded.rows)
+        now = datetime.now(UTC)
+        group: _Group | None = None
+        most = self._group_most
+        observe = self._size.observe
+        for msg in items:
+            if msg.reply and pressure.level is BackpressureLevel.hard:
+                # A publisher that waits for an answer can slow down or go elsewhere:
+                # refuse now rather than make it wait behind a full queue.
+                stats.refused_overload += 1
+                await self._edge.error_reply(
+                    msg.reply,
+                    503,
+                    "overloaded",
+                    "the store's queue is at its hard watermark; retry later",
+                    headers={RETRY_AFTER_HEADER: str(OVERLOAD_RETRY_AFTER_MS)},
+                )
+                continue
+            found = edge.clean(msg, now)
+            if found is None:
+                kind, decoded = await edge.examine(msg)
+                if decoded is None:
+                    continue
+            else:
+                kind, decoded = found
+            rows = decoded.rows
+            observe(len(rows))
+            stats.accepted[kind] += len(rows)
+            if group is not None and (group.kind != kind or len(group.rows) + len(rows) > most):
+                await self._put(group)
+                group = None
+                # Queuing may have moved the level: the next requests see it.
+            if group is None:
+                group = _Group(kind, received)
+            group.rows.extend(rows)
+            if msg.reply:
+                body = write_reply(len(rows), decoded.rejects)
+                group.answers.append((len(group.ends), msg.reply, body))
+            group.ends.append(len(group.rows))
+        if group is not None:
+            await self._put(group)
+
+    async def _put(self, group: _Group) -> None:
+        env = self._envelope(group)
         try:
-            await self._queue.put(Envelope(kind, decoded.rows, received, ack, fail))
+            await self._queue.put(env)
         except QueueClosed:
             # Only reachable when shutdown cut a drain short; say so, never silently.
-            self._stats.accepted[kind] -= len(decoded.rows)
+            self._stats.accepted[group.kind] -= len(group.rows)
             log.error(
-                "dropped %d %s records: intake closed during shutdown", len(decoded.rows), kind
+                "dropped %d %s records: intake closed during shutdown", len(group.rows), group.kind
             )
-            if msg.reply:
-                await self._edge.error_reply(
-                    msg.reply, 503, "shutting_down", "the service is stopping"
-                )
+            for _, reply, _ in group.answers:
+                await self._edge.error_reply(reply, 503, "shutting_down", "the service is stopping")
 
-    def _report_backlog(self) -> None:
+    def _envelope(self, group: _Group) -> Envelope:
+        """The envelope of ``group``: its rows, the answers after the commit, and how
+        to split it into one envelope per message."""
+        answers = group.answers
+        ack = self._replies(answers) if answers else None
+        fail = self._refusals([reply for _, reply, _ in answers]) if answers else None
+        split = self._splitter(group) if len(group.ends) > 1 else None
+        return Envelope(group.kind, group.rows, group.received, ack, fail, split=split)
+
+    def _splitter(self, group: _Group) -> Callable[[], list[Envelope]]:
+        def split() -> list[Envelope]:
+            by_index = {i: (reply, body) for i, reply, body in group.answers}
+            out = []
+            start = 0
+            for i, end in enumerate(group.ends):
+                answer = by_index.get(i)
+                ack = fail = None
+                if answer is not None:
+                    ack = self._replies([(i, *answer)])
+                    fail = self._refusals([answer[0]])
+                rows = group.rows[start:end]
+                out.append(Envelope(group.kind, rows, group.received, ack, fail))
+                start = end
+            return out
+
+        return split
+
+    def _report_backlog(self, receiver: Receiver) -> None:
         """Tell feedback what waits in the client, when it has moved by 1 % of capacity."""
-        sub = self._sub
-        if sub is None:
-            return
-        records = int(sub.pending_msgs * self._size.value)
+        records = int(receiver.pending_msgs * self._size.value)
         if abs(records - self._backlog_reported) >= self._backlog_step or (
             records == 0 and self._backlog_reported
         ):
             self._backlog_reported = records
             self._pressure.on_backlog(records)
 
-    def _reply_after_commit(self, reply: str, decoded: Decoded) -> Callable[[], Awaitable[None]]:
-        body = write_reply(len(decoded.rows), decoded.rejects)
+    def _replies(self, answers: list[tuple[int, str, bytes]]) -> Callable[[], Awaitable[None]]:
+        nc = self._nc
 
         async def send() -> None:
-            await self._nc.publish(reply, body)
+            await nc.publish_many([(reply, body) for _, reply, body in answers])
 
         return send
 
-    def _reply_refused(self, reply: str) -> Callable[[str], Awaitable[None]]:
+    def _refusals(self, replies: list[str]) -> Callable[[str], Awaitable[None]]:
         async def send(reason: str) -> None:
-            await self._edge.error_reply(reply, 500, "sink_refused", SINK_REFUSED_DETAIL)
+            for reply in replies:
+                await self._edge.error_reply(reply, 500, "sink_refused", SINK_REFUSED_DETAIL)
 
         return send
 
-    async def _refuse(self, msg: Msg, rejects: list[Reject]) -> None:
+    async def _refuse(self, msg: Incoming, rejects: list[Reject]) -> None:
         if not msg.reply:
             return
         first = rejects[0]

@@ -24,20 +24,24 @@ import asyncio
 import contextlib
 import logging
 import math
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
+from store_svc.bus.client import OrderedFlushClient
+from store_svc.bus.receive import Incoming, Receiver
 from store_svc.core import BackpressureLevel
 from store_svc.errors import ConfigError, JetStreamUnavailable
 from store_svc.ingest.decode import Reject
 from store_svc.ingest.edge import IntakeParts, MessageSize, WriteEdge, drain_subscription
+from store_svc.ingest.intake import TAKE_MOST
 from store_svc.ingest.jetstream_setup import ensure_stream_and_consumer
 from store_svc.ingest.queue import Envelope, QueueClosed
-from store_svc.tasks import TaskSet, Turns
+from store_svc.kinds import Row
+from store_svc.tasks import TaskSet, Turns, cancel_and_wait
 
 __all__ = ["JetStreamIntake", "delivery_count", "pull_size", "room_needed"]
 
@@ -48,6 +52,11 @@ _NS = 1_000_000_000
 # Plain strings: nats-py's Header enum hashes by member name, so it misses dict keys.
 _STATUS = "Status"
 _DESCRIPTION = "Description"
+#: The bodies of JetStream's acknowledgements (as nats-py's ``Msg`` sends them).
+_ACK = b""
+_NAK = b"-NAK"
+_PROGRESS = b"+WPI"
+_TERM = b"+TERM"
 
 
 def pull_size(room: int, per_msg: float, batch: int) -> int:
@@ -75,10 +84,24 @@ class _Held:
 
     __slots__ = ("env", "msg", "touched")
 
-    def __init__(self, msg: Msg, env: Envelope, touched: float) -> None:
+    def __init__(self, msg: Incoming, env: Envelope, touched: float) -> None:
         self.msg = msg
         self.env = env
         self.touched = touched
+
+
+class _Group:
+    """The valid records of consecutive messages of one kind, becoming one envelope
+    (``ends[i]``: where the rows of the i-th message end)."""
+
+    __slots__ = ("ends", "kind", "msgs", "received", "rows")
+
+    def __init__(self, kind: str, received: float) -> None:
+        self.kind = kind
+        self.received = received
+        self.rows: list[Row] = []
+        self.ends: list[int] = []
+        self.msgs: list[Incoming] = []
 
 
 def delivery_count(reply: str | None) -> int | None:
@@ -108,17 +131,22 @@ class JetStreamIntake:
 
     def __init__(self, parts: IntakeParts) -> None:
         settings = parts.settings
-        self._nc = parts.nc
+        if not isinstance(parts.nc, OrderedFlushClient):
+            raise TypeError("JetStream intake needs the service's client (bus.client)")
+        self._nc: OrderedFlushClient = parts.nc
         self._settings = settings
         self._queue = parts.queue
         self._stats = parts.stats
         self._pressure = parts.pressure
         self._edge = WriteEdge(parts, self._refuse)
         self._sub: Subscription | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        self._receiver: Receiver | None = None
         self._draining: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._turns = Turns()
         self._tasks = TaskSet("jetstream")
+        self._group_most = max(1, min(settings.batch_size, settings.queue_capacity // 4))
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.js_stream}.{settings.js_durable}"
         self._batch = settings.js_fetch_batch
         self._expires = settings.js_fetch_expires_s
@@ -176,12 +204,14 @@ class JetStreamIntake:
         """
         await self._ensure()
         self._inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(
+        self._sub, receiver = await self._nc.subscribe_batched(
             self._inbox,
-            cb=self._on_delivery,
-            pending_msgs_limit=self._settings.write_pending_msgs,
-            pending_bytes_limit=self._settings.write_pending_bytes,
+            "",
+            self._settings.write_pending_msgs,
+            self._settings.write_pending_bytes,
         )
+        self._receiver = receiver
+        self._consumer = asyncio.create_task(self._consume(receiver), name="jetstream-intake")
         await self._nc.flush()
         self._outstanding = 0
         self._pulling = self._taking = True
@@ -257,45 +287,100 @@ class JetStreamIntake:
             finally:
                 self._room_blocked = False
 
-    async def _on_delivery(self, msg: Msg) -> None:
-        await self._turns.take()
-        headers = msg.headers
-        if not msg.data and headers and _STATUS in headers:
-            self._on_status(headers)
-            return
-        self._last_activity = self._loop.time()
-        if self._outstanding:
-            self._outstanding -= 1
+    async def _consume(self, receiver: Receiver) -> None:
+        """Take the inbox's deliveries, many at a time, until it is closed and empty."""
+        while True:
+            await receiver.wait()
+            items = receiver.take(TAKE_MOST)
+            if not items:
+                return  # closed, and everything handled
+            try:
+                await self._deliveries(items)
+            except Exception:  # a bug must cost these messages (redelivered), not intake
+                log.exception("unexpected error handling %d JetStream deliveries", len(items))
+            await self._turns.take()
+
+    async def _deliveries(self, items: list[Incoming]) -> None:
+        stats = self._stats
+        received = self._loop.time()
+        now = datetime.now(UTC)
+        edge = self._edge
+        observe = self._size.observe
+        most = self._group_most
+        group: _Group | None = None
+        for msg in items:
+            headers = msg.headers
+            if not msg.data and headers and _STATUS in headers:
+                self._on_status(headers)
+                continue
+            self._last_activity = received
+            if self._outstanding:
+                self._outstanding -= 1
+            if not self._taking:
+                await self._nak(msg)
+                continue
+            stats.messages += 1
+            delivered = delivery_count(msg.reply)
+            if delivered is None:  # not from the consumer (someone wrote to the inbox)
+                log.warning("ignored a message without a JetStream ack subject on %s", msg.subject)
+                continue
+            if delivered > 1:
+                stats.js_redelivered += 1
+            found = edge.clean(msg, now)
+            if found is None:
+                kind, decoded = await edge.examine(msg)
+                if decoded is None:
+                    continue
+            else:
+                kind, decoded = found
+            rows = decoded.rows
+            observe(len(rows))  # sizes the next pull requests
+            stats.accepted[kind] += len(rows)
+            if group is not None and (group.kind != kind or len(group.rows) + len(rows) > most):
+                await self._put(group)
+                group = None
+            if group is None:
+                group = _Group(kind, received)
+            group.rows.extend(rows)
+            group.ends.append(len(group.rows))
+            group.msgs.append(msg)
+        if group is not None:
+            await self._put(group)
         if self._outstanding <= self._batch // 2 or (
             self._room_blocked
             and (below := self._room_below()) is not None
             and self._queue.depth < below
         ):
             self._wake.set()
-        if not self._taking:
-            await self._nak(msg)
-            return
-        self._stats.messages += 1
-        reply = msg.reply
-        delivered = delivery_count(reply)
-        if delivered is None:  # not from the consumer (someone wrote to the inbox)
-            log.warning("ignored a message without a JetStream ack subject on %s", msg.subject)
-            return
-        if delivered > 1:
-            self._stats.js_redelivered += 1
-        received = self._loop.time()
-        kind, decoded = await self._edge.examine(msg)
-        if decoded is None:
-            return
-        self._size.observe(len(decoded.rows))  # sizes the next pull requests
-        env = Envelope(kind, decoded.rows, received, self._acker(msg), self._failer(msg, kind))
-        self._held[reply] = _Held(msg, env, received)
-        self._stats.accepted[kind] += len(decoded.rows)
+
+    async def _put(self, group: _Group) -> None:
+        env = self._envelope(group.kind, group.rows, group.msgs, group.received)
+        if len(group.msgs) > 1:
+            env.split = self._splitter(group)
+        for msg in group.msgs:
+            self._held[msg.reply] = _Held(msg, env, group.received)
         try:
             await self._queue.put(env)
         except QueueClosed:
-            self._stats.accepted[kind] -= len(decoded.rows)
-            await self._nak(msg)
+            self._stats.accepted[group.kind] -= len(group.rows)
+            for msg in group.msgs:
+                await self._nak(msg)
+
+    def _envelope(
+        self, kind: str, rows: list[Row], msgs: list[Incoming], received: float
+    ) -> Envelope:
+        return Envelope(kind, rows, received, self._acker(msgs), self._failer(msgs, kind))
+
+    def _splitter(self, group: _Group) -> Any:
+        def split() -> list[Envelope]:
+            out = []
+            start = 0
+            for msg, end in zip(group.msgs, group.ends, strict=True):
+                out.append(self._envelope(group.kind, group.rows[start:end], [msg], group.received))
+                start = end
+            return out
+
+        return split
 
     def _room_below(self) -> int | None:
         """The queue depth below which the next pull request has the room it needs
@@ -343,45 +428,47 @@ class JetStreamIntake:
                 self._recheck_consumer = True
         self._wake.set()
 
-    def _acker(self, msg: Msg) -> Any:
+    def _acker(self, msgs: list[Incoming]) -> Any:
         async def ack() -> None:
-            if self._held.pop(msg.reply, None) is None:
-                # Handed back while its commit was under way: the copy redelivered to
-                # another instance is acked there (the repeat upsert is harmless).
-                return
-            await msg.ack()
-            self._stats.js_acked += 1
+            # A message handed back while its commit was under way is acked where it
+            # was redelivered (the repeat upsert is harmless): not here.
+            held = self._held
+            acks = [(m.reply, _ACK) for m in msgs if held.pop(m.reply, None) is not None]
+            await self._nc.publish_many(acks)
+            self._stats.js_acked += len(acks)
 
         return ack
 
-    def _failer(self, msg: Msg, kind: str) -> Any:
+    def _failer(self, msgs: list[Incoming], kind: str) -> Any:
         async def fail(reason: str) -> None:
-            # The database refuses these rows for good: keep the message on the DLQ,
-            # and stop the server from redelivering it for ever.
-            self._held.pop(msg.reply, None)
-            await self._edge.to_dlq(
-                kind, msg.subject, Reject("sink_refused", reason, msg.data), msg.headers, False
-            )
-            await self._term(msg)
+            # The database refuses these rows for good: keep the messages on the DLQ,
+            # and stop the server from redelivering them for ever.
+            for msg in msgs:
+                self._held.pop(msg.reply, None)
+                await self._edge.to_dlq(
+                    kind, msg.subject, Reject("sink_refused", reason, msg.data), msg.headers, False
+                )
+                await self._term(msg)
 
         return fail
 
-    async def _refuse(self, msg: Msg, rejects: list[Reject]) -> None:
+    async def _refuse(self, msg: Incoming, rejects: list[Reject]) -> None:
         # Nothing in the message is usable (its records are on the DLQ): terminate it.
         await self._term(msg)
 
-    async def _term(self, msg: Msg) -> None:
+    async def _term(self, msg: Incoming) -> None:
         try:
-            await msg.term()
+            await self._nc.publish(msg.reply, _TERM)
             self._stats.js_termed += 1
         except NatsError as exc:
             log.warning("terminating a message failed: %s", exc)
 
-    async def _nak(self, msg: Msg) -> None:
+    async def _nak(self, msg: Incoming) -> None:
         self._held.pop(msg.reply, None)
         delay = self._settings.js_nak_delay_s
+        body = _NAK + b" " + _encode({"delay": int(delay * _NS)}) if delay else _NAK
         try:
-            await msg.nak(delay=delay or None)
+            await self._nc.publish(msg.reply, body)
             self._stats.js_naked += 1
         except NatsError as exc:
             log.warning("handing a message back (nak) failed: %s", exc)
@@ -397,7 +484,7 @@ class JetStreamIntake:
                 if held.msg.reply not in self._held:
                     continue  # acked meanwhile
                 try:
-                    await held.msg.in_progress()
+                    await self._nc.publish(held.msg.reply, _PROGRESS)
                 except NatsError as exc:
                     log.debug("in_progress not sent: %s", exc)
                     break
@@ -436,10 +523,24 @@ class JetStreamIntake:
         if sub is not None:
             # Anything still on its way is handed back (nak) as it arrives.
             await drain_subscription(sub, max(0.1, deadline - loop.time()))
+            self._nc.unbatch(sub)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            # What the drain brought in is taken (handed back) before the task ends.
+            receiver, self._receiver = self._receiver, None
+            if receiver is not None:
+                receiver.close()
+            try:
+                async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                    await asyncio.shield(consumer)
+            except TimeoutError:
+                await cancel_and_wait(consumer)
         self._outstanding = 0
 
     async def close(self) -> None:
         """Hand back (nak) every message still held, and end every background task."""
+        consumer, self._consumer = self._consumer, None
+        await cancel_and_wait(consumer)
         await self._tasks.close()
         held = [h.msg for h in self._held.values()]
         for msg in held:

@@ -21,7 +21,8 @@ __all__ = ["Envelope", "QueueClosed", "RecordQueue"]
 
 @dataclass(slots=True)
 class Envelope:
-    """The valid records of one message, and what to do once they are committed.
+    """The valid records of one message (or of several messages of one kind, taken
+    off the connection together), and what to do once they are committed.
 
     Attributes:
         kind: the record kind.
@@ -31,6 +32,8 @@ class Envelope:
         fail: awaited with a reason when the database refuses the rows for good.
         withdrawn: set when the message was handed back (JetStream ``nak``) before its
             commit: the batcher then leaves its rows out.
+        split: for an envelope of several messages, builds one envelope per message
+            (the batcher's way to find the message whose records the database refuses).
     """
 
     kind: str
@@ -39,6 +42,7 @@ class Envelope:
     ack: Callable[[], Awaitable[None]] | None = None
     fail: Callable[[str], Awaitable[None]] | None = None
     withdrawn: bool = False
+    split: Callable[[], list[Envelope]] | None = None
 
 
 class RecordQueue:
