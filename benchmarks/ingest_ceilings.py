@@ -32,6 +32,7 @@ import asyncpg
 import msgspec
 import uvloop
 
+from benchmarks.ingest_cpu import process_seconds, tree_seconds
 from benchmarks.ingest_infra import (
     FlowControl,
     await_ready,
@@ -82,19 +83,23 @@ def measure_bare_subscriber(
     per_msg: int,
     flow: FlowControl,
     publishers: int,
+    nats_pid: int | None = None,
 ) -> dict[str, Any]:
     """Ceiling A: a nats-py subscriber in its own process that only counts messages.
 
     Requests (the flow control) are answered on receipt. Run while no JetStream stream
-    captures the write subjects.
+    captures the write subjects. The subscriber's CPU seconds (and nats-server's, given
+    its ``nats_pid``) are read around the publishing, until its last reply.
 
     Returns:
-        Throughput, messages counted, and msgs/s and records/s.
+        Throughput, messages counted, msgs/s and records/s, and CPU µs per message.
     """
     subject = settings.subject("store", "write", ">")
     sub = spawn("--bare-subscriber", SubscriberSpec(url, subject, settings.queue_group))
     try:
         await_ready(sub)
+        cpu0 = process_seconds(sub.pid)
+        nats0 = tree_seconds(nats_pid) if nats_pid else 0.0
         results = run_publishers(
             url,
             settings.subject("store", "write", kind),
@@ -104,13 +109,19 @@ def measure_bare_subscriber(
             flow,
             publishers,
         )
+        cpu_s = process_seconds(sub.pid) - cpu0
+        nats_s = tree_seconds(nats_pid) - nats0 if nats_pid else None
         send_line(sub, "STOP")
         counted = collect(sub, SubscriberResult, timeout=60.0)
     finally:
         reap([sub])
     tp = summarize(results, per_msg)
+    msgs = max(1, counted.messages)
     return {
         **tp.as_dict(),
+        "cpu_s": round(cpu_s, 3),
+        "cpu_us_per_msg": cpu_s / msgs * 1e6,
+        "nats_server_cpu_us_per_msg": None if nats_s is None else nats_s / msgs * 1e6,
         "received_msgs": counted.messages,
         "lost_msgs": tp.published_msgs - counted.messages,
         "slow_consumer_errors": counted.slow_consumer_errors,
@@ -157,7 +168,8 @@ def measure_raw_executemany(
     ``BEGIN IMMEDIATE; executemany; COMMIT`` are timed separately.
 
     Returns:
-        Rows, the two timings and the rows/s of executemany alone and with conversion.
+        Rows, the two timings and the rows/s of executemany alone and with conversion,
+        and the CPU µs per row of each (this thread's CPU time).
     """
     _open_schema(db_path)
     spec = KINDS[kind]
@@ -165,21 +177,24 @@ def measure_raw_executemany(
     decoder = PayloadDecoder(settings.max_payload_bytes, settings.max_future_skew_s)
     batch_size = settings.batch_size
     t_convert = t_insert = 0.0
+    cpu_convert = cpu_insert = 0.0
     rows_total = 0
     with closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={settings.sqlite_synchronous}")
         for batch in row_batches(decoder, kind, payloads, batch_size):
             ingested_at = time_micros(datetime.now(UTC))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             params = to_sqlite_rows(spec, batch, ingested_at)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.thread_time()
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(sql, params)
             conn.execute("COMMIT")
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.thread_time()
             t_convert += t1 - t0
             t_insert += t2 - t1
+            cpu_convert += c1 - c0
+            cpu_insert += c2 - c1
             rows_total += len(batch)
     stored = count_rows(db_path, kind)
     return {
@@ -191,6 +206,8 @@ def measure_raw_executemany(
         "convert_s": round(t_convert, 4),
         "rows_per_s": rows_total / t_insert,
         "convert_plus_executemany_rows_per_s": rows_total / (t_insert + t_convert),
+        "cpu_us_per_row": cpu_insert / rows_total * 1e6,
+        "convert_plus_executemany_cpu_us_per_row": (cpu_insert + cpu_convert) / rows_total * 1e6,
     }
 
 
@@ -200,6 +217,7 @@ def measure_raw_copy_merge(
     database_url: str,
     settings: Settings,
     timescaledb: Literal["auto", "require", "off"] = "off",
+    pg_pid: int | None = None,
 ) -> dict[str, Any]:
     """Ceiling B for PostgreSQL: the same rows through plain asyncpg COPY + merge.
 
@@ -219,12 +237,14 @@ def measure_raw_copy_merge(
         database_url: a fresh, empty PostgreSQL database.
         settings: supplies ``batch_size`` and the decoder limits.
         timescaledb: ``off`` for plain tables, ``require`` for hypertables.
+        pg_pid: the postmaster, whose tree's CPU (the backends) is counted per way.
 
     Returns:
         Rows, rows stored, the seconds and rows/s of each way, and ``rows_per_s`` of
-        the faster (the ceiling).
+        the faster (the ceiling); CPU µs per row of each way (this client and the
+        PostgreSQL server), and ``cpu_us_per_row`` of the faster.
     """
-    return uvloop.run(_raw_copy_merge(kind, payloads, database_url, settings, timescaledb))
+    return uvloop.run(_raw_copy_merge(kind, payloads, database_url, settings, timescaledb, pg_pid))
 
 
 async def _raw_copy_merge(
@@ -233,8 +253,13 @@ async def _raw_copy_merge(
     database_url: str,
     settings: Settings,
     timescaledb: Literal["auto", "require", "off"],
+    pg_pid: int | None,
 ) -> dict[str, Any]:
     """The body of :func:`measure_raw_copy_merge` (inside the event loop)."""
+
+    def cpu() -> tuple[float, float]:
+        return time.thread_time(), tree_seconds(pg_pid) if pg_pid else 0.0
+
     sink = PostgresSink(database_url, timescaledb=timescaledb)
     await sink.open()
     timescale = sink.timescale
@@ -261,16 +286,17 @@ async def _raw_copy_merge(
             await tx.commit()
 
         # One connection, one transaction after another.
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu()
         for batch in batches:
             await merge_commit(conns[0], await stage_rows(conns[0], batch))
         sequential_s = time.perf_counter() - t0
+        cpu_sequential = [b - a for a, b in zip(cpu0, cpu(), strict=True)]
         stored_sequential = int(await conns[0].fetchval(f"SELECT count(*) FROM {kind}"))
         await conns[0].execute(f"TRUNCATE {kind}")
 
         # Two connections taking turns, as the sink does: the next batch is staged
         # while the one ahead merges and commits; commits stay in order.
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu()
         ahead: asyncio.Task[None] | None = None
         for n, batch in enumerate(batches):
             conn = conns[n % 2]
@@ -281,6 +307,7 @@ async def _raw_copy_merge(
         if ahead is not None:
             await ahead
         overlapped_s = time.perf_counter() - t0
+        cpu_overlapped = [b - a for a, b in zip(cpu0, cpu(), strict=True)]
         stored = int(await conns[0].fetchval(f"SELECT count(*) FROM {kind}"))
     finally:
         for conn in conns:
@@ -297,4 +324,15 @@ async def _raw_copy_merge(
         "sequential_rows_per_s": rows_total / sequential_s,
         "overlapped_rows_per_s": rows_total / overlapped_s,
         "rows_per_s": rows_total / min(sequential_s, overlapped_s),
+        "sequential_cpu_us_per_row": _per_row(cpu_sequential, rows_total),
+        "overlapped_cpu_us_per_row": _per_row(cpu_overlapped, rows_total),
+        "cpu_us_per_row": sum(cpu_sequential if sequential_s <= overlapped_s else cpu_overlapped)
+        / rows_total
+        * 1e6,
     }
+
+
+def _per_row(cpu: list[float], rows: int) -> dict[str, float]:
+    """CPU µs per row of the client and of the PostgreSQL server."""
+    client, server = cpu
+    return {"client": client / rows * 1e6, "postgresql": server / rows * 1e6}

@@ -153,6 +153,7 @@ class RunContext:
                 per_msg,
                 self.preset.flow(CORE, per_msg),
                 self.publishers,
+                nats_pid=self.cpu_roots.get("nats_server"),
             )
             self.ceilings_a[key] = a
             self.progress.log(f"ceiling A {key}: {a['records_per_s']:,.0f} records/s")
@@ -169,7 +170,14 @@ class RunContext:
                 url = create_pg_database(self.pg, f"raw-{key}")
                 layout: Literal["require", "off"] = "require" if sink == TIMESCALEDB else "off"
                 try:
-                    b = measure_raw_copy_merge(kind, pset.payloads(), url, DEFAULTS, layout)
+                    b = measure_raw_copy_merge(
+                        kind,
+                        pset.payloads(),
+                        url,
+                        DEFAULTS,
+                        layout,
+                        pg_pid=self.cpu_roots.get("postgresql"),
+                    )
                 finally:
                     drop_pg_database(self.pg, url)
             else:

@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 #: Targets of issue 7 (printed with met/missed and margin; never an exit code).
-TARGET_CORE_SINGLE_VS_BARE = 0.85
-TARGET_CORE_BATCH_VS_RAW = 0.9
+#: Issue 17's goals: CPU per record against the ceilings, rates against each other.
+TARGET_CORE_SINGLE_CPU_VS_BARE = 1.0
+TARGET_CORE_BATCH_SQLITE_CPU_VS_RAW = 1.5
+TARGET_CORE_BATCH_PG_VS_RAW = 0.9
+TARGET_JS_SINGLE_VS_CORE = 0.8
 TARGET_JS_BATCH_VS_RAW = 0.7
 TARGET_P99_MS = 20.0
+TARGET_P99_PG_MS = 30.0
 TARGET_P99_AT_FRACTION = 0.5
 TARGET_RSS_MB = 300.0
 #: Mixed load: ingest rows/s with a concurrent query load >= this x without it.
@@ -72,10 +76,15 @@ def _mixed(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target checked against the results, with ``met`` and ``margin``.
 
-    * core, 1 record per message: service ≥ 0.85 x ceiling A (bare subscriber);
-    * core, 1000 records per message: service ≥ 0.9 x ceiling B (raw sink insert);
-    * JetStream, 1000 records per message: service ≥ 0.7 x ceiling B;
-    * every scenario: p99 publish→commit ≤ 20 ms at 50 % of its maximum;
+    * core, 1 record per message: the service's CPU per message ≤ 1.0 x the bare
+      subscriber's (ceiling A);
+    * core, 1000 records per message, SQLite: the service's CPU per row ≤ 1.5 x raw
+      ``executemany``'s (ceiling B);
+    * core, 1000 records per message, PostgreSQL: rows/s ≥ 0.9 x raw COPY + merge;
+    * JetStream, 1 record per message: rows/s ≥ 0.8 x core mode's (same sink and kind);
+    * JetStream, 1000 records per message: rows/s ≥ 0.7 x ceiling B;
+    * every scenario: p99 publish→commit at 50 % of its maximum ≤ 20 ms (SQLite) or
+      ≤ 30 ms (PostgreSQL, TimescaleDB);
     * ``rss-full-queue``: peak RSS of the service tree ≤ 300 MB with the queue full;
     * ``mixed-query-*``: ingest rows/s with the query load ≥ 0.8 x the mean of the
       phases without it.
@@ -104,36 +113,66 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
 
-    for s in _matrix(report["scenarios"]):
-        if s["group"] != "matrix":
-            continue
+    matrix = [s for s in _matrix(report["scenarios"]) if s["group"] == "matrix"]
+    by_name = {s["name"]: s for s in matrix}
+    for s in matrix:
         ratios = s.get("ratios", {})
-        if s["mode"] == "core" and s["records_per_msg"] == 1:
+        core, per_msg, sink = s["mode"] == "core", s["records_per_msg"], s["sink"]
+        if core and per_msg == 1:
             add(
                 s["name"],
-                "service_vs_bare_subscriber",
-                ratios.get("service_vs_bare_subscriber"),
-                TARGET_CORE_SINGLE_VS_BARE,
-                ">=",
-                "core 1/msg vs A",
+                "cpu_vs_bare_subscriber",
+                ratios.get("cpu_vs_bare_subscriber"),
+                TARGET_CORE_SINGLE_CPU_VS_BARE,
+                "<=",
+                "core 1/msg CPU vs A",
             )
-        if s["records_per_msg"] == 1000:
-            core = s["mode"] == "core"
+        if core and per_msg == 1000 and sink == "sqlite":
+            add(
+                s["name"],
+                "cpu_vs_raw_sink",
+                ratios.get("cpu_vs_raw_sink"),
+                TARGET_CORE_BATCH_SQLITE_CPU_VS_RAW,
+                "<=",
+                "core 1000/msg SQLite CPU vs B",
+            )
+        if core and per_msg == 1000 and sink != "sqlite":
             add(
                 s["name"],
                 "service_vs_raw_sink",
                 ratios.get("service_vs_raw_sink"),
-                TARGET_CORE_BATCH_VS_RAW if core else TARGET_JS_BATCH_VS_RAW,
+                TARGET_CORE_BATCH_PG_VS_RAW,
                 ">=",
-                f"{'core' if core else 'JS'} 1000/msg vs B",
+                f"core 1000/msg {sink} vs B",
+            )
+        if not core and per_msg == 1:
+            twin = by_name.get(s["name"].replace("jetstream-", "core-", 1))
+            rate, twin_rate = _get(s, "service", "rows_per_s"), _get(twin, "service", "rows_per_s")
+            add(
+                s["name"],
+                "rows_per_s_vs_core",
+                rate / twin_rate if rate and twin_rate else None,
+                TARGET_JS_SINGLE_VS_CORE,
+                ">=",
+                "JS 1/msg vs core",
+            )
+        if not core and per_msg == 1000:
+            add(
+                s["name"],
+                "service_vs_raw_sink",
+                ratios.get("service_vs_raw_sink"),
+                TARGET_JS_BATCH_VS_RAW,
+                ">=",
+                "JS 1000/msg vs B",
             )
     for s in _matrix(report["scenarios"]):
         phase = latency_at(s, TARGET_P99_AT_FRACTION)
+        goal = TARGET_P99_MS if s["sink"] == "sqlite" else TARGET_P99_PG_MS
         add(
             s["name"],
             "latency_p99_ms_at_50pct",
             None if phase is None else phase.get("p99_ms"),
-            TARGET_P99_MS,
+            goal,
             "<=",
             "p99 @50% (ms)",
         )
@@ -220,6 +259,30 @@ def print_report(report: dict[str, Any]) -> None:
             ("feedback", _feedback_cell, ">"),
             ("RSS MB", lambda s: fmt(_get(s, "service", "peak_rss_mb"), ".0f"), ">"),
             ("lost", lambda s: fmt(_get(s, "service", "lost_total"), ",d"), ">"),
+        ],
+    )
+
+    def cpu(key: str) -> Callable[[dict[str, Any]], str]:
+        return lambda s: fmt(_get(s, "service", "cpu_us_per_record", key), ".1f")
+
+    _table(
+        "CPU µs per stored record in the throughput phase, by process (service: main + "
+        "writer + readers); A: the bare subscriber's µs per message; B: raw insert µs "
+        "per row (PostgreSQL: client + server); CPU ratios: the service's over A (per "
+        "message) and over B (per row; PostgreSQL: with the server)",
+        matrix,
+        [
+            ("scenario", lambda s: s["name"], "<"),
+            ("main", cpu("main"), ">"),
+            ("writer", cpu("writer"), ">"),
+            ("readers", cpu("reader"), ">"),
+            ("service", cpu("service"), ">"),
+            ("nats-server", cpu("nats_server"), ">"),
+            ("postgresql", cpu("postgresql"), ">"),
+            ("A µs/msg", lambda s: fmt(_get(s, "ceilings", "A_cpu_us_per_msg"), ".1f"), ">"),
+            ("B µs/row", lambda s: fmt(_get(s, "ceilings", "B_cpu_us_per_row"), ".1f"), ">"),
+            ("CPU/A", lambda s: fmt(_get(s, "ratios", "cpu_vs_bare_subscriber"), ".2f"), ">"),
+            ("CPU/B", lambda s: fmt(_get(s, "ratios", "cpu_vs_raw_sink"), ".2f"), ">"),
         ],
     )
 
@@ -433,7 +496,7 @@ _MODE_COLOURS = {"core": "tab:blue", "jetstream": "tab:orange"}
 
 
 def write_charts(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """``throughput.png`` and ``latency.png`` in ``out_dir`` (matplotlib, Agg).
+    """``throughput.png``, ``latency.png`` and ``cpu.png`` in ``out_dir`` (matplotlib, Agg).
 
     Returns:
         The files written (none when no scenario measured throughput).
@@ -449,6 +512,7 @@ def write_charts(report: dict[str, Any], out_dir: Path) -> list[Path]:
     written = [
         _throughput_chart(plt, matrix, out_dir / "throughput.png", report),
         _latency_chart(plt, matrix, out_dir / "latency.png", report),
+        _cpu_chart(plt, matrix, out_dir / "cpu.png", report),
     ]
     return written
 
@@ -516,6 +580,50 @@ def _throughput_chart(plt: Any, matrix: list[dict[str, Any]], path: Path, report
         ),
     ]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="x", which="both", alpha=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+_CPU_PARTS = (("main", "tab:blue"), ("writer", "tab:green"), ("reader", "tab:olive"))
+
+
+def _cpu_chart(plt: Any, matrix: list[dict[str, Any]], path: Path, report: Any) -> Path:
+    """CPU µs per stored record by process, with ceiling A's µs per record (its µs per
+    message over the records per message) and ceiling B's µs per row."""
+    names = [s["name"] for s in matrix]
+    y = list(range(len(matrix)))[::-1]
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.32 * len(matrix)))
+    left = [0.0] * len(matrix)
+    for part, colour in _CPU_PARTS:
+        widths = [_get(s, "service", "cpu_us_per_record", part) or 0.0 for s in matrix]
+        ax.barh(y, widths, left=left, color=colour, height=0.6, label=f"service {part}")
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    extra = [
+        (_get(s, "service", "cpu_us_per_record", "nats_server") or 0.0)
+        + (_get(s, "service", "cpu_us_per_record", "postgresql") or 0.0)
+        for s in matrix
+    ]
+    ax.barh(y, extra, left=left, color="lightgrey", height=0.6, label="nats-server + PostgreSQL")
+    a = [(_get(s, "ceilings", "A_cpu_us_per_msg") or 0.0) / s["records_per_msg"] for s in matrix]
+    b = [_get(s, "ceilings", "B_cpu_us_per_row") or 0.0 for s in matrix]
+    ax.scatter(a, y, marker="^", color="black", zorder=3, label="A: bare subscriber, per record")
+    ax.scatter(
+        b,
+        y,
+        marker="o",
+        facecolors="none",
+        edgecolors="crimson",
+        zorder=3,
+        label="B: raw insert, per row",
+    )
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("CPU µs per stored record (log scale)")
+    ax.set_title(f"store-svc CPU per record vs ceilings\n{_subtitle(report)}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="x", which="both", alpha=0.3)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -10,10 +10,12 @@ single-instance twin).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any, Literal
 
 from benchmarks.ingest_context import RunContext, ServiceRun
+from benchmarks.ingest_cpu import ProcessCpu
 from benchmarks.ingest_infra import (
     FeedbackCounter,
     RssSampler,
@@ -67,9 +69,11 @@ def run_service_scenario(ctx: RunContext, sc: Scenario) -> dict[str, Any]:
     out["ceilings"] = {
         "A_key": a_key,
         "A_records_per_s": a["records_per_s"],
+        "A_cpu_us_per_msg": a.get("cpu_us_per_msg"),
         "B_key": b_key,
         "B_rows_per_s": b["rows_per_s"],
         "B_method": b["method"],
+        "B_cpu_us_per_row": b.get("cpu_us_per_row"),
     }
     failures: list[str] = []
     delete_stream(ctx.url, settings.js_stream)
@@ -78,8 +82,11 @@ def run_service_scenario(ctx: RunContext, sc: Scenario) -> dict[str, Any]:
     try:
         sampler = _start_services(ctx, run)
         idle_mb = sampler.peak_mb()
+        meter = ProcessCpu([s.pid for s in run.services], ctx.cpu_roots)
+        cpu0 = meter.read()
         results, drained, fb, t_end_phase = _publish(ctx, run)
         svc = _collect_throughput(run, results, drained, t_end_phase)
+        svc["cpu_us_per_record"] = ProcessCpu.per_record(cpu0, meter.read(), svc["stored"])
         svc.update(
             {
                 "feedback": fb,
@@ -89,8 +96,9 @@ def run_service_scenario(ctx: RunContext, sc: Scenario) -> dict[str, Any]:
         )
         p.log(
             f"{svc['rows_per_s']:,.0f} rows/s ({svc['rows_per_s'] / a['records_per_s']:.2f} A, "
-            f"{svc['rows_per_s'] / b['rows_per_s']:.2f} B), lost {svc['lost']}, "
-            f"feedback ok/soft/hard {fb['ok']}/{fb['soft']}/{fb['hard']}"
+            f"{svc['rows_per_s'] / b['rows_per_s']:.2f} B), "
+            f"{svc['cpu_us_per_record'].get('service', math.nan):.1f} CPU µs/record, "
+            f"lost {svc['lost']}, feedback ok/soft/hard {fb['ok']}/{fb['soft']}/{fb['hard']}"
         )
         phases = run_latency_phases(ctx, run, svc["msgs_per_s"])
         out["latency"] = phases
@@ -284,6 +292,7 @@ def _ratios(
     out["ratios"] = {
         "service_vs_bare_subscriber": svc["rows_per_s"] / a["records_per_s"],
         "service_vs_raw_sink": svc["rows_per_s"] / b["rows_per_s"],
+        **_cpu_ratios(sc, svc.get("cpu_us_per_record") or {}, a, b),
     }
     if "convert_plus_executemany_rows_per_s" in b:
         out["ratios"]["service_vs_raw_convert_plus_executemany"] = (
@@ -300,6 +309,33 @@ def _ratios(
         out["single_instance_rows_per_s"] = twin_rate
         out["ratios"]["service_vs_single_instance"] = (
             svc["rows_per_s"] / twin_rate if twin_rate else None
+        )
+    return out
+
+
+def _cpu_ratios(
+    sc: Scenario, cpu: dict[str, Any], a: dict[str, Any], b: dict[str, Any]
+) -> dict[str, float]:
+    """The service's CPU per record over the ceilings' (same run).
+
+    * ``cpu_vs_bare_subscriber``: the service's CPU per message (all its processes)
+      over the bare subscriber's;
+    * ``cpu_vs_raw_sink``: SQLite: the service's CPU per row over ``executemany``'s
+      (``cpu_vs_raw_convert_plus_executemany`` with the conversion); PostgreSQL: the
+      service's and the server's CPU per row over the raw client's and the server's.
+    """
+    service = cpu.get("service")
+    if service is None:
+        return {}
+    out: dict[str, float] = {}
+    if a.get("cpu_us_per_msg"):
+        out["cpu_vs_bare_subscriber"] = service * sc.per_msg / a["cpu_us_per_msg"]
+    if b.get("cpu_us_per_row"):
+        mine = service + (cpu.get("postgresql") or 0.0) if sc.sink in PG_SINKS else service
+        out["cpu_vs_raw_sink"] = mine / b["cpu_us_per_row"]
+    if b.get("convert_plus_executemany_cpu_us_per_row"):
+        out["cpu_vs_raw_convert_plus_executemany"] = (
+            service / b["convert_plus_executemany_cpu_us_per_row"]
         )
     return out
 

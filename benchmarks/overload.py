@@ -22,8 +22,10 @@ import asyncio
 import contextlib
 import json
 import random
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +76,9 @@ class FloodConfig:
             missed (the usual liveness probe timeout is 1 s).
         settle_s: how long the counts may stay unchanged before the run gives up
             waiting for them to add up.
+        stall_s: seconds the database's write lock is held from the flood's start (a
+            stalled disk or a long checkpoint): the queue and the client's buffer
+            fill behind it, beyond what the store can take at any rate.
     """
 
     mode: str = CORE
@@ -84,6 +89,7 @@ class FloodConfig:
     probe_every_s: float = 0.05
     probe_timeout_s: float = 1.0
     settle_s: float = 20.0
+    stall_s: float = 0.0
 
 
 @dataclass
@@ -180,6 +186,27 @@ class FloodResult:
             "nats": self.stats.get("nats"),
             "service_exit": self.service_exit,
         }
+
+
+def _stall(db: Path, seconds: float) -> threading.Thread:
+    """Hold ``db``'s write lock for ``seconds`` from now, in a thread of its own."""
+    locked = threading.Event()
+
+    def hold() -> None:
+        conn = sqlite3.connect(db, isolation_level=None)
+        try:
+            conn.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            time.sleep(seconds)
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+            locked.set()
+
+    thread = threading.Thread(target=hold, name="stall", daemon=True)
+    thread.start()
+    locked.wait(10)
+    return thread
 
 
 def make_trades(n_msgs: int, per_msg: int, seed: int = 7) -> list[bytes]:
@@ -311,6 +338,7 @@ def run_flood(
         before = meter.read()
         if cfg.burn_s > 0:
             burner = subprocess.Popen([sys.executable, "-c", BURN, str(cfg.burn_s)])
+        stall = _stall(workdir / "store.db", cfg.stall_s) if cfg.stall_s > 0 else None
         flow = (
             FlowControl(chunk=cfg.messages + 1, window=1)
             if cfg.mode == CORE
@@ -328,6 +356,8 @@ def run_flood(
             cfg.publishers,
             timeout=5.0 if cfg.mode == CORE else 300.0,
         )
+        if stall is not None:
+            stall.join()
         thr = summarize(results, cfg.per_msg)
         res.published_msgs = thr.published_msgs
         res.published_records = thr.published_records

@@ -166,9 +166,9 @@ async def test_slow_consumer_drops_are_counted(
                 await client.publish("mdp.store.write.trades", json.dumps(trade(size=i)).encode())
             await client.flush()
             await until(lambda: svc.stats.dropped_messages > 0, timeout=20)
-        sub: Any = svc._intake.subscription if svc._intake else None
+        intake: Any = svc._intake
         # Let the client's buffer empty, so the barrier itself is not dropped.
-        await until(lambda: svc._intake.pending_msgs == 0 and svc.queue.depth == 0, timeout=20)
+        await until(lambda: intake.pending_msgs == 0 and svc.queue.depth == 0, timeout=20)
         await barrier(client)
         stored = count(db_path, "trades") - 1
         assert stored + svc.stats.dropped_messages == 300, "every message is stored or counted"
@@ -242,3 +242,35 @@ async def test_a_killed_writer_process_is_replaced_and_nothing_is_lost(
     assert body["accepted"] == 1
     assert sink.pid not in (None, first)
     assert count(db_path, "trades") == 22
+
+
+async def test_a_message_the_database_refuses_costs_only_itself(
+    make_settings: Callable[..., Settings], client: NATS, db_path: Path
+) -> None:
+    """A burst of request-reply writes, taken off the connection together, one of
+    which the database refuses (a trigger): only that one is refused and unstored."""
+    async with StoreService(make_settings()) as svc:
+        with sqlite3.connect(db_path) as conn:
+            conn.execute(
+                "CREATE TRIGGER poison BEFORE INSERT ON trades WHEN NEW.symbol = 'POISON' "
+                "BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+            )
+        inbox = client.new_inbox()
+        replies: dict[str, Any] = {}
+
+        async def on_reply(msg: Any) -> None:
+            replies[msg.subject.rpartition(".")[2]] = msg
+
+        await client.subscribe(inbox + ".*", cb=on_reply)
+        with locked(db_path):  # the burst queues up behind a held lock
+            for i in range(200):
+                symbol = "POISON" if i == 100 else "OK"
+                body = json.dumps(trade(symbol=symbol, size=i + 1)).encode()
+                await client.publish("mdp.store.write.trades", body, reply=f"{inbox}.{i}")
+            await client.flush()
+            await until(lambda: svc.stats.accepted["trades"] == 200, timeout=20)
+        await until(lambda: len(replies) == 200, timeout=20)
+    poisoned = replies.pop("100")
+    assert poisoned.headers["Nats-Service-Error-Code"] == "500"
+    assert all(json.loads(m.data)["accepted"] == 1 for m in replies.values())
+    assert count(db_path, "trades") == 199

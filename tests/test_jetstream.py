@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,39 @@ async def test_a_message_with_nothing_usable_is_terminated_and_on_the_dlq(
     reasons = sorted(m.headers["Store-Reject-Reason"] for m in dlq if m.headers)
     assert reasons == ["invalid_number", "malformed_payload"]
     assert count(db_path, "trades") == 12
+
+
+async def test_a_message_the_database_refuses_is_terminated_alone(
+    js_settings: Callable[..., Settings], js_client: NATS, db_path: Path
+) -> None:
+    """Messages taken in one pull share an envelope; one the database refuses for good
+    is split off, put on the DLQ whole and terminated, and the others are acked."""
+    settings = js_settings()
+    js = js_client.jetstream()
+    dlq: list[Msg] = []
+
+    async def collect(msg: Msg) -> None:
+        dlq.append(msg)
+
+    await js_client.subscribe("mdp.store.dlq.>", cb=collect)
+    async with StoreService(settings) as svc:
+        with sqlite3.connect(db_path) as conn:
+            conn.execute(
+                "CREATE TRIGGER poison BEFORE INSERT ON trades WHEN NEW.symbol = 'POISON' "
+                "BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+            )
+        with locked(db_path):  # everything is taken before the first commit
+            await publish(js, trades(30, start=0))
+            await js.publish(WRITE, json.dumps(trade(symbol="POISON")).encode(), timeout=5)
+            await publish(js, trades(30, start=100))
+            await until(lambda: svc.stats.accepted["trades"] == 61)
+        await until(lambda: svc.stats.js_acked == 60 and svc.stats.js_termed == 1)
+        await until(lambda: len(dlq) == 1)
+        await until_async(lambda: _settled(js, settings))
+    assert dlq[0].headers is not None
+    assert dlq[0].headers["Store-Reject-Reason"] == "sink_refused"
+    assert json.loads(dlq[0].data)["symbol"] == "POISON"
+    assert count(db_path, "trades") == 60
 
 
 async def test_no_pulls_at_the_hard_watermark(

@@ -157,6 +157,8 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.msgs: list[bytes] = []
+        self.stats = {"in_msgs": 0, "in_bytes": 0}
+        self._subs: dict[int, Any] = {}
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, hdr: Any

@@ -45,6 +45,21 @@ async def test_in_batch_duplicates_and_redelivery_leave_one_row(
     assert row[KINDS["bars"].columns.index("close")] == Decimal("3"), "the last write wins"
 
 
+async def test_a_decimal_key_written_two_ways_in_one_batch_is_one_row(
+    store: StoreService, client: NATS
+) -> None:
+    # Staged as text, merged as numeric: 200 and 200.00 are one strike in one statement.
+    option = {"symbol": "AAPL", "expiry": "2026-01-16", "option_type": "C"}
+    batch = [{**option, "strike": "200", "bid": "1"}, {**option, "strike": "200.00", "bid": "2"}]
+    headers = {"Md-Ts": "1714570200"}
+    await client.publish("mdp.store.write.options", json.dumps(batch).encode(), headers=headers)
+    await barrier(client)
+    (row,) = await store.sink.rows("options")
+    columns = KINDS["options"].columns
+    assert row[columns.index("strike")] == Decimal("200")
+    assert row[columns.index("bid")] == Decimal("2"), "the last write wins"
+
+
 async def test_values_come_back_exactly(
     pg_url: str, make_settings: Callable[..., Settings], client: NATS
 ) -> None:

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import pytest
 
+from store_svc.bus.client import OrderedFlushClient
+from store_svc.bus.receive import Incoming
+from store_svc.core import BackpressureLevel
 from store_svc.ingest.batcher import Batcher
+from store_svc.ingest.decode import PayloadDecoder
+from store_svc.ingest.edge import IntakeParts
+from store_svc.ingest.intake import CoreIntake
 from store_svc.ingest.queue import Envelope, QueueClosed, RecordQueue
+from store_svc.settings import Settings
 from store_svc.state import Stats
 from store_svc.store.memory import MemorySink
 
@@ -335,3 +344,68 @@ async def test_group_commit_flushes_at_once_when_idle_and_batches_while_busy() -
     assert sink.batches == [1, 1, 5], "what came during the busy commit went in one batch"
     q.close()
     await asyncio.wait_for(task, 5)
+
+
+class _Level:
+    """A backpressure level that stays ``ok`` (pure logic)."""
+
+    level = BackpressureLevel.ok
+
+    def on_backlog(self, records: int) -> None: ...
+
+
+async def test_core_intake_groups_messages_and_a_refused_one_costs_only_itself() -> None:
+    from store_svc.errors import SinkError
+
+    class Picky(MemorySink):
+        async def write(self, batch):  # type: ignore[no-untyped-def]
+            if any(row[0] == "POISON" for rows in batch.values() for row in rows):
+                raise SinkError("value refused", retryable=False)
+            await super().write(batch)
+
+    settings = Settings.model_construct(queue_capacity=1000, batch_size=100)
+    queue = RecordQueue(capacity=1000)
+    stats = Stats()
+    intake = CoreIntake(
+        IntakeParts(
+            OrderedFlushClient(), settings, PayloadDecoder(1 << 20, 5.0), queue, stats, _Level()
+        )
+    )
+    answered: list[tuple[str, bytes]] = []
+    refused: list[str] = []
+
+    async def publish_many(messages: list[tuple[str, bytes]]) -> None:
+        answered.extend(messages)
+
+    async def error_reply(reply: str, code: int, reason: str, *args: Any, **kw: Any) -> None:
+        refused.append(f"{reply} {code} {reason}")
+
+    intake._nc.publish_many = publish_many  # type: ignore[method-assign]
+    intake._edge.error_reply = error_reply  # type: ignore[method-assign]
+    symbols = ["A", "B", "POISON", "C", "D"]
+    items = [
+        Incoming(
+            f"mdp.store.write.trades.{s}",
+            f"r.{s}" if i % 2 == 0 else "",
+            json.dumps({"symbol": s, "ts": 1714570200 + i, "price": "1.5", "size": 1}).encode(),
+            None,
+        )
+        for i, s in enumerate(symbols)
+    ]
+    await intake._handle(items)
+    envelopes = [queue.get_nowait() for _ in range(len(queue))]
+    assert [len(e.rows) for e in envelopes] == [5], "consecutive messages of a kind: one envelope"
+    for e in envelopes:
+        queue.put_nowait(e)
+    queue.close()
+    sink = Picky()
+    b = Batcher(queue, sink, stats, batch_size=100, flush_interval=10.0)
+    await asyncio.wait_for(b.run(), 5)
+    assert sorted(r[0] for r in await sink.rows("trades")) == ["A", "B", "C", "D"]
+    # Each message is answered on its own: A and D accepted, POISON refused (B and C
+    # were plain publishes).
+    assert sorted(subject for subject, _ in answered) == ["r.A", "r.D"]
+    assert all(json.loads(body)["accepted"] == 1 for _, body in answered)
+    assert refused == ["r.POISON 500 sink_refused"]
+    assert stats.rejected["sink_refused"] == 1
+    assert stats.committed["trades"] == 4

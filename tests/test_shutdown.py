@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -20,6 +21,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from store_svc.bus.client import OrderedFlushClient
 from store_svc.devtools.natsserver import NatsServer
+from store_svc.errors import ShutdownTimeout
 from store_svc.runtime.service import Status, StoreService
 from store_svc.settings import Settings
 
@@ -181,3 +183,31 @@ async def test_a_connection_closed_under_the_service_is_reported_not_ignored(
     async with StoreService(make_settings()) as svc2:
         pass
     assert not svc2.connection_lost.is_set()
+
+
+async def test_a_drain_out_of_time_counts_what_intake_still_held(
+    make_settings: Callable[..., Settings], client: NATS, db_path: Path, caplog: Any
+) -> None:
+    """Commits stalled, the queue full, intake waiting for room and more messages held
+    in the client: when the grace period cuts the intake's drain short, every message
+    it had not queued is counted as dropped, none vanishes."""
+    settings = make_settings(
+        queue_capacity=100, batch_size=50, shutdown_grace_s=1.0, sink_retry_max_s=0.2
+    )
+    svc = StoreService(settings)
+    await svc.start()
+    with locked(db_path):
+        for i in range(500):
+            await client.publish("mdp.store.write.trades", json.dumps(trade(size=i)).encode())
+        await client.flush()
+        intake: Any = svc._intake
+        # Queue full, intake waiting for room, the rest held in the client.
+        await until(lambda: svc.stats.messages + intake.pending_msgs == 500)
+        assert intake.pending_msgs > 0
+        with pytest.raises(ShutdownTimeout):  # what was queued is lost (said so, exit 1)
+            await svc.stop()
+    stats = svc.stats
+    assert stats.dropped_messages > 0
+    assert stats.accepted["trades"] + stats.dropped_messages == 500
+    assert stats.dropped_by_kind["trades"] == stats.dropped_messages
+    assert "dropped and counted" in caplog.text

@@ -35,7 +35,7 @@ from store_svc.ingest.edge import (
     write_reply,
 )
 from store_svc.ingest.queue import Envelope, QueueClosed
-from store_svc.kinds import Row
+from store_svc.kinds import Row, kind_or_unknown
 from store_svc.tasks import Turns, cancel_and_wait
 
 __all__ = ["CoreIntake"]
@@ -57,14 +57,15 @@ class _Group:
 
     ``ends[i]`` is where the rows of the group's i-th message end; ``answers`` holds
     ``(message index, reply subject, reply body)`` of the messages that wait for an
-    answer.
+    answer; ``first`` is where its first message is in the take.
     """
 
-    __slots__ = ("answers", "ends", "kind", "received", "rows")
+    __slots__ = ("answers", "ends", "first", "kind", "received", "rows")
 
-    def __init__(self, kind: str, received: float) -> None:
+    def __init__(self, kind: str, received: float, first: int) -> None:
         self.kind = kind
         self.received = received
+        self.first = first
         self.rows: list[Row] = []
         self.ends: list[int] = []
         self.answers: list[tuple[int, str, bytes]] = []
@@ -168,16 +169,15 @@ class CoreIntake:
             async with asyncio.timeout(max(0.0, deadline - self._loop.time())):
                 await asyncio.shield(consumer)
         except TimeoutError:
-            left = receiver.pending_msgs
             await cancel_and_wait(consumer)
-            if left:
-                self._stats.dropped_messages += left
-                log.warning(
-                    "intake drain timed out after %.1fs; %d messages still held by the "
-                    "client are dropped (counted)",
-                    timeout,
-                    left,
-                )
+            left = receiver.take(receiver.pending_msgs)
+            self._count_dropped(left)
+            log.warning(
+                "intake drain timed out after %.1fs; the messages still held by the "
+                "client (%d not yet taken) are dropped and counted",
+                timeout,
+                len(left),
+            )
         finally:
             if self._consumer is consumer:
                 self._consumer = None
@@ -217,42 +217,58 @@ class CoreIntake:
         group: _Group | None = None
         most = self._group_most
         observe = self._size.observe
-        for msg in items:
-            if msg.reply and pressure.level is BackpressureLevel.hard:
-                # A publisher that waits for an answer can slow down or go elsewhere:
-                # refuse now rather than make it wait behind a full queue.
-                stats.refused_overload += 1
-                await self._edge.error_reply(
-                    msg.reply,
-                    503,
-                    "overloaded",
-                    "the store's queue is at its hard watermark; retry later",
-                    headers={RETRY_AFTER_HEADER: str(OVERLOAD_RETRY_AFTER_MS)},
-                )
-                continue
-            found = edge.clean(msg, now)
-            if found is None:
-                kind, decoded = await edge.examine(msg)
-                if decoded is None:
+        index = 0
+        try:
+            for index, msg in enumerate(items):
+                if msg.reply and pressure.level is BackpressureLevel.hard:
+                    # A publisher that waits for an answer can slow down or go
+                    # elsewhere: refuse now rather than make it wait behind a full queue.
+                    stats.refused_overload += 1
+                    await self._edge.error_reply(
+                        msg.reply,
+                        503,
+                        "overloaded",
+                        "the store's queue is at its hard watermark; retry later",
+                        headers={RETRY_AFTER_HEADER: str(OVERLOAD_RETRY_AFTER_MS)},
+                    )
                     continue
-            else:
-                kind, decoded = found
-            rows = decoded.rows
-            observe(len(rows))
-            stats.accepted[kind] += len(rows)
-            if group is not None and (group.kind != kind or len(group.rows) + len(rows) > most):
+                found = edge.clean(msg, now)
+                if found is None:
+                    kind, decoded = await edge.examine(msg)
+                    if decoded is None:
+                        continue
+                else:
+                    kind, decoded = found
+                rows = decoded.rows
+                observe(len(rows))
+                if group is not None and (group.kind != kind or len(group.rows) + len(rows) > most):
+                    await self._put(group)
+                    group = None
+                    # Queuing may have moved the level: the next requests see it.
+                if group is None:
+                    group = _Group(kind, received, index)
+                stats.accepted[kind] += len(rows)
+                group.rows.extend(rows)
+                if msg.reply:
+                    body = write_reply(len(rows), decoded.rejects)
+                    group.answers.append((len(group.ends), msg.reply, body))
+                group.ends.append(len(group.rows))
+            if group is not None:
                 await self._put(group)
-                group = None
-                # Queuing may have moved the level: the next requests see it.
-            if group is None:
-                group = _Group(kind, received)
-            group.rows.extend(rows)
-            if msg.reply:
-                body = write_reply(len(rows), decoded.rejects)
-                group.answers.append((len(group.ends), msg.reply, body))
-            group.ends.append(len(group.rows))
-        if group is not None:
-            await self._put(group)
+        except asyncio.CancelledError:
+            # A drain out of time: the messages not queued yet are dropped, counted.
+            if group is not None:
+                stats.accepted[group.kind] -= len(group.rows)
+                index = group.first
+            self._count_dropped(items[index:])
+            raise
+
+    def _count_dropped(self, msgs: list[Incoming]) -> None:
+        stats = self._stats
+        stats.dropped_messages += len(msgs)
+        prefix = len(self._edge.write_prefix)
+        for msg in msgs:
+            stats.dropped_by_kind[kind_or_unknown(msg.subject[prefix:].partition(".")[0])] += 1
 
     async def _put(self, group: _Group) -> None:
         env = self._envelope(group)

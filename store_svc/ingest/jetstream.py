@@ -335,12 +335,12 @@ class JetStreamIntake:
                 kind, decoded = found
             rows = decoded.rows
             observe(len(rows))  # sizes the next pull requests
-            stats.accepted[kind] += len(rows)
             if group is not None and (group.kind != kind or len(group.rows) + len(rows) > most):
                 await self._put(group)
                 group = None
             if group is None:
                 group = _Group(kind, received)
+            stats.accepted[kind] += len(rows)
             group.rows.extend(rows)
             group.ends.append(len(group.rows))
             group.msgs.append(msg)

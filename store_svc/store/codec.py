@@ -7,7 +7,8 @@ key, as PostgreSQL's NUMERIC compares them); trade conditions as compact JSON te
 
 Row plans are one character per column. Write plans (:func:`compile_converter`):
 ``t`` aware datetime -> int microseconds, ``k`` key Decimal text -> canonical text,
-``c`` list of str -> compact JSON text, ``-`` as it comes. Read-out plans
+``c`` list of str -> compact JSON text, ``d`` Decimal (or None) -> its exact text, ``-``
+as it comes. Read-out plans
 (:func:`compile_readout`): ``T`` int microseconds -> RFC 3339 text, ``t`` aware
 datetime -> RFC 3339 text, ``B`` int -> bool, ``J`` JSON text -> list, ``-`` as it
 comes (msgspec writes Decimals as text).
@@ -176,10 +177,22 @@ def compile_converter(
     Returns:
         ``convert(row, ingested_at) -> tuple`` (or ``convert(row)``).
     """
-    names: dict[str, Any] = {"T": time_micros, "K": key_decimal_text, "C": conditions_text}
+    names: dict[str, Any] = {
+        "T": time_micros,
+        "K": key_decimal_text,
+        "C": conditions_text,
+        "S": str,
+    }
     parts = []
     for i, code in enumerate(plan):
-        parts.append({"t": f"T(r[{i}])", "k": f"K(r[{i}])", "c": f"C(r[{i}])"}.get(code, f"r[{i}]"))
+        parts.append(
+            {
+                "t": f"T(r[{i}])",
+                "k": f"K(r[{i}])",
+                "c": f"C(r[{i}])",
+                "d": f"(None if r[{i}] is None else S(r[{i}]))",
+            }.get(code, f"r[{i}]")
+        )
     if append_ingested_at:
         source = f"def convert(r, ingested_at):\n    return ({', '.join(parts)}, ingested_at)\n"
     else:
