@@ -3,8 +3,8 @@
 Runs the real ``store-svc run`` in every selected scenario (ingest mode x sink x records
 per message x kind, scale-out, ingest with a query load, ``rss-full-queue``) on a private
 nats-server (and PostgreSQL server), next to ceilings measured in the same run; prints
-tables on stdout and writes ``ingest.json``, ``throughput.png`` and ``latency.png`` to
-``--output-dir``. Exit code 1 when a scenario lost records, a service crashed or a
+tables on stdout and writes ``ingest.json``, ``throughput.png``, ``latency.png`` and
+``cpu.png`` to ``--output-dir``. Exit code 1 when a scenario lost records, a service crashed or a
 scenario could not run; a missed target never changes it. How to run (from the
 repository root, in the project's venv)::
 
@@ -226,7 +226,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--output-dir",
         type=Path,
         default=RESULTS_DIR,
-        help=f"where ingest.json, throughput.png and latency.png go (default {RESULTS_DIR})",
+        help=f"where ingest.json and the charts go (default {RESULTS_DIR})",
     )
     parser.add_argument(
         "--publishers", type=int, default=1, help="publisher processes per run (default 1)"

@@ -586,7 +586,12 @@ def _throughput_chart(plt: Any, matrix: list[dict[str, Any]], path: Path, report
     return path
 
 
-_CPU_PARTS = (("main", "tab:blue"), ("writer", "tab:green"), ("reader", "tab:olive"))
+_CPU_PARTS = (
+    ("main", "tab:blue"),
+    ("writer", "tab:green"),
+    ("reader", "tab:olive"),
+    ("other", "tab:purple"),
+)
 
 
 def _cpu_chart(plt: Any, matrix: list[dict[str, Any]], path: Path, report: Any) -> Path:

@@ -45,6 +45,10 @@ class Turns:
         self._slice = slice_s
         self._since = time.perf_counter()
 
+    def due(self) -> bool:
+        """Whether this task has had its slice since the last turn (no suspension)."""
+        return time.perf_counter() - self._since >= self._slice
+
     async def take(self) -> None:
         """Yield to the loop if this task has had its slice since the last turn."""
         if time.perf_counter() - self._since >= self._slice:

@@ -321,3 +321,31 @@ async def test_control_while_starting_is_503_with_a_retry_hint(
         assert audit[0].result.status == "error"
     await asyncio.wait_for(starting, 30)
     await svc.stop()
+
+
+async def test_a_pause_behind_a_full_queue_loses_nothing(
+    make_settings: Callable[..., Settings], client: NATS, db_path: Path
+) -> None:
+    """Commits stalled, the queue full and messages still held by the client when the
+    pause comes: the pause returns after its wait, and every message is stored once
+    the database is back and intake resumes, in order, none counted as dropped."""
+    settings = make_settings(
+        admin_token=TOKEN, queue_capacity=100, batch_size=50, shutdown_grace_s=1.0,
+        sink_retry_max_s=0.2,
+    )  # fmt: skip
+    async with StoreService(settings) as svc:
+        intake: Any = svc._intake
+        with locked(db_path):
+            for i in range(600):
+                await client.publish("mdp.store.write.trades", json.dumps(trade(size=i)).encode())
+            await client.flush()
+            await until(lambda: svc.stats.messages + intake.pending_msgs == 600)
+            assert intake.pending_msgs > 0, "the client holds messages behind the full queue"
+            result, _ = await control(client, "pause", bearer())
+            assert result.status == "ok", result
+        await until(lambda: svc.stats.committed["trades"] == 600, timeout=30)
+        result, _ = await control(client, "resume", bearer())
+        assert result.status == "ok"
+        assert (await barrier(client))["accepted"] == 1
+        assert svc.stats.dropped_messages == 0
+    assert count(db_path, "trades") == 601

@@ -409,3 +409,36 @@ async def test_core_intake_groups_messages_and_a_refused_one_costs_only_itself()
     assert refused == ["r.POISON 500 sink_refused"]
     assert stats.rejected["sink_refused"] == 1
     assert stats.committed["trades"] == 4
+
+
+async def test_a_take_of_large_messages_gives_the_loop_its_turns() -> None:
+    """Decoding 40 messages of 1000 trades is tens of milliseconds: other tasks (health,
+    feedback) must run within it, not after it."""
+    settings = Settings.model_construct(queue_capacity=100_000, batch_size=1000)
+    queue = RecordQueue(capacity=100_000)
+    intake = CoreIntake(
+        IntakeParts(
+            OrderedFlushClient(), settings, PayloadDecoder(1 << 24, 5.0), queue, Stats(), _Level()
+        )
+    )
+    body = json.dumps(
+        [{"symbol": "A", "ts": 1714570200 + i, "price": "1.5", "size": i + 1} for i in range(1000)]
+    ).encode()
+    items = [Incoming("mdp.store.write.trades", "", body, None) for _ in range(40)]
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    await intake._handle(items)
+    done = True
+    await task
+    assert queue.depth == 40_000
+    assert ticks - before >= 5, "the take held the loop from start to end"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
+import signal
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from nats.protocol.parser import Parser
 from store_svc.bus.client import OrderedFlushClient
 from store_svc.bus.receive import Incoming, ReceiveParser, Receiver
 from store_svc.devtools.natsserver import NatsServer
+from store_svc.ingest.edge import drain_subscription
 
 from .conftest import until
 
@@ -315,3 +318,39 @@ async def test_publish_many_sends_in_order_and_refuses_once_closed(
     with pytest.raises(ConnectionClosedError):
         await pub_nc.publish_many(messages[:1])
     await sub_nc.close()
+
+
+async def test_a_drain_cut_short_leaves_no_subscription_behind(nats_server: NatsServer) -> None:
+    """The server frozen mid-drain: the drain gives up, and the subscription must not
+    stay with the client, to be made again at the next reconnect and take writes that
+    nothing reads."""
+    assert nats_server.proc is not None
+    nc = await _connect(nats_server.url)
+    try:
+        sub, _ = await nc.subscribe_batched("d.>", "q", 1000, 1 << 20)
+        await nc.flush()
+        os.kill(nats_server.proc.pid, signal.SIGSTOP)
+        try:
+            await drain_subscription(sub, 0.3)  # its round trip cannot come back
+        finally:
+            os.kill(nats_server.proc.pid, signal.SIGCONT)
+        assert sub._id not in nc._subs
+    finally:
+        await nc.close()
+
+
+@pytest.mark.logic
+def test_what_a_cut_short_drain_uses_of_nats_py_is_still_there() -> None:
+    assert list(inspect.signature(Client._remove_sub).parameters) == ["self", "sid", "max_msgs"]
+    assert list(inspect.signature(Client._send_unsubscribe).parameters) == [
+        "self", "sid", "limit",
+    ]  # fmt: skip
+    assert "self._closed = True" in inspect.getsource(Subscription._drain)
+
+
+@pytest.mark.logic
+async def test_a_malformed_info_is_a_protocol_error_so_the_client_reconnects() -> None:
+    # nats-py's parser lets json's error out, which ends the read loop without a
+    # reconnect; a ProtocolError is what the read loop turns into a reconnect.
+    with pytest.raises(ProtocolError):
+        await ReceiveParser(_Recorder()).parse(b"INFO {not json\r\n")  # type: ignore[arg-type]

@@ -210,4 +210,4 @@ async def test_a_drain_out_of_time_counts_what_intake_still_held(
     assert stats.dropped_messages > 0
     assert stats.accepted["trades"] + stats.dropped_messages == 500
     assert stats.dropped_by_kind["trades"] == stats.dropped_messages
-    assert "dropped and counted" in caplog.text
+    assert "intake closed" in caplog.text

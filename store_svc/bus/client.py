@@ -66,11 +66,13 @@ from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as _Client
 from nats.aio.subscription import Subscription
 from nats.errors import (
+    BadSubjectError,
     ConnectionClosedError,
     ConnectionDrainingError,
     MaxPayloadError,
     OutboundBufferLimitError,
     SecureConnWantedError,
+    SlowConsumerError,
 )
 
 from store_svc.bus.receive import Incoming, ReceiveParser, Receiver
@@ -135,6 +137,7 @@ class OrderedFlushClient(_Client):
         queue: str,
         pending_msgs_limit: int,
         pending_bytes_limit: int,
+        receiver: Receiver | None = None,
     ) -> tuple[Subscription, Receiver]:
         """Subscribe, the messages going to a :class:`Receiver` in batches (no ``Msg``,
         no callback): for a consumer that takes many messages at once.
@@ -147,11 +150,14 @@ class OrderedFlushClient(_Client):
             queue: the queue group.
             pending_msgs_limit: messages held before more are dropped as a slow consumer.
             pending_bytes_limit: payload bytes held before more are dropped.
+            receiver: an open receiver to go on filling (a subscription made again
+                after a pause: the messages it still holds stay ahead of the new ones).
 
         Returns:
             The subscription and its receiver.
         """
-        receiver = Receiver(pending_msgs_limit, pending_bytes_limit)
+        if receiver is None or receiver.closed:
+            receiver = Receiver(pending_msgs_limit, pending_bytes_limit)
         sub = await self.subscribe(
             subject,
             queue=queue,
@@ -166,7 +172,10 @@ class OrderedFlushClient(_Client):
             msg = pending.get_nowait()
             pending.task_done()
             sub._pending_size -= len(msg.data)
-            receiver.offer(Incoming(msg.subject, msg.reply, msg.data, msg.headers))
+            if not receiver.offer(Incoming(msg.subject, msg.reply, msg.data, msg.headers)):
+                await self._error_cb(
+                    SlowConsumerError(subject=msg.subject, reply=msg.reply, sid=sub._id, sub=sub)
+                )
         if receiver.pending_msgs:
             receiver.wake()
         return sub, receiver
@@ -180,11 +189,14 @@ class OrderedFlushClient(_Client):
             messages: subjects and payloads, sent in this order.
 
         Raises:
-            ConnectionClosedError, ConnectionDrainingError, OutboundBufferLimitError,
-            MaxPayloadError: as ``publish()`` raises them, before anything is sent.
+            BadSubjectError, ConnectionClosedError, ConnectionDrainingError,
+            OutboundBufferLimitError, MaxPayloadError: as ``publish()`` raises them,
+                before anything is sent.
         """
         if not messages:
             return
+        if any(not subject or " " in subject for subject, _ in messages):
+            raise BadSubjectError
         if self.is_closed:
             raise ConnectionClosedError
         if self.is_draining_pubs:

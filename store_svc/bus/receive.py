@@ -259,7 +259,11 @@ class ReceiveParser(Parser):
                 elif word == b"-ERR":
                     await nc._process_err(line[4:].strip().decode(errors="replace").lower())
                 elif word == b"INFO":
-                    await nc._process_info(json.loads(line[4:].strip().decode()))
+                    try:
+                        info = json.loads(line[4:].strip().decode())
+                    except ValueError:  # as nats-py's parser fails on it: a protocol error
+                        raise ProtocolError("nats: malformed INFO") from None
+                    await nc._process_info(info)
                 else:
                     raise ProtocolError("nats: unknown protocol")
                 if self.generation != generation:

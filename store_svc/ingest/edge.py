@@ -337,3 +337,11 @@ async def _unsubscribe(sub: Subscription) -> None:
     # A closed connection has taken the subscription with it already.
     with contextlib.suppress(NatsError):
         await sub.unsubscribe()
+    # A drain cut short marks the subscription closed, and unsubscribe() then refuses
+    # it (BadSubscriptionError) and leaves it with the client: it would be made again
+    # at the next reconnect, join the queue group and take writes nobody reads.
+    nc: Any = sub._conn
+    if sub._id in nc._subs:
+        nc._remove_sub(sub._id)
+        with contextlib.suppress(NatsError):
+            await nc._send_unsubscribe(sub._id)

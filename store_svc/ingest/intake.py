@@ -57,15 +57,16 @@ class _Group:
 
     ``ends[i]`` is where the rows of the group's i-th message end; ``answers`` holds
     ``(message index, reply subject, reply body)`` of the messages that wait for an
-    answer; ``first`` is where its first message is in the take.
+    answer.
     """
 
-    __slots__ = ("answers", "ends", "first", "kind", "received", "rows")
+    __slots__ = ("answers", "ends", "kind", "received", "rows", "settled")
 
-    def __init__(self, kind: str, received: float, first: int) -> None:
+    def __init__(self, kind: str, received: float) -> None:
         self.kind = kind
         self.received = received
-        self.first = first
+        #: Queued, or counted as dropped: nothing is left to count.
+        self.settled = False
         self.rows: list[Row] = []
         self.ends: list[int] = []
         self.answers: list[tuple[int, str, bytes]] = []
@@ -90,6 +91,9 @@ class CoreIntake:
         self._sub: Subscription | None = None
         self._receiver: Receiver | None = None
         self._consumer: asyncio.Task[None] | None = None
+        #: Whether the consumer is handling a take; ``_progress`` is set after each.
+        self._busy = False
+        self._progress = asyncio.Event()
         self._draining: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._turns = Turns()
@@ -118,16 +122,19 @@ class CoreIntake:
         return receiver.pending_msgs if receiver is not None else 0
 
     async def start(self) -> None:
-        """Subscribe in the queue group."""
+        """Subscribe in the queue group (again, after a pause: the messages still held
+        from before it are handled first, in order)."""
         settings = self._settings
         self._sub, receiver = await self._nc.subscribe_batched(
             self.subject,
             settings.queue_group,
             settings.write_pending_msgs,
             settings.write_pending_bytes,
+            receiver=self._receiver,
         )
-        self._receiver = receiver
-        self._consumer = asyncio.create_task(self._consume(receiver), name="core-intake")
+        if self._consumer is None or self._consumer.done():
+            self._receiver = receiver
+            self._consumer = asyncio.create_task(self._consume(receiver), name="core-intake")
         # A round trip makes the server know the subscription before start() returns,
         # so a write sent right after start-up finds a responder.
         await self._nc.flush()
@@ -136,6 +143,8 @@ class CoreIntake:
     async def stop(self, timeout: float) -> None:
         """Stop intake: no new messages; those already delivered are still handled.
 
+        Waits at most ``timeout`` seconds for them; what is still held then goes on
+        being handled (a pause: until the queue has room), and :meth:`close` ends it.
         A second call while a drain is under way (a shutdown during a pause) waits
         for that drain instead of returning early.
 
@@ -144,10 +153,7 @@ class CoreIntake:
         """
         sub, self._sub = self._sub, None
         if sub is not None:
-            receiver, consumer = self._receiver, self._consumer
-            assert receiver is not None
-            assert consumer is not None
-            self._draining = asyncio.ensure_future(self._drain(sub, receiver, consumer, timeout))
+            self._draining = asyncio.ensure_future(self._drain(sub, timeout))
         draining = self._draining
         if draining is not None:
             await asyncio.shield(draining)
@@ -157,31 +163,23 @@ class CoreIntake:
             self._backlog_reported = 0
             self._pressure.on_backlog(0)
 
-    async def _drain(
-        self, sub: Subscription, receiver: Receiver, consumer: asyncio.Task[None], timeout: float
-    ) -> None:
+    async def _drain(self, sub: Subscription, timeout: float) -> None:
         deadline = self._loop.time() + timeout
         # UNSUB, then a round trip: every message sent before it is in the receiver.
         await drain_subscription(sub, timeout)
         self._nc.unbatch(sub)
-        receiver.close()
+        receiver = self._receiver
         try:
             async with asyncio.timeout(max(0.0, deadline - self._loop.time())):
-                await asyncio.shield(consumer)
+                while receiver is not None and (receiver.pending_msgs or self._busy):
+                    self._progress.clear()
+                    await self._progress.wait()
         except TimeoutError:
-            await cancel_and_wait(consumer)
-            left = receiver.take(receiver.pending_msgs)
-            self._count_dropped(left)
-            log.warning(
-                "intake drain timed out after %.1fs; the messages still held by the "
-                "client (%d not yet taken) are dropped and counted",
-                timeout,
-                len(left),
+            log.info(
+                "intake stopped taking messages; %d received ones are still waiting for "
+                "room in the queue",
+                self.pending_msgs,
             )
-        finally:
-            if self._consumer is consumer:
-                self._consumer = None
-                self._receiver = None
 
     def sink_state(self, down: bool) -> None:
         """The database started (True) or stopped (False) failing commits (nothing to do:
@@ -191,9 +189,20 @@ class CoreIntake:
         """The NATS connection came back (the client re-subscribes by itself)."""
 
     async def close(self) -> None:
-        """End the intake's task, if a stop did not (nothing else is held here)."""
+        """End intake for good (after the batcher): what it still holds, which the
+        queue can no longer take, is dropped and counted."""
         consumer, self._consumer = self._consumer, None
-        await cancel_and_wait(consumer)
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            receiver.close()
+        await cancel_and_wait(consumer)  # counts what its take had not queued
+        if receiver is not None and receiver.pending_msgs:
+            left = receiver.take(receiver.pending_msgs)
+            self._count_dropped(left)
+            log.warning(
+                "intake closed with %d received messages not yet taken: dropped and counted",
+                len(left),
+            )
 
     async def _consume(self, receiver: Receiver) -> None:
         """Take the receiver's messages, many at a time, until it is closed and empty."""
@@ -202,28 +211,44 @@ class CoreIntake:
             items = receiver.take(TAKE_MOST)
             if not items:
                 return  # closed, and everything handled
+            self._busy = True
             try:
                 await self._handle(items)
             except Exception:  # a bug must cost these messages, not the intake
                 log.exception("unexpected error handling %d write messages", len(items))
+            finally:
+                self._busy = False
+                self._progress.set()
             self._report_backlog(receiver)
             await self._turns.take()
 
     async def _handle(self, items: list[Incoming]) -> None:
-        stats, edge, pressure = self._stats, self._edge, self._pressure
+        """Decode, group and queue one take of messages, in order.
+
+        ``tail`` is the first message whose fate is not settled outside the open
+        group: if the task is cancelled (intake closed while waiting for room), the
+        open group's messages and those from ``tail`` on are counted as dropped.
+        """
+        stats, edge, pressure, turns = self._stats, self._edge, self._pressure, self._turns
         stats.messages += len(items)
         received = self._loop.time()
         now = datetime.now(UTC)
         group: _Group | None = None
         most = self._group_most
         observe = self._size.observe
-        index = 0
+        tail = 0
         try:
             for index, msg in enumerate(items):
+                tail = index
+                if turns.due():
+                    # A take of large messages is seconds of work: the loop gets its
+                    # turns within it (health, feedback, the other connection).
+                    await turns.take()
                 if msg.reply and pressure.level is BackpressureLevel.hard:
                     # A publisher that waits for an answer can slow down or go
                     # elsewhere: refuse now rather than make it wait behind a full queue.
                     stats.refused_overload += 1
+                    tail = index + 1
                     await self._edge.error_reply(
                         msg.reply,
                         503,
@@ -246,22 +271,28 @@ class CoreIntake:
                     group = None
                     # Queuing may have moved the level: the next requests see it.
                 if group is None:
-                    group = _Group(kind, received, index)
+                    group = _Group(kind, received)
                 stats.accepted[kind] += len(rows)
                 group.rows.extend(rows)
                 if msg.reply:
                     body = write_reply(len(rows), decoded.rejects)
                     group.answers.append((len(group.ends), msg.reply, body))
                 group.ends.append(len(group.rows))
+                tail = index + 1
+            tail = len(items)
             if group is not None:
                 await self._put(group)
         except asyncio.CancelledError:
-            # A drain out of time: the messages not queued yet are dropped, counted.
-            if group is not None:
+            if group is not None and not group.settled:
                 stats.accepted[group.kind] -= len(group.rows)
-                index = group.first
-            self._count_dropped(items[index:])
+                self._count_group_dropped(group)
+            self._count_dropped(items[tail:])
             raise
+
+    def _count_group_dropped(self, group: _Group) -> None:
+        group.settled = True
+        self._stats.dropped_messages += len(group.ends)
+        self._stats.dropped_by_kind[group.kind] += len(group.ends)
 
     def _count_dropped(self, msgs: list[Incoming]) -> None:
         stats = self._stats
@@ -274,9 +305,11 @@ class CoreIntake:
         env = self._envelope(group)
         try:
             await self._queue.put(env)
+            group.settled = True
         except QueueClosed:
             # Only reachable when shutdown cut a drain short; say so, never silently.
             self._stats.accepted[group.kind] -= len(group.rows)
+            self._count_group_dropped(group)
             log.error(
                 "dropped %d %s records: intake closed during shutdown", len(group.rows), group.kind
             )

@@ -308,44 +308,61 @@ class JetStreamIntake:
         observe = self._size.observe
         most = self._group_most
         group: _Group | None = None
-        for msg in items:
-            headers = msg.headers
-            if not msg.data and headers and _STATUS in headers:
-                self._on_status(headers)
-                continue
-            self._last_activity = received
-            if self._outstanding:
-                self._outstanding -= 1
-            if not self._taking:
-                await self._nak(msg)
-                continue
-            stats.messages += 1
-            delivered = delivery_count(msg.reply)
-            if delivered is None:  # not from the consumer (someone wrote to the inbox)
-                log.warning("ignored a message without a JetStream ack subject on %s", msg.subject)
-                continue
-            if delivered > 1:
-                stats.js_redelivered += 1
-            found = edge.clean(msg, now)
-            if found is None:
-                kind, decoded = await edge.examine(msg)
-                if decoded is None:
+        tail = 0
+        try:
+            for index, msg in enumerate(items):
+                tail = index
+                if self._turns.due():
+                    await self._turns.take()
+                headers = msg.headers
+                if not msg.data and headers and _STATUS in headers:
+                    self._on_status(headers)
                     continue
-            else:
-                kind, decoded = found
-            rows = decoded.rows
-            observe(len(rows))  # sizes the next pull requests
-            if group is not None and (group.kind != kind or len(group.rows) + len(rows) > most):
+                self._last_activity = received
+                if self._outstanding:
+                    self._outstanding -= 1
+                if not self._taking:
+                    await self._nak(msg)
+                    continue
+                stats.messages += 1
+                delivered = delivery_count(msg.reply)
+                if delivered is None:  # not from the consumer (someone wrote to the inbox)
+                    log.warning(
+                        "ignored a message without a JetStream ack subject on %s", msg.subject
+                    )
+                    continue
+                if delivered > 1:
+                    stats.js_redelivered += 1
+                found = edge.clean(msg, now)
+                if found is None:
+                    kind, decoded = await edge.examine(msg)
+                    if decoded is None:
+                        continue
+                else:
+                    kind, decoded = found
+                rows = decoded.rows
+                observe(len(rows))  # sizes the next pull requests
+                if group is not None and (group.kind != kind or len(group.rows) + len(rows) > most):
+                    await self._put(group)
+                    group = None
+                if group is None:
+                    group = _Group(kind, received)
+                stats.accepted[kind] += len(rows)
+                group.rows.extend(rows)
+                group.ends.append(len(group.rows))
+                group.msgs.append(msg)
+                tail = index + 1
+            tail = len(items)
+            if group is not None:
                 await self._put(group)
                 group = None
-            if group is None:
-                group = _Group(kind, received)
-            stats.accepted[kind] += len(rows)
-            group.rows.extend(rows)
-            group.ends.append(len(group.rows))
-            group.msgs.append(msg)
-        if group is not None:
-            await self._put(group)
+        except asyncio.CancelledError:
+            # Stopped mid-take: what was not queued is handed back at once.
+            unqueued = [] if group is None else group.msgs
+            if group is not None:
+                stats.accepted[group.kind] -= len(group.rows)
+            await self._hand_back_now([*unqueued, *items[tail:]])
+            raise
         if self._outstanding <= self._batch // 2 or (
             self._room_blocked
             and (below := self._room_below()) is not None
@@ -381,6 +398,19 @@ class JetStreamIntake:
             return out
 
         return split
+
+    async def _hand_back_now(self, msgs: list[Incoming]) -> None:
+        """Nak ``msgs`` (those with an ack subject) in one write; never raises."""
+        body = self._nak_body()
+        naks = [(m.reply, body) for m in msgs if delivery_count(m.reply) is not None]
+        for reply, _ in naks:
+            self._held.pop(reply, None)
+        try:
+            await self._nc.publish_many(naks)
+        except NatsError as exc:
+            log.warning("handing %d messages back (nak) failed: %s", len(naks), exc)
+            return
+        self._stats.js_naked += len(naks)
 
     def _room_below(self) -> int | None:
         """The queue depth below which the next pull request has the room it needs
@@ -463,12 +493,15 @@ class JetStreamIntake:
         except NatsError as exc:
             log.warning("terminating a message failed: %s", exc)
 
+    def _nak_body(self) -> bytes:
+        """A nak, with the redelivery delay ``STORE_JS_NAK_DELAY_S`` when one is set."""
+        delay = self._settings.js_nak_delay_s
+        return _NAK + b" " + _encode({"delay": int(delay * _NS)}) if delay else _NAK
+
     async def _nak(self, msg: Incoming) -> None:
         self._held.pop(msg.reply, None)
-        delay = self._settings.js_nak_delay_s
-        body = _NAK + b" " + _encode({"delay": int(delay * _NS)}) if delay else _NAK
         try:
-            await self._nc.publish(msg.reply, body)
+            await self._nc.publish(msg.reply, self._nak_body())
             self._stats.js_naked += 1
         except NatsError as exc:
             log.warning("handing a message back (nak) failed: %s", exc)
@@ -535,12 +568,17 @@ class JetStreamIntake:
                     await asyncio.shield(consumer)
             except TimeoutError:
                 await cancel_and_wait(consumer)
+                if receiver is not None:
+                    await self._hand_back_now(receiver.take(receiver.pending_msgs))
         self._outstanding = 0
 
     async def close(self) -> None:
         """Hand back (nak) every message still held, and end every background task."""
         consumer, self._consumer = self._consumer, None
         await cancel_and_wait(consumer)
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            await self._hand_back_now(receiver.take(receiver.pending_msgs))
         await self._tasks.close()
         held = [h.msg for h in self._held.values()]
         for msg in held:
