@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -323,12 +324,12 @@ async def test_control_while_starting_is_503_with_a_retry_hint(
     await svc.stop()
 
 
-async def test_a_pause_behind_a_full_queue_loses_nothing(
+async def test_a_pause_behind_a_full_queue_loses_nothing_and_keeps_the_order(
     make_settings: Callable[..., Settings], client: NATS, db_path: Path
 ) -> None:
     """Commits stalled, the queue full and messages still held by the client when the
-    pause comes: the pause returns after its wait, and every message is stored once
-    the database is back and intake resumes, in order, none counted as dropped."""
+    pause comes: the pause returns after its wait; a resume while they are still held
+    puts the new writes behind them; every write is stored, in order, none dropped."""
     settings = make_settings(
         admin_token=TOKEN, queue_capacity=100, batch_size=50, shutdown_grace_s=1.0,
         sink_retry_max_s=0.2,
@@ -343,9 +344,39 @@ async def test_a_pause_behind_a_full_queue_loses_nothing(
             assert intake.pending_msgs > 0, "the client holds messages behind the full queue"
             result, _ = await control(client, "pause", bearer())
             assert result.status == "ok", result
-        await until(lambda: svc.stats.committed["trades"] == 600, timeout=30)
-        result, _ = await control(client, "resume", bearer())
-        assert result.status == "ok"
-        assert (await barrier(client))["accepted"] == 1
+            assert intake.pending_msgs > 0, "still held after the pause's wait"
+            result, _ = await control(client, "resume", bearer())
+            assert result.status == "ok"
+            for i in range(600, 610):
+                await client.publish("mdp.store.write.trades", json.dumps(trade(size=i)).encode())
+            await client.flush()
+        await until(lambda: svc.stats.committed["trades"] == 610, timeout=30)
         assert svc.stats.dropped_messages == 0
-    assert count(db_path, "trades") == 601
+    with sqlite3.connect(db_path) as conn:
+        sizes = [r[0] for r in conn.execute("SELECT size FROM trades ORDER BY rowid")]
+    assert sizes == list(range(610)), "written in the order published"
+
+
+async def test_a_shutdown_while_paused_stores_what_intake_held(
+    make_settings: Callable[..., Settings], client: NATS, db_path: Path
+) -> None:
+    # The pause waits half the grace period (2 s), then returns with messages held.
+    settings = make_settings(
+        admin_token=TOKEN, queue_capacity=100, batch_size=50, shutdown_grace_s=4.0,
+        sink_retry_max_s=0.2,
+    )  # fmt: skip
+    svc = StoreService(settings)
+    await svc.start()
+    intake: Any = svc._intake
+    with locked(db_path):
+        for i in range(600):
+            await client.publish("mdp.store.write.trades", json.dumps(trade(size=i)).encode())
+        await client.flush()
+        await until(lambda: svc.stats.messages + intake.pending_msgs == 600)
+        result, _ = await control(client, "pause", bearer())
+        assert result.status == "ok", result
+        assert intake.pending_msgs > 0
+    await svc.stop()  # the database is back: what intake held is stored in the grace
+    assert svc.stats.committed["trades"] == 600
+    assert svc.stats.dropped_messages == 0
+    assert count(db_path, "trades") == 600

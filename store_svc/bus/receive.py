@@ -89,10 +89,13 @@ class Receiver:
         return self._bytes
 
     def offer(self, item: Incoming) -> bool:
-        """Hold ``item``; False (dropped) when a limit is reached, as nats-py drops."""
+        """Hold ``item``; False (dropped) when a limit is reached, as nats-py drops, or
+        once the receiver is closed (nothing would take it)."""
         size = len(item.data)
-        if len(self._items) >= self._msgs_limit or (
-            self._bytes_limit > 0 and self._bytes + size >= self._bytes_limit
+        if (
+            self.closed
+            or len(self._items) >= self._msgs_limit
+            or (self._bytes_limit > 0 and self._bytes + size >= self._bytes_limit)
         ):
             return False
         self._items.append(item)
@@ -263,6 +266,8 @@ class ReceiveParser(Parser):
                         info = json.loads(line[4:].strip().decode())
                     except ValueError:  # as nats-py's parser fails on it: a protocol error
                         raise ProtocolError("nats: malformed INFO") from None
+                    if not isinstance(info, dict):
+                        raise ProtocolError("nats: malformed INFO")
                     await nc._process_info(info)
                 else:
                     raise ProtocolError("nats: unknown protocol")

@@ -72,6 +72,16 @@ class _Group:
         self.answers: list[tuple[int, str, bytes]] = []
 
 
+class _QueueClosedDuringTake(Exception):
+    """The queue closed while a take was handled: messages from ``tail`` on were not
+    looked at, and ``grouped`` more were in the group that could not be queued."""
+
+    def __init__(self, tail: int, grouped: int) -> None:
+        super().__init__(tail, grouped)
+        self.tail = tail
+        self.grouped = grouped
+
+
 class CoreIntake:
     """Subscribes to the write subjects with plain (core) NATS.
 
@@ -151,6 +161,7 @@ class CoreIntake:
         Args:
             timeout: seconds to wait for the delivered messages to be handled.
         """
+        deadline = self._loop.time() + timeout
         sub, self._sub = self._sub, None
         if sub is not None:
             self._draining = asyncio.ensure_future(self._drain(sub, timeout))
@@ -159,18 +170,26 @@ class CoreIntake:
             await asyncio.shield(draining)
             if self._draining is draining:
                 self._draining = None
-        if self._backlog_reported:
+        # Also after a pause whose wait ran out (a shutdown while paused): what is
+        # still held gets the rest of the time to be queued.
+        await self._settle(max(0.0, deadline - self._loop.time()))
+        receiver = self._receiver
+        if receiver is not None:
+            self._report_backlog(receiver)
+        elif self._backlog_reported:
             self._backlog_reported = 0
             self._pressure.on_backlog(0)
 
     async def _drain(self, sub: Subscription, timeout: float) -> None:
-        deadline = self._loop.time() + timeout
         # UNSUB, then a round trip: every message sent before it is in the receiver.
         await drain_subscription(sub, timeout)
         self._nc.unbatch(sub)
+
+    async def _settle(self, timeout: float) -> None:
+        """Wait until intake holds nothing it has not queued, at most ``timeout`` s."""
         receiver = self._receiver
         try:
-            async with asyncio.timeout(max(0.0, deadline - self._loop.time())):
+            async with asyncio.timeout(timeout):
                 while receiver is not None and (receiver.pending_msgs or self._busy):
                     self._progress.clear()
                     await self._progress.wait()
@@ -214,6 +233,11 @@ class CoreIntake:
             self._busy = True
             try:
                 await self._handle(items)
+            except _QueueClosedDuringTake as closed:
+                # Shutdown closed the queue (its grace period ran out): nothing more
+                # can be queued, so the rest is answered and counted at once.
+                await self._cut_off(receiver, items, closed)
+                return
             except Exception:  # a bug must cost these messages, not the intake
                 log.exception("unexpected error handling %d write messages", len(items))
             finally:
@@ -231,6 +255,8 @@ class CoreIntake:
         """
         stats, edge, pressure, turns = self._stats, self._edge, self._pressure, self._turns
         stats.messages += len(items)
+        if self._queue.closed:
+            raise _QueueClosedDuringTake(0, 0)
         received = self._loop.time()
         now = datetime.now(UTC)
         group: _Group | None = None
@@ -282,6 +308,14 @@ class CoreIntake:
             tail = len(items)
             if group is not None:
                 await self._put(group)
+        except QueueClosed:
+            grouped = 0
+            if group is not None and not group.settled:
+                stats.accepted[group.kind] -= len(group.rows)
+                self._count_group_dropped(group)
+                grouped = len(group.ends)
+                await self._shutting_down([reply for _, reply, _ in group.answers])
+            raise _QueueClosedDuringTake(tail, grouped) from None
         except asyncio.CancelledError:
             if group is not None and not group.settled:
                 stats.accepted[group.kind] -= len(group.rows)
@@ -302,19 +336,28 @@ class CoreIntake:
             stats.dropped_by_kind[kind_or_unknown(msg.subject[prefix:].partition(".")[0])] += 1
 
     async def _put(self, group: _Group) -> None:
-        env = self._envelope(group)
-        try:
-            await self._queue.put(env)
-            group.settled = True
-        except QueueClosed:
-            # Only reachable when shutdown cut a drain short; say so, never silently.
-            self._stats.accepted[group.kind] -= len(group.rows)
-            self._count_group_dropped(group)
-            log.error(
-                "dropped %d %s records: intake closed during shutdown", len(group.rows), group.kind
-            )
-            for _, reply, _ in group.answers:
-                await self._edge.error_reply(reply, 503, "shutting_down", "the service is stopping")
+        """Queue ``group``'s envelope (QueueClosed: the queue has closed)."""
+        await self._queue.put(self._envelope(group))
+        group.settled = True
+
+    async def _cut_off(
+        self, receiver: Receiver, items: list[Incoming], closed: _QueueClosedDuringTake
+    ) -> None:
+        """The queue closed during a take: count the rest of the take and everything
+        the receiver holds as dropped, answer their requests, log it once."""
+        receiver.close()
+        left = items[closed.tail :] + receiver.take(receiver.pending_msgs)
+        self._count_dropped(left)
+        await self._shutting_down([m.reply for m in left if m.reply])
+        log.error(
+            "intake closed during shutdown: %d received messages were not stored (counted "
+            "as dropped; requests answered 503 shutting_down)",
+            closed.grouped + len(left),
+        )
+
+    async def _shutting_down(self, replies: list[str]) -> None:
+        for reply in replies:
+            await self._edge.error_reply(reply, 503, "shutting_down", "the service is stopping")
 
     def _envelope(self, group: _Group) -> Envelope:
         """The envelope of ``group``: its rows, the answers after the commit, and how

@@ -94,11 +94,13 @@ class _Group:
     """The valid records of consecutive messages of one kind, becoming one envelope
     (``ends[i]``: where the rows of the i-th message end)."""
 
-    __slots__ = ("ends", "kind", "msgs", "received", "rows")
+    __slots__ = ("ends", "held", "kind", "msgs", "received", "rows")
 
     def __init__(self, kind: str, received: float) -> None:
         self.kind = kind
         self.received = received
+        #: Its messages are in the intake's held set (being queued, or queued).
+        self.held = False
         self.rows: list[Row] = []
         self.ends: list[int] = []
         self.msgs: list[Incoming] = []
@@ -317,11 +319,13 @@ class JetStreamIntake:
                 headers = msg.headers
                 if not msg.data and headers and _STATUS in headers:
                     self._on_status(headers)
+                    tail = index + 1
                     continue
                 self._last_activity = received
                 if self._outstanding:
                     self._outstanding -= 1
                 if not self._taking:
+                    tail = index + 1
                     await self._nak(msg)
                     continue
                 stats.messages += 1
@@ -330,13 +334,15 @@ class JetStreamIntake:
                     log.warning(
                         "ignored a message without a JetStream ack subject on %s", msg.subject
                     )
+                    tail = index + 1
                     continue
                 if delivered > 1:
                     stats.js_redelivered += 1
                 found = edge.clean(msg, now)
                 if found is None:
                     kind, decoded = await edge.examine(msg)
-                    if decoded is None:
+                    if decoded is None:  # terminated, its records on the DLQ
+                        tail = index + 1
                         continue
                 else:
                     kind, decoded = found
@@ -358,7 +364,12 @@ class JetStreamIntake:
                 group = None
         except asyncio.CancelledError:
             # Stopped mid-take: what was not queued is handed back at once.
-            unqueued = [] if group is None else group.msgs
+            # The group's messages, but those it already handed back (QueueClosed).
+            unqueued = (
+                []
+                if group is None
+                else [m for m in group.msgs if not group.held or m.reply in self._held]
+            )
             if group is not None:
                 stats.accepted[group.kind] -= len(group.rows)
             await self._hand_back_now([*unqueued, *items[tail:]])
@@ -376,6 +387,7 @@ class JetStreamIntake:
             env.split = self._splitter(group)
         for msg in group.msgs:
             self._held[msg.reply] = _Held(msg, env, group.received)
+        group.held = True
         try:
             await self._queue.put(env)
         except QueueClosed:
