@@ -41,11 +41,19 @@ from store_svc.errors import RejectedInput
 from store_svc.ingest.backpressure import Pressure
 from store_svc.ingest.decode import Decoded, PayloadDecoder, Reject
 from store_svc.ingest.queue import RecordQueue
-from store_svc.kinds import kind_or_unknown
+from store_svc.kinds import Row, kind_or_unknown
 from store_svc.settings import Settings
 from store_svc.state import Stats
 
-__all__ = ["Intake", "IntakeParts", "WriteEdge", "drain_subscription", "write_reply"]
+__all__ = [
+    "Intake",
+    "IntakeParts",
+    "RecordGroup",
+    "WriteEdge",
+    "drain_subscription",
+    "group_limit",
+    "write_reply",
+]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +158,49 @@ class MessageSize:
     def observe(self, records: int) -> None:
         """Fold one message's record count into the estimate."""
         self.value += (records - self.value) / 16
+
+
+def group_limit(settings: Settings) -> int:
+    """The most records an envelope of several messages may hold: never more than a
+    batch, nor a quarter of the queue (the watermarks stay fine-grained with a small
+    queue). A single message larger than that is still one envelope."""
+    return max(1, min(settings.batch_size, settings.queue_capacity // 4))
+
+
+class RecordGroup:
+    """The valid records of consecutive messages of one kind, becoming one envelope.
+
+    ``ends[i]`` is where the rows of the group's i-th message end. Each intake adds
+    what it needs to answer its messages.
+
+    Args:
+        kind: the record kind.
+        received: loop time of the take the messages came in.
+    """
+
+    __slots__ = ("ends", "kind", "received", "rows")
+
+    def __init__(self, kind: str, received: float) -> None:
+        self.kind = kind
+        self.received = received
+        self.rows: list[Row] = []
+        self.ends: list[int] = []
+
+    def fits(self, kind: str, rows: int, most: int) -> bool:
+        """Whether a message of ``rows`` records of ``kind`` may join (``most``:
+        :func:`group_limit`)."""
+        return kind == self.kind and len(self.rows) + rows <= most
+
+    def add(self, rows: list[Row]) -> int:
+        """Add one message's rows; returns the message's index in the group."""
+        self.rows.extend(rows)
+        self.ends.append(len(self.rows))
+        return len(self.ends) - 1
+
+    def slices(self) -> list[list[Row]]:
+        """The rows of each message, in order."""
+        starts = [0, *self.ends[:-1]]
+        return [self.rows[a:b] for a, b in zip(starts, self.ends, strict=True)]
 
 
 class WriteEdge:

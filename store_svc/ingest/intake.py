@@ -30,12 +30,14 @@ from store_svc.ingest.decode import Reject
 from store_svc.ingest.edge import (
     IntakeParts,
     MessageSize,
+    RecordGroup,
     WriteEdge,
     drain_subscription,
+    group_limit,
     write_reply,
 )
 from store_svc.ingest.queue import Envelope, QueueClosed
-from store_svc.kinds import Row, kind_or_unknown
+from store_svc.kinds import kind_or_unknown
 from store_svc.tasks import Turns, cancel_and_wait
 
 __all__ = ["CoreIntake"]
@@ -52,23 +54,16 @@ SINK_REFUSED_DETAIL = "the database refused these records; they were not stored"
 TAKE_MOST = 256
 
 
-class _Group:
-    """The valid records of consecutive messages of one kind, becoming one envelope.
+class _Group(RecordGroup):
+    """A group of core writes: ``answers`` holds ``(message index, reply subject,
+    reply body)`` of the messages that wait for an answer."""
 
-    ``ends[i]`` is where the rows of the group's i-th message end; ``answers`` holds
-    ``(message index, reply subject, reply body)`` of the messages that wait for an
-    answer.
-    """
-
-    __slots__ = ("answers", "ends", "kind", "received", "rows", "settled")
+    __slots__ = ("answers", "settled")
 
     def __init__(self, kind: str, received: float) -> None:
-        self.kind = kind
-        self.received = received
+        super().__init__(kind, received)
         #: Queued, or counted as dropped: nothing is left to count.
         self.settled = False
-        self.rows: list[Row] = []
-        self.ends: list[int] = []
         self.answers: list[tuple[int, str, bytes]] = []
 
 
@@ -110,10 +105,7 @@ class CoreIntake:
         self._size = MessageSize(1.0)
         self._backlog_reported = 0
         self._backlog_step = max(1, parts.settings.queue_capacity // 100)
-        # An envelope never outgrows a batch, nor a quarter of the queue (the
-        # watermarks stay fine-grained with a small queue).
-        settings = parts.settings
-        self._group_most = max(1, min(settings.batch_size, settings.queue_capacity // 4))
+        self._group_most = group_limit(parts.settings)
 
     @property
     def subject(self) -> str:
@@ -292,18 +284,16 @@ class CoreIntake:
                     kind, decoded = found
                 rows = decoded.rows
                 observe(len(rows))
-                if group is not None and (group.kind != kind or len(group.rows) + len(rows) > most):
+                if group is not None and not group.fits(kind, len(rows), most):
                     await self._put(group)
                     group = None
                     # Queuing may have moved the level: the next requests see it.
                 if group is None:
                     group = _Group(kind, received)
                 stats.accepted[kind] += len(rows)
-                group.rows.extend(rows)
+                at = group.add(rows)
                 if msg.reply:
-                    body = write_reply(len(rows), decoded.rejects)
-                    group.answers.append((len(group.ends), msg.reply, body))
-                group.ends.append(len(group.rows))
+                    group.answers.append((at, msg.reply, write_reply(len(rows), decoded.rejects)))
                 tail = index + 1
             tail = len(items)
             if group is not None:
@@ -372,16 +362,13 @@ class CoreIntake:
         def split() -> list[Envelope]:
             by_index = {i: (reply, body) for i, reply, body in group.answers}
             out = []
-            start = 0
-            for i, end in enumerate(group.ends):
+            for i, rows in enumerate(group.slices()):
                 answer = by_index.get(i)
                 ack = fail = None
                 if answer is not None:
                     ack = self._replies([(i, *answer)])
                     fail = self._refusals([answer[0]])
-                rows = group.rows[start:end]
                 out.append(Envelope(group.kind, rows, group.received, ack, fail))
-                start = end
             return out
 
         return split

@@ -36,7 +36,14 @@ from store_svc.bus.receive import Incoming, Receiver
 from store_svc.core import BackpressureLevel
 from store_svc.errors import ConfigError, JetStreamUnavailable
 from store_svc.ingest.decode import Reject
-from store_svc.ingest.edge import IntakeParts, MessageSize, WriteEdge, drain_subscription
+from store_svc.ingest.edge import (
+    IntakeParts,
+    MessageSize,
+    RecordGroup,
+    WriteEdge,
+    drain_subscription,
+    group_limit,
+)
 from store_svc.ingest.intake import TAKE_MOST
 from store_svc.ingest.jetstream_setup import ensure_stream_and_consumer
 from store_svc.ingest.queue import Envelope, QueueClosed
@@ -90,19 +97,15 @@ class _Held:
         self.touched = touched
 
 
-class _Group:
-    """The valid records of consecutive messages of one kind, becoming one envelope
-    (``ends[i]``: where the rows of the i-th message end)."""
+class _Group(RecordGroup):
+    """A group of JetStream deliveries: ``msgs`` are its messages, in order."""
 
-    __slots__ = ("ends", "held", "kind", "msgs", "received", "rows")
+    __slots__ = ("held", "msgs")
 
     def __init__(self, kind: str, received: float) -> None:
-        self.kind = kind
-        self.received = received
+        super().__init__(kind, received)
         #: Its messages are in the intake's held set (being queued, or queued).
         self.held = False
-        self.rows: list[Row] = []
-        self.ends: list[int] = []
         self.msgs: list[Incoming] = []
 
 
@@ -148,7 +151,7 @@ class JetStreamIntake:
         self._loop = asyncio.get_running_loop()
         self._turns = Turns()
         self._tasks = TaskSet("jetstream")
-        self._group_most = max(1, min(settings.batch_size, settings.queue_capacity // 4))
+        self._group_most = group_limit(settings)
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.js_stream}.{settings.js_durable}"
         self._batch = settings.js_fetch_batch
         self._expires = settings.js_fetch_expires_s
@@ -348,14 +351,13 @@ class JetStreamIntake:
                     kind, decoded = found
                 rows = decoded.rows
                 observe(len(rows))  # sizes the next pull requests
-                if group is not None and (group.kind != kind or len(group.rows) + len(rows) > most):
+                if group is not None and not group.fits(kind, len(rows), most):
                     await self._put(group)
                     group = None
                 if group is None:
                     group = _Group(kind, received)
                 stats.accepted[kind] += len(rows)
-                group.rows.extend(rows)
-                group.ends.append(len(group.rows))
+                group.add(rows)
                 group.msgs.append(msg)
                 tail = index + 1
             tail = len(items)
@@ -402,12 +404,10 @@ class JetStreamIntake:
 
     def _splitter(self, group: _Group) -> Any:
         def split() -> list[Envelope]:
-            out = []
-            start = 0
-            for msg, end in zip(group.msgs, group.ends, strict=True):
-                out.append(self._envelope(group.kind, group.rows[start:end], [msg], group.received))
-                start = end
-            return out
+            return [
+                self._envelope(group.kind, rows, [msg], group.received)
+                for msg, rows in zip(group.msgs, group.slices(), strict=True)
+            ]
 
         return split
 
