@@ -21,6 +21,7 @@ results. The phases: ``ingest_scenarios.py`` (names, presets, payloads),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -40,9 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.ingest_context import Progress, RunContext
 from benchmarks.ingest_infra import LoopThread, git_state, machine_info, pg_version, postmaster_pid
 from benchmarks.ingest_mixed import run_mixed_scenario
-from benchmarks.ingest_report import print_report, targets, write_charts
+from benchmarks.ingest_report import (
+    TARGET_P99_AT_FRACTION,
+    latency_at,
+    print_report,
+    targets,
+    write_charts,
+)
 from benchmarks.ingest_rss import run_rss_full_queue
 from benchmarks.ingest_scenarios import (
+    CLUSTER,
     DEFAULTS,
     FULL,
     LATENCY_FRACTIONS,
@@ -63,6 +71,7 @@ from benchmarks.ingest_scenarios import (
     select,
 )
 from benchmarks.ingest_throughput import run_service_scenario
+from store_svc.devtools.natscluster import NatsCluster
 from store_svc.devtools.natsserver import NatsServer
 from store_svc.devtools.pgserver import PostgresServer, has_extension
 
@@ -73,7 +82,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run the selected scenarios on one private nats-server and build the report."""
     preset = QUICK if args.quick else FULL
     names = select(args.only)
-    sink_of = {s.name: s.sink for s in (*MATRIX, *SCALEOUT)}
+    sink_of = {s.name: s.sink for s in (*MATRIX, *SCALEOUT, *CLUSTER)}
     sink_of.update((s.name, s.sink) for s in MIXED)
     timescale = has_extension("timescaledb")
     if not timescale:
@@ -128,15 +137,34 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             ctx.cpu_roots["nats_server"] = server.proc.pid
         if pg is not None and (pm := postmaster_pid(pg.data)) is not None:
             ctx.cpu_roots["postgresql"] = pm
+        on_cluster = {s.name for s in CLUSTER}
+        cluster: NatsCluster | None = None
+        cluster_ctx: RunContext | None = None
         for name in names:
             progress.start(name)
             t0 = time.monotonic()
-            result = _run_scenario(ctx, name)
+            if name in on_cluster:
+                if cluster is None:
+                    cluster = _start_cluster(ctx)
+                    if cluster is not None:
+                        stack.callback(cluster.stop)
+                        cluster_ctx = _on_cluster(ctx, cluster)
+                result = (
+                    _run_scenario(cluster_ctx, name)
+                    if cluster_ctx is not None
+                    else _not_run(name, "the three-node NATS cluster could not start")
+                )
+            else:
+                if cluster is not None:  # the R3 scenarios are done: no cluster beside the rest
+                    cluster.stop()
+                    cluster, cluster_ctx = None, None
+                result = _run_scenario(ctx, name)
             result["wall_s"] = round(time.monotonic() - t0, 1)
             failures.extend(result["failures"])
             scenarios.append(result)
             ctx.results[name] = result
             progress.advance()
+    _compare_replicas(scenarios)
     info["loadavg_at_end"] = os.getloadavg()
     info["git_at_end"] = git_state()
     defaults = DEFAULTS.model_dump(mode="json", exclude={"admin_token", "nats_url", "database_url"})
@@ -158,9 +186,55 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _compare_replicas(scenarios: list[dict[str, Any]]) -> None:
+    """Give each R3 scenario its R1 twin of the same run: rows/s ratio and p99s."""
+    by_name = {s["name"]: s for s in scenarios}
+    for s in scenarios:
+        replicas = s.get("replicas", 1)
+        if replicas <= 1 or "service" not in s:
+            continue
+        twin = by_name.get(s["name"].removesuffix(f"-r{replicas}"))
+        if twin is None or "service" not in twin:
+            continue
+        rate, twin_rate = s["service"].get("rows_per_s"), twin["service"].get("rows_per_s")
+        s["r1_scenario"] = twin["name"]
+        s.setdefault("ratios", {})["rows_per_s_vs_r1"] = (
+            round(rate / twin_rate, 3) if rate and twin_rate else None
+        )
+        p99 = {}
+        for name, sc in (("r3", s), ("r1", twin)):
+            phase = latency_at(sc, TARGET_P99_AT_FRACTION)
+            p99[name] = None if phase is None else phase.get("p99_ms")
+        s["p99_ms_at_50pct"] = p99
+
+
+def _start_cluster(ctx: RunContext) -> NatsCluster | None:
+    """A three-node NATS cluster for the R3 scenarios (None when it cannot start)."""
+    ctx.progress.phase("starting a three-node NATS cluster")
+    try:
+        cluster = NatsCluster(ctx.workroot / "cluster").start()
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        ctx.progress.log(f"the NATS cluster could not start: {exc!r}")
+        return None
+    ctx.progress.log(f"NATS cluster on {cluster.url}")
+    return cluster
+
+
+def _on_cluster(ctx: RunContext, cluster: NatsCluster) -> RunContext:
+    """A run context on ``cluster``: the same payloads, ceilings and results, and
+    nats-server's CPU summed over the nodes."""
+    roots = dict(ctx.cpu_roots)
+    roots["nats_server"] = [n.proc.pid for n in cluster.nodes if n.proc is not None]
+    return dataclasses.replace(ctx, url=cluster.url, cpu_roots=roots)
+
+
+def _not_run(name: str, why: str) -> dict[str, Any]:
+    return {"name": name, "group": "error", "error": why, "failures": [f"{name}: {why}"]}
+
+
 def _run_scenario(ctx: RunContext, name: str) -> dict[str, Any]:
     """Run one scenario by name; a scenario that raises becomes an ``error`` section."""
-    by_name = {s.name: s for s in (*MATRIX, *SCALEOUT)}
+    by_name = {s.name: s for s in (*MATRIX, *SCALEOUT, *CLUSTER)}
     mixed_by_name = {s.name: s for s in MIXED}
     try:
         if name == RSS_FULL_QUEUE:

@@ -83,7 +83,7 @@ def measure_bare_subscriber(
     per_msg: int,
     flow: FlowControl,
     publishers: int,
-    nats_pid: int | None = None,
+    nats_pid: int | list[int] | None = None,
 ) -> dict[str, Any]:
     """Ceiling A: a nats-py subscriber in its own process that only counts messages.
 
@@ -217,7 +217,7 @@ def measure_raw_copy_merge(
     database_url: str,
     settings: Settings,
     timescaledb: Literal["auto", "require", "off"] = "off",
-    pg_pid: int | None = None,
+    pg_pid: int | list[int] | None = None,
 ) -> dict[str, Any]:
     """Ceiling B for PostgreSQL: the same rows through plain asyncpg COPY + merge.
 
@@ -253,7 +253,7 @@ async def _raw_copy_merge(
     database_url: str,
     settings: Settings,
     timescaledb: Literal["auto", "require", "off"],
-    pg_pid: int | None,
+    pg_pid: int | list[int] | None,
 ) -> dict[str, Any]:
     """The body of :func:`measure_raw_copy_merge` (inside the event loop)."""
 

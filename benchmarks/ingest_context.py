@@ -104,7 +104,7 @@ class RunContext:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     mixed_phases: list[PhasePayloads] = field(default_factory=list)
     #: Process trees whose CPU the mixed-load scenarios meter (nats-server, PostgreSQL).
-    cpu_roots: dict[str, int] = field(default_factory=dict)
+    cpu_roots: dict[str, int | list[int]] = field(default_factory=dict)
 
     def mixed_payloads(self) -> list[PhasePayloads]:
         """The three ingest phases of the mixed-load scenarios (records disjoint in

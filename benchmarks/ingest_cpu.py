@@ -63,10 +63,13 @@ class ProcessCpu:
     Args:
         service_pids: the main process of each service instance.
         trees: other processes by name (``nats_server``, ``postgresql``), each counted
-            with its descendants and what they reaped.
+            with its descendants and what they reaped; a list of pids is summed (the
+            nodes of a NATS cluster).
     """
 
-    def __init__(self, service_pids: list[int], trees: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, service_pids: list[int], trees: dict[str, int | list[int]] | None = None
+    ) -> None:
         self.service_pids = list(service_pids)
         self.trees = dict(trees or {})
 
@@ -86,8 +89,8 @@ class ProcessCpu:
                 for child in root.children(recursive=True):
                     with suppress(psutil.Error):
                         out[_role(child)] += _cpu(child)
-        for name, pid in self.trees.items():
-            out[name] = tree_seconds(pid)
+        for name, pids in self.trees.items():
+            out[name] = tree_seconds(pids)
         return out
 
     @staticmethod
@@ -107,8 +110,11 @@ class ProcessCpu:
         return out
 
 
-def tree_seconds(pid: int) -> float:
-    """CPU seconds of a process, its live descendants and what each of them reaped."""
+def tree_seconds(pid: int | list[int]) -> float:
+    """CPU seconds of a process (or the sum over several), its live descendants and
+    what each of them reaped."""
+    if isinstance(pid, list):
+        return sum(tree_seconds(p) for p in pid)
     total = 0.0
     try:
         root = psutil.Process(pid)

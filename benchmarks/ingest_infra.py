@@ -53,6 +53,7 @@ from benchmarks.ingest_roles import (
     PublisherSpec,
     PublishResult,
 )
+from store_svc.constants import EXIT_HUNG
 from store_svc.devtools.natsserver import find_nats_server
 from store_svc.devtools.pgserver import PostgresServer, find_pg_bin
 from store_svc.settings import Settings
@@ -240,6 +241,7 @@ def service_settings(
     database_url: str,
     mode: str = CORE,
     timescaledb: Literal["auto", "require", "off"] = "off",
+    replicas: int = 1,
 ) -> Settings:
     """The settings a benchmarked service runs with (defaults but these four). A
     PostgreSQL sink runs on plain tables unless ``timescaledb`` asks for hypertables
@@ -252,6 +254,7 @@ def service_settings(
         database_url=database_url,
         ingest_mode=ingest_mode,
         timescaledb=timescaledb,
+        js_replicas=replicas,
     )
 
 
@@ -301,6 +304,8 @@ class ServiceProcess:
             env["STORE_INGEST_MODE"] = self.settings.ingest_mode
         if self.settings.database_url.startswith("postgres"):
             env["STORE_TIMESCALEDB"] = self.settings.timescaledb
+        if self.settings.js_replicas > 1:
+            env["STORE_JS_REPLICAS"] = str(self.settings.js_replicas)
         env.update(self.extra_env)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
@@ -342,7 +347,7 @@ class ServiceProcess:
         except FileNotFoundError:
             return ""
 
-    def stop(self, timeout: float = 60.0) -> dict[str, Any]:
+    def stop(self, timeout: float = 90.0) -> dict[str, Any]:
         """SIGTERM, wait for the clean shutdown, and read its final counters.
 
         Returns:
@@ -353,6 +358,8 @@ class ServiceProcess:
         proc, self.proc = self.proc, None
         code: int | None = None
         exited_before = self.exited_early is not None
+        killed = False
+        started = time.monotonic()
         if proc is not None:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -361,13 +368,26 @@ class ServiceProcess:
             try:
                 code = proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                killed = True
                 proc.kill()
                 code = proc.wait()
+        stop_s = time.monotonic() - started
         if self._log is not None:
             self._log.close()
             self._log = None
         text = self.log_text()
-        out: dict[str, Any] = {"exit_code": code, "crashed": exited_before or code != 0}
+        out: dict[str, Any] = {
+            "exit_code": code,
+            "crashed": exited_before or code != 0,
+            "exited_before_stop": exited_before,
+            "killed_after_s": round(timeout, 1) if killed else None,
+            "stop_s": None if exited_before else round(stop_s, 2),
+        }
+        if out["crashed"]:
+            lines = text.splitlines()
+            # A hung stop's report (the tasks, then the threads) first, else the end.
+            hung = next((i for i, ln in enumerate(lines) if "has not stopped" in ln), None)
+            out["log_tail"] = lines[hung : hung + 60] if hung is not None else lines[-40:]
         if m := _STOPPED_LINE.search(text):
             keys = ("committed", "rejected", "dropped_messages", "received_messages")
             out.update({k: int(v) for k, v in zip(keys, m.groups(), strict=True) if v is not None})
@@ -379,10 +399,27 @@ class ServiceProcess:
         return out
 
 
+def shutdown_failure(what: str, shutdown: dict[str, Any]) -> str:
+    """The failure line of a service that did not stop cleanly: how it ended, and the
+    end of its log (a CI run shows nothing else of it)."""
+    hung = shutdown.get("exit_code") == EXIT_HUNG
+    if hung:
+        how = "its stop hung, and its watchdog ended it; the report follows"
+    elif shutdown.get("exited_before_stop"):
+        how = "it had exited before it was asked to stop"
+    elif shutdown.get("killed_after_s") is not None:
+        how = f"killed: still running {shutdown['killed_after_s']:.0f} s after SIGTERM"
+    else:
+        how = f"it stopped {shutdown.get('stop_s', 0.0):.1f} s after SIGTERM"
+    tail = "\n    ".join(shutdown.get("log_tail", []))
+    said = "its log" if hung else "its log ends"
+    return f"{what} crashed (exit code {shutdown['exit_code']}; {how}); {said}:\n    {tail}"
+
+
 async def probe_core(url: str, subject: str, timeout: float) -> None:
     """Wait until the service answers on ``subject`` (an empty write is refused at once
     with a 400 error reply, so the probe stores nothing)."""
-    nc: NATS = await nats.connect(url, name="bench-probe")
+    nc: NATS = await nats.connect(url.split(","), name="bench-probe")
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -400,7 +437,7 @@ async def probe_core(url: str, subject: str, timeout: float) -> None:
 async def probe_jetstream(url: str, settings: Settings, timeout: float) -> None:
     """Wait until the service's consumer has a pull request waiting (a probe write
     would be stored by the stream, so JetStream mode is probed this way)."""
-    nc: NATS = await nats.connect(url, name="bench-probe-js")
+    nc: NATS = await nats.connect(url.split(","), name="bench-probe-js")
     try:
         jsm = nc.jsm()
         deadline = time.monotonic() + timeout
@@ -426,7 +463,7 @@ def delete_stream(url: str, name: str) -> bool:
     """
 
     async def go() -> bool:
-        nc: NATS = await nats.connect(url, name="bench-admin")
+        nc: NATS = await nats.connect(url.split(","), name="bench-admin")
         try:
             return bool(await nc.jsm().delete_stream(name))
         except JsNotFoundError:
@@ -441,7 +478,7 @@ def jetstream_state(url: str, settings: Settings) -> dict[str, Any]:
     """What the service's stream and consumer hold (after the service stopped)."""
 
     async def go() -> dict[str, Any]:
-        nc: NATS = await nats.connect(url, name="bench-admin")
+        nc: NATS = await nats.connect(url.split(","), name="bench-admin")
         try:
             jsm = nc.jsm()
             stream = await jsm.stream_info(settings.js_stream)
@@ -554,7 +591,7 @@ class FeedbackCounter:
         self._lt.run(self._start())
 
     async def _start(self) -> None:
-        self._nc = await nats.connect(self._url, name="bench-feedback")
+        self._nc = await nats.connect(self._url.split(","), name="bench-feedback")
         await self._nc.subscribe(self._subject, cb=self._on_event)
         await self._nc.flush()
 
@@ -621,7 +658,7 @@ async def wait_stream_drained(
         ``time.monotonic`` of the first poll that saw the end (None when it stalled),
         and the last state seen.
     """
-    nc: NATS = await nats.connect(url, name="bench-stream-watch")
+    nc: NATS = await nats.connect(url.split(","), name="bench-stream-watch")
     state: dict[str, Any] = {}
     try:
         jsm = nc.jsm()
@@ -733,10 +770,13 @@ def _tree_rss(pid: int) -> int:
 # ------------------------------------------------------------------------- CPU
 
 
-def tree_cpu_seconds(pid: int) -> float:
+def tree_cpu_seconds(pid: int | list[int]) -> float:
     """CPU seconds (user + system) a process tree has used so far: the root and its
     live descendants, each with the children it has reaped (so short-lived workers,
-    e.g. PostgreSQL's parallel query workers, are counted once they are gone)."""
+    e.g. PostgreSQL's parallel query workers, are counted once they are gone); a
+    list of roots is summed."""
+    if isinstance(pid, list):
+        return sum(tree_cpu_seconds(p) for p in pid)
     total = 0.0
     for p in _tree(pid):
         with suppress(psutil.Error):
@@ -754,7 +794,7 @@ class CpuMeter:
             PostgreSQL postmaster).
     """
 
-    def __init__(self, roots: dict[str, int]) -> None:
+    def __init__(self, roots: dict[str, int | list[int]]) -> None:
         self.roots = dict(roots)
 
     def read(self) -> dict[str, float]:

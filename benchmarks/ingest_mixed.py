@@ -35,6 +35,7 @@ from benchmarks.ingest_infra import (
     run_publishers,
     send_line,
     service_settings,
+    shutdown_failure,
     spawn,
     summarize,
     wait_rows,
@@ -170,7 +171,7 @@ def run_mixed_scenario(ctx: RunContext, sc: MixedScenario) -> dict[str, Any]:
     svc["refused_total"] = sum(v["refused_records"] for v in results.values())
     out["service"] = svc
     if shutdown["crashed"]:
-        failures.append(f"{sc.name}: service crashed (exit code {shutdown['exit_code']})")
+        failures.append(shutdown_failure(f"{sc.name}: service", shutdown))
     if svc["lost_total"]:
         failures.append(f"{sc.name}: {svc['lost_total']:,} records lost")
     for what in ("query_load", "queries_alone"):

@@ -113,7 +113,12 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
 
-    matrix = [s for s in _matrix(report["scenarios"]) if s["group"] == "matrix"]
+    # R3 scenarios are compared with their R1 twins instead (r1_scenario).
+    matrix = [
+        s
+        for s in _matrix(report["scenarios"])
+        if s["group"] == "matrix" and s.get("replicas", 1) == 1
+    ]
     by_name = {s["name"]: s for s in matrix}
     for s in matrix:
         ratios = s.get("ratios", {})
@@ -166,6 +171,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "JS 1000/msg vs B",
             )
     for s in _matrix(report["scenarios"]):
+        if s.get("replicas", 1) > 1:
+            continue
         phase = latency_at(s, TARGET_P99_AT_FRACTION)
         goal = TARGET_P99_MS if s["sink"] == "sqlite" else TARGET_P99_PG_MS
         add(
@@ -321,6 +328,15 @@ def print_report(report: dict[str, Any]) -> None:
         )
         print()
     for s in scenarios:
+        if s.get("r1_scenario"):
+            p99 = s.get("p99_ms_at_50pct") or {}
+            _say(
+                f"{s['name']}: JetStream R{s['replicas']} on a {s['replicas']}-node cluster, "
+                f"{fmt(_get(s, 'service', 'rows_per_s'), ',.0f')} rows/s = "
+                f"{fmt(_get(s, 'ratios', 'rows_per_s_vs_r1'), '.2f')} x {s['r1_scenario']} (R1, "
+                f"one server); p99 at 50 % {fmt(p99.get('r3'), '.1f')} ms against "
+                f"{fmt(p99.get('r1'), '.1f')} ms"
+            )
         if s.get("group") == "scaleout" and "service" in s:
             twin = s.get("single_instance_scenario")
             ratio = _get(s, "ratios", "service_vs_single_instance")
@@ -345,7 +361,7 @@ def print_report(report: dict[str, Any]) -> None:
                 f" MB idle); after release all stored in "
                 f"{fmt(r.get('store_after_release_s'), '.1f')} s, lost {r.get('lost')}"
             )
-    if any(s.get("group") in ("scaleout", "rss") for s in scenarios):
+    if any(s.get("group") in ("scaleout", "rss") or s.get("r1_scenario") for s in scenarios):
         print()
     _print_mixed(_mixed(scenarios), bool(matrix))
     _table(

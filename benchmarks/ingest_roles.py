@@ -254,7 +254,7 @@ async def publisher_role(spec: PublisherSpec) -> PublishResult:
     if spec.mode == JETSTREAM:
         return await _publish_jetstream(spec, payloads)
     n = len(payloads)
-    nc: NATS = await nats.connect(spec.url, name="bench-publisher")
+    nc: NATS = await nats.connect(spec.url.split(","), name="bench-publisher")
     loop = asyncio.get_running_loop()
     inbox = nc.new_inbox()
     is_request = [(i + 1) % spec.chunk == 0 or i == n - 1 for i in range(n)]
@@ -314,7 +314,7 @@ async def _publish_jetstream(spec: PublisherSpec, payloads: list[bytes]) -> Publ
         Counts and times.
     """
     n = len(payloads)
-    nc: NATS = await nats.connect(spec.url, name="bench-publisher-js")
+    nc: NATS = await nats.connect(spec.url.split(","), name="bench-publisher-js")
     js = nc.jetstream(publish_async_max_pending=spec.window)
     result = PublishResult(n, n, 0, 0, 0, 0, 0.0, 0.0, 0.0, False)
 
@@ -363,7 +363,7 @@ async def _paced_jetstream(spec: PacedSpec, payloads: list[bytes]) -> PacedResul
         Per-message latencies in ms (acked messages only) and counts.
     """
     n = len(payloads)
-    nc: NATS = await nats.connect(spec.url, name="bench-paced-js")
+    nc: NATS = await nats.connect(spec.url.split(","), name="bench-paced-js")
     js = nc.jetstream(publish_async_max_pending=spec.window)
     loop = asyncio.get_running_loop()
     sent = [0.0] * n
@@ -446,7 +446,7 @@ async def paced_role(spec: PacedSpec) -> PacedResult:
     # The last message is always sampled: its reply means every message is committed.
     sampled = [i % every == 0 or i == n - 1 for i in range(n)]
     expected = sum(sampled)
-    nc: NATS = await nats.connect(spec.url, name="bench-paced")
+    nc: NATS = await nats.connect(spec.url.split(","), name="bench-paced")
     loop = asyncio.get_running_loop()
     inbox = nc.new_inbox()
     sent = [0.0] * n
@@ -509,7 +509,9 @@ async def bare_subscriber_role(spec: SubscriberSpec) -> SubscriberResult:
         if isinstance(exc, nats.errors.SlowConsumerError):
             result.slow_consumer_errors += 1
 
-    nc: NATS = await nats.connect(spec.url, name="bench-bare-subscriber", error_cb=on_error)
+    nc: NATS = await nats.connect(
+        spec.url.split(","), name="bench-bare-subscriber", error_cb=on_error
+    )
 
     async def count(msg: Msg) -> None:
         result.messages += 1
@@ -552,7 +554,7 @@ async def query_load_role(spec: QueryLoadSpec) -> QueryLoadResult:
     Returns:
         What each worker did, and the seconds the load ran.
     """
-    nc: NATS = await nats.connect(spec.url, name="bench-query-load")
+    nc: NATS = await nats.connect(spec.url.split(","), name="bench-query-load")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     page_decoder = msgspec.json.Decoder(_PageReply)

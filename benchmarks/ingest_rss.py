@@ -25,6 +25,7 @@ from benchmarks.ingest_infra import (
     delete_stream,
     probe_core,
     service_settings,
+    shutdown_failure,
     wait_rows,
 )
 from benchmarks.ingest_roles import CORE
@@ -123,7 +124,7 @@ def run_rss_full_queue(ctx: RunContext) -> dict[str, Any]:
         result["service_shutdown"] = shutdown
         out["rss_full_queue"] = result
     if shutdown["crashed"]:
-        failures.append(f"{RSS_FULL_QUEUE}: service crashed (exit code {shutdown['exit_code']})")
+        failures.append(shutdown_failure(f"{RSS_FULL_QUEUE}: service", shutdown))
     if result.get("lost"):
         failures.append(f"{RSS_FULL_QUEUE}: {result['lost']:,} records lost")
     if not result.get("hard_seen"):
@@ -144,7 +145,7 @@ async def _fill_queue(
     Returns:
         What was published and the queue's state (from the health endpoint) then.
     """
-    nc: NATS = await nats.connect(url, name="bench-fill")
+    nc: NATS = await nats.connect(url.split(","), name="bench-fill")
     health_subject = settings.subject("store", "health")
     per_msg = len(json.loads(payloads[0]))
     published = 0

@@ -71,6 +71,8 @@ class Scenario:
         per_msg: records per message.
         kind: ``trades`` or ``bars``.
         instances: service instances sharing the work (2 for scale-out).
+        replicas: JetStream replicas of the stream and consumer; above 1 the
+            scenario runs on a three-node NATS cluster (``-r3`` after the name).
     """
 
     mode: str
@@ -78,11 +80,13 @@ class Scenario:
     per_msg: int
     kind: str
     instances: int = 1
+    replicas: int = 1
 
     @property
     def base_name(self) -> str:
-        """The matrix name, ``<mode>-<sink>-<per_msg>-<kind>``."""
-        return f"{self.mode}-{self.sink}-{self.per_msg}-{self.kind}"
+        """The matrix name, ``<mode>-<sink>-<per_msg>-<kind>`` (``-r<n>`` on a cluster)."""
+        name = f"{self.mode}-{self.sink}-{self.per_msg}-{self.kind}"
+        return f"{name}-r{self.replicas}" if self.replicas > 1 else name
 
     @property
     def name(self) -> str:
@@ -107,6 +111,10 @@ MATRIX = (
     ),
 )
 SCALEOUT = tuple(Scenario(mode, POSTGRESQL, 1000, "trades", instances=2) for mode in MODES)
+#: JetStream R3 on a three-node cluster, against the R1 matrix scenarios of the same run.
+CLUSTER = tuple(
+    Scenario(JETSTREAM, SQLITE, per_msg, "trades", replicas=3) for per_msg in (100, 1000)
+)
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,7 @@ MIXED = tuple(MixedScenario(sink) for sink in SINKS)
 ALL_NAMES = (
     *(s.name for s in MATRIX),
     *(s.name for s in SCALEOUT),
+    *(s.name for s in CLUSTER),
     *(s.name for s in MIXED),
     RSS_FULL_QUEUE,
 )
@@ -347,7 +356,7 @@ def rfc3339_us(epoch_us: int) -> str:
 def select(patterns: Sequence[str] | None) -> list[str]:
     """Scenario names matching ``patterns`` (all when none), in run order.
 
-    A scale-out scenario brings its single-instance twin along.
+    A scale-out scenario brings its single-instance twin along, an R3 one its R1 twin.
 
     Raises:
         SystemExit: a pattern matches nothing.
@@ -363,4 +372,7 @@ def select(patterns: Sequence[str] | None) -> list[str]:
     for name in list(chosen):
         if name.startswith(SCALEOUT_PREFIX):
             chosen.add(name.removeprefix(SCALEOUT_PREFIX))
+    for s in CLUSTER:
+        if s.name in chosen:
+            chosen.add(s.name.removesuffix(f"-r{s.replicas}"))
     return [n for n in ALL_NAMES if n in chosen]

@@ -27,6 +27,7 @@ from benchmarks.ingest_infra import (
     probe_jetstream,
     run_publishers,
     service_settings,
+    shutdown_failure,
     start_py_spy,
     stop_py_spy,
     summarize,
@@ -53,7 +54,7 @@ def run_service_scenario(ctx: RunContext, sc: Scenario) -> dict[str, Any]:
     b_key, b = ctx.ceiling_b(sc.sink, sc.per_msg, sc.kind)
     workdir, database_url = ctx.scenario_database(sc.name, sc.sink)
     layout: Literal["require", "off"] = "require" if sc.sink == TIMESCALEDB else "off"
-    settings = service_settings(ctx.url, database_url, sc.mode, layout)
+    settings = service_settings(ctx.url, database_url, sc.mode, layout, sc.replicas)
     run = ServiceRun(
         sc,
         pset,
@@ -108,7 +109,7 @@ def run_service_scenario(ctx: RunContext, sc: Scenario) -> dict[str, Any]:
         shutdowns = _stop_services(ctx, run, sampler, svc, out)
     for i, sd in enumerate(shutdowns):
         if sd["crashed"]:
-            failures.append(f"{sc.name}: service {i + 1} crashed (exit code {sd['exit_code']})")
+            failures.append(shutdown_failure(f"{sc.name}: service {i + 1}", sd))
     if svc.get("lost_total"):
         failures.append(f"{sc.name}: {svc['lost_total']:,} records lost")
     out.update(_ratios(ctx, sc, svc, a, b))
@@ -127,6 +128,7 @@ def _describe(ctx: RunContext, run: ServiceRun) -> dict[str, Any]:
         "records_per_msg": sc.per_msg,
         "kind": sc.kind,
         "instances": sc.instances,
+        "replicas": sc.replicas,
         "messages": pset.n_msgs,
         "payload_bytes": pset.payload_bytes,
         "flow_control": {"pub_ack_window_msgs": flow.window}

@@ -22,9 +22,11 @@ import uvloop
 
 from store_svc import __version__
 from store_svc.bus.client import CommandClient
+from store_svc.constants import STOP_OVERRUN_S
 from store_svc.errors import StoreError
 from store_svc.read.cli import add_query_parser
 from store_svc.runtime.heap import settle_heap
+from store_svc.runtime.watchdog import StopWatchdog
 from store_svc.settings import Settings, load_settings, unknown_environment
 
 __all__ = ["main"]
@@ -46,6 +48,10 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+#: The watchdogs of shutdowns under way: disarmed once the event loop has ended.
+_STOP_WATCHDOGS: list[StopWatchdog] = []
+
+
 async def _run(settings: Settings) -> int:
     from store_svc.runtime.service import StoreService
 
@@ -63,6 +69,13 @@ async def _run(settings: Settings) -> int:
         else:
             log.info("signal received, shutting down")
             code = 0
+        # Every step of the stop is bounded by the grace period; should one still hang,
+        # the watchdog logs where and ends the process (the loop's own teardown too).
+        watchdog = StopWatchdog(
+            asyncio.get_running_loop(), settings.shutdown_grace_s + STOP_OVERRUN_S
+        )
+        _STOP_WATCHDOGS.append(watchdog)
+        watchdog.arm()
     return code
 
 
@@ -283,6 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         print(f"store-svc: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for watchdog in _STOP_WATCHDOGS:
+            watchdog.disarm()
+        _STOP_WATCHDOGS.clear()
 
 
 if __name__ == "__main__":

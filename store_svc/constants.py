@@ -76,3 +76,19 @@ RETRY_AFTER_HEADER = "Store-Retry-After-Ms"
 #: as much time as intake, so the client keeps reading, and counts what it has to drop,
 #: rather than leaving the flood in the server (which cuts a slow reader off uncounted).
 TURN_SLICE_S = 0.0005
+
+#: Seconds a cancelled task is given to end before it is cancelled again (nats-py
+#: swallows some cancellations): long enough for any cleanup it runs on the way out.
+CANCEL_PATIENCE_S = 2.0
+
+#: Seconds past ``STORE_SHUTDOWN_GRACE_S`` after which a shutdown that has not ended
+#: is taken to be hung: the service logs the stack of every thread and task and exits
+#: with :data:`EXIT_HUNG` (an orchestrator would kill it anyway, without saying where).
+#: What may still run after the grace period, each step at its own bound, when NATS
+#: and the database both stop answering: the two NATS drains (0.1 s, then a 2 s
+#: close each), final feedback to Redis (1 s), the readers (1 s each, 2 by default),
+#: the control plane (1 s), the SQLite writer's close (10 s) or the PostgreSQL
+#: writers' and pool's (5 s each), the metrics server (5 s): about 23 s on defaults,
+#: so a stop that is slow but still moving is not cut off.
+STOP_OVERRUN_S = 30.0
+EXIT_HUNG = 70

@@ -6,6 +6,7 @@
     ├── ConfigError            settings that cannot work together
     ├── NatsUnavailable        the NATS server cannot be reached at start-up
     ├── JetStreamUnavailable   JetStream mode, but the server has none or it does not answer
+    │   └── JetStreamUnanswered  its JetStream did not answer in time (no leader yet, busy)
     ├── RejectedInput          a payload or record that cannot be stored (has .reason)
     ├── SinkError              the database refused or failed a write (has .retryable)
     │   └── SchemaError        the database holds a schema this version cannot use
@@ -25,6 +26,7 @@ from __future__ import annotations
 __all__ = [
     "BadQuery",
     "ConfigError",
+    "JetStreamUnanswered",
     "JetStreamUnavailable",
     "NatsUnavailable",
     "QueryTimeout",
@@ -51,6 +53,12 @@ class NatsUnavailable(StoreError):
 
 class JetStreamUnavailable(StoreError):
     """JetStream mode, but the server has no JetStream or it does not answer."""
+
+
+class JetStreamUnanswered(JetStreamUnavailable):
+    """The server's JetStream did not answer in time, or said it is not available yet:
+    a cluster without a meta leader (an election, too few nodes up) or a busy server.
+    Asking again may succeed, unlike a server that has no JetStream at all."""
 
 
 class RejectedInput(StoreError):

@@ -7,6 +7,7 @@ environment: components receive the :class:`Settings` instance they need.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import socket
@@ -87,8 +88,18 @@ class Settings(BaseSettings):
     """NATS server URL; several, comma-separated, for a cluster."""
 
     nats_connect_timeout_s: float = Field(default=10.0, gt=0.0)
-    """How long start-up waits for NATS before giving up (exit code 1). After the
+    """How long start-up waits for NATS before giving up (exit code 1), and, in
+    JetStream mode, for JetStream to answer (a cluster electing its leader). After the
     first connection the service reconnects for ever."""
+
+    nats_ping_interval_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    """How often each connection PINGs its server. A server that stops answering
+    (frozen, or the network gone quiet) is given up after ``nats_max_outstanding_pings``
+    unanswered PINGs, and the client reconnects to another node of the cluster: about
+    ``interval * (max + 1)`` seconds (nats-py's own default would take 4 to 6 minutes)."""
+
+    nats_max_outstanding_pings: int = Field(default=3, ge=1, le=100)
+    """Unanswered PINGs after which a connection counts as stale and reconnects."""
 
     nats_creds: Path | None = None
     """A NATS ``.creds`` file (user JWT and NKey seed, decentralised auth). One
@@ -213,6 +224,20 @@ class Settings(BaseSettings):
 
     feedback_heartbeat_s: float = Field(default=5.0, gt=0.0, le=3600.0)
     """The current level is re-published this often, so a late subscriber learns it."""
+
+    feedback_redis_url: SecretStr | None = None
+    """Also publish every feedback event to Core's event bus on this Redis
+    (``redis://[:password@]host:port/db``, ``rediss://`` or ``unix://``): the stream
+    ``<feedback_redis_namespace>:telemetry.feedback`` that Core's
+    ``create_event_bus(backend="redis")`` reads. Needs the ``redis`` extra."""
+
+    feedback_redis_namespace: str = Field(
+        default="mdp", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$"
+    )
+    """The key prefix of Core's bus (its ``MD_NAMESPACE``)."""
+
+    feedback_redis_maxlen: int = Field(default=10_000, ge=100, le=10_000_000)
+    """The feedback stream is trimmed to about this many entries (``XADD MAXLEN ~``)."""
 
     query_enabled: bool = True
     """Answer the read API (``<prefix>.store.query.<kind>``, ``<prefix>.store.latest.<kind>``)."""
@@ -375,6 +400,20 @@ class Settings(BaseSettings):
     def _check_retention(cls, value: timedelta | None) -> timedelta | None:
         if value is not None and not timedelta(hours=1) <= value <= timedelta(days=100 * 365):
             raise ValueError("a retention is at least 1h and at most 100y")
+        return value
+
+    @field_validator("feedback_redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        url = value.get_secret_value()
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("feedback_redis_url must start with redis://, rediss:// or unix://")
+        if importlib.util.find_spec("redis") is None:
+            raise ValueError(
+                "feedback_redis_url needs the redis package: pip install 'market-data-store[redis]'"
+            )
         return value
 
     @field_validator("database_url")

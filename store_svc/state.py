@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from store_svc.core import BackpressureLevel, HealthComponent
 
-__all__ = ["ConnectionView", "ServiceView", "Stats", "Status"]
+__all__ = ["ConnectionView", "RedisOutletView", "ServiceView", "Stats", "Status"]
 
 
 class Status(enum.Enum):
@@ -57,6 +57,12 @@ class Stats:
         js_redelivered: JetStream messages received more than once.
         js_pull_requests: pull requests sent.
         js_pull_resets: pull requests given up as forgotten by the server.
+        js_unanswered_since: loop time since which checks of the stream and consumer
+            go unanswered (a cluster electing a leader), or ``None``.
+        js_unserved_since: loop time since which pull requests find no responder
+            (503: the consumer is gone or has no leader yet), or ``None``.
+        js_refused: why the server refuses the pull requests (e.g. ``409 Exceeded
+            MaxRequestBatch of 10``), or empty.
         queries: read requests answered, per ``<endpoint>:<outcome>`` (``query:ok``,
             ``latest:invalid_range``, ``query:query_timeout`` ...).
         query_records: records sent in query and latest replies.
@@ -90,6 +96,9 @@ class Stats:
     js_redelivered: int = 0
     js_pull_requests: int = 0
     js_pull_resets: int = 0
+    js_unanswered_since: float | None = None
+    js_unserved_since: float | None = None
+    js_refused: str = ""
     queries: Counter[str] = field(default_factory=Counter)
     query_records: int = 0
     retention_removed: Counter[str] = field(default_factory=Counter)
@@ -144,6 +153,24 @@ class ConnectionView(Protocol):
 
     def figures(self) -> dict[str, Any]:
         """The connection's counters for ``$SRV.STATS``."""
+        ...
+
+
+class RedisOutletView(Protocol):
+    """What health and metrics read of the Redis feedback outlet."""
+
+    up: bool | None
+    published: int
+    dropped: int
+    failures: int
+
+    @property
+    def buffered(self) -> int:
+        """Events waiting for Redis."""
+        ...
+
+    def component(self) -> HealthComponent:
+        """Its health component."""
         ...
 
 
@@ -228,4 +255,14 @@ class ServiceView(Protocol):
     @property
     def connections(self) -> Sequence[ConnectionView]:
         """The ingest and control connections."""
+        ...
+
+    @property
+    def feedback_redis(self) -> RedisOutletView | None:
+        """The feedback outlet onto Core's Redis event bus, when configured."""
+        ...
+
+    @property
+    def feedback_published(self) -> int:
+        """Feedback events published on NATS."""
         ...

@@ -7,24 +7,96 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
-from store_svc.constants import TURN_SLICE_S
+from store_svc.constants import CANCEL_PATIENCE_S, TURN_SLICE_S
 
-__all__ = ["TaskSet", "Turns", "cancel_and_wait"]
+__all__ = ["TaskSet", "Turns", "cancel_and_wait", "reraise_swallowed_cancel", "where"]
 
 log = logging.getLogger(__name__)
 
 
-async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
+async def cancel_and_wait(task: asyncio.Task[None] | None, patience: float | None = None) -> None:
     """Cancel ``task`` and wait until it has ended (a task is never left behind).
+
+    A cancellation can be swallowed: nats-py's ``Client.drain`` catches
+    ``CancelledError`` and returns, its ``_flush_pending`` does when a publish waits
+    for the flusher, its ``close`` while it waits for a reconnection to end, and
+    Python 3.11's ``wait_for`` (nats-py's ``flush`` and ``request``) when what it
+    awaits is done in the same turn (the drain and the flush cases are reproduced in
+    ``tests/test_stop_guards.py``). A task cancelled once may then go on: one that has not
+    ended within ``patience`` seconds is logged with where it is and cancelled again.
 
     Args:
         task: the task, or None (nothing to do). Its outcome is not re-raised.
+        patience: seconds between cancellations (a cleanup under way is given that
+            long before it is cut short); ``CANCEL_PATIENCE_S`` by default.
     """
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    if task is None:
+        return
+    if patience is None:
+        patience = CANCEL_PATIENCE_S
+    task.cancel()
+    tries = 1
+    caller_cancelled = False
+    while True:
+        try:
+            done, _ = await asyncio.wait({task}, timeout=patience)
+        except asyncio.CancelledError:
+            # As gather would: the caller's cancellation reaches the task, and the
+            # task is still waited for (a cleanup of the caller's must not run while
+            # it does); the caller's cancellation is raised once it has ended.
+            caller_cancelled = True
+            task.cancel()
+            continue
+        if done:
+            break
+        _cancel_once_more(task, tries)
+        tries += 1
+    if not task.cancelled():
+        task.exception()  # retrieved: never "exception was never retrieved"
+    if caller_cancelled:
+        raise asyncio.CancelledError
+
+
+def reraise_swallowed_cancel() -> None:
+    """Raise ``CancelledError`` if the current task was cancelled while in a call that
+    swallowed it.
+
+    Python 3.11's ``wait_for`` returns the result instead of raising when the task is
+    cancelled in the same turn as what it awaits completes; nats-py's ``flush`` waits
+    for its PONG that way (tests/test_stop_guards.py reproduces it). A loop that
+    flushes would then go on as if never cancelled. Call this after such a call.
+
+    Raises:
+        asyncio.CancelledError: a cancellation is pending on the current task.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def where(task: asyncio.Task[Any]) -> str:
+    """Where ``task`` waits: each coroutine it awaits through, outermost first, and
+    what the innermost one awaits (for a log line)."""
+    parts: list[str] = []
+    step: Any = task.get_coro()
+    while step is not None and len(parts) < 16:
+        frame = getattr(step, "cr_frame", None) or getattr(step, "gi_frame", None)
+        if frame is None:
+            if not hasattr(step, "cr_await") and not hasattr(step, "gi_yieldfrom"):
+                # What the innermost coroutine awaits: the Future the task waits on.
+                waited = getattr(task, "_fut_waiter", None)
+                if isinstance(waited, asyncio.Task):
+                    parts.append(f"task {waited.get_name()}")
+                else:
+                    parts.append(type(waited if waited is not None else step).__name__)
+            break
+        code = frame.f_code
+        parts.append(f"{code.co_name} ({Path(code.co_filename).name}:{frame.f_lineno})")
+        step = getattr(step, "cr_await", None) or getattr(step, "gi_yieldfrom", None)
+    return " -> ".join(parts) or "(no frame)"
 
 
 class Turns:
@@ -54,6 +126,37 @@ class Turns:
         if time.perf_counter() - self._since >= self._slice:
             await asyncio.sleep(0)
             self._since = time.perf_counter()
+
+
+def _cancel_once_more(task: asyncio.Task[Any], tries: int) -> None:
+    """Cancel again a task that went on after ``tries`` cancellations, saying where."""
+    log.warning(
+        "task %s went on after it was cancelled %d time(s) (a cancellation swallowed?); "
+        "cancelling it again. It is at: %s",
+        task.get_name(),
+        tries,
+        where(task),
+    )
+    task.cancel()
+
+
+def _cancel_again(task: asyncio.Task[None], tries: int) -> None:
+    """A task cancelled from a callback that is still running: cancel it again."""
+    if task.done():
+        return
+    _cancel_once_more(task, tries)
+    asyncio.get_running_loop().call_later(CANCEL_PATIENCE_S, _cancel_again, task, tries + 1)
+
+
+async def _wait_until_ended(task: asyncio.Task[None]) -> None:
+    """Wait for a task cancelled from a callback (its re-cancels are scheduled)."""
+    try:
+        await asyncio.wait({task})
+    except asyncio.CancelledError:
+        await cancel_and_wait(task)  # still waited for, as gather would
+        raise
+    if not task.cancelled():
+        task.exception()
 
 
 class TaskSet:
@@ -112,6 +215,8 @@ class TaskSet:
             if not task.done():
                 self._ending.add(task)
                 task.add_done_callback(self._ending.discard)
+                # Cancelled again if it swallowed that (see cancel_and_wait).
+                asyncio.get_running_loop().call_later(CANCEL_PATIENCE_S, _cancel_again, task, 1)
 
     async def stop(self, name: str) -> None:
         """Cancel the task ``name`` and wait until it has ended."""
@@ -121,13 +226,14 @@ class TaskSet:
         """Cancel every task and wait until all have ended; idempotent."""
         running = list(self._tasks.values())
         self._tasks.clear()
-        for task in running:
-            task.cancel()
-        # Those cancelled already are only awaited: a second cancel would cut short
-        # the cleanup they are running.
-        tasks = [*running, *self._ending]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        # Those cancelled already are only awaited: cancelling them again now would
+        # cut short the cleanup they are running (if they go on, their re-cancels
+        # are scheduled already).
+        ending = list(self._ending)
+        waits = [cancel_and_wait(t) for t in running]
+        waits += [_wait_until_ended(t) for t in ending]
+        if waits:
+            await asyncio.gather(*waits)
         self._ending.clear()
 
     def __len__(self) -> int:

@@ -14,12 +14,16 @@ from typing import Any
 import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from store_svc.bus.client import OrderedFlushClient
+from store_svc.core import FeedbackEvent
 from store_svc.devtools.natsserver import NatsServer
 from store_svc.devtools.pgserver import PostgresServer
 from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings, load_settings
+
+from .redis_server import RedisServer, find_redis_server
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +38,15 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def nats_server() -> Iterator[NatsServer]:
     """A private nats-server on a random loopback port."""
     with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server on a random loopback port (skips where none is installed)."""
+    if find_redis_server() is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+    with RedisServer() as server:
         yield server
 
 
@@ -103,6 +116,30 @@ async def service(make_settings: Callable[..., Settings]) -> AsyncIterator[Store
         yield svc
 
 
+def checked(msg: Msg) -> FeedbackEvent:
+    """Decode a feedback message with Core's model and check it is Core's own JSON,
+    with the schema headers."""
+    event = FeedbackEvent.model_validate_json(msg.data)
+    assert msg.data == event.model_dump_json().encode()
+    assert msg.headers == {"Md-Schema-Id": "telemetry.FeedbackEvent", "Md-Schema-Track": "v1"}
+    assert event.source == "store"
+    return event
+
+
+@pytest.fixture
+async def feedback(client: NATS) -> AsyncIterator[list[FeedbackEvent]]:
+    """Every feedback event published on ``mdp.telemetry.feedback`` while the test runs."""
+    events: list[FeedbackEvent] = []
+
+    async def collect(msg: Msg) -> None:
+        events.append(checked(msg))
+
+    sub = await client.subscribe("mdp.telemetry.feedback", cb=collect)
+    await client.flush()
+    yield events
+    await sub.unsubscribe()
+
+
 @contextlib.asynccontextmanager
 async def connected(url: str) -> AsyncIterator[NATS]:
     """A NATS client for the test itself (publisher / observer); its flush() is ordered."""
@@ -138,6 +175,7 @@ async def until_async(predicate: Callable[[], Awaitable[bool]], timeout: float =
 #: Fixtures that start a server or a service: a ``logic`` test must use none of them.
 _REAL_FIXTURES = {
     "nats_server",
+    "redis_server",
     "pg_server",
     "pg_url",
     "database_url",

@@ -86,6 +86,7 @@ def test_jetstream_mode_without_jetstream_on_the_server_exits_1(
     )
     assert out.returncode == 1
     assert "JetStream enabled (nats-server -js)" in out.stderr
+    assert "asked for" not in out.stderr  # no JetStream at all: not asked again
 
 
 @pytest.mark.slow

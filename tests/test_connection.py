@@ -6,8 +6,6 @@ import asyncio
 import inspect
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -35,20 +33,13 @@ from .test_bad_input import trade
 
 @contextmanager
 def frozen(server: NatsServer) -> Iterator[None]:
-    """The server process stopped (SIGSTOP) for the block, as a stalled peer would be."""
-    assert server.proc is not None
-    pid = server.proc.pid
-    os.kill(pid, signal.SIGSTOP)
+    """The server process stopped (SIGSTOP) for the block, as a stalled peer would be;
+    nothing sent from the block's start on is answered before it ends."""
+    server.freeze()
     try:
-        # The signal is asynchronous: wait until the kernel shows the process stopped,
-        # so nothing sent from here on can be answered before SIGCONT.
-        deadline = time.monotonic() + 5
-        while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
-            assert time.monotonic() < deadline, "the server did not stop"
-            time.sleep(0.001)
         yield
     finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
+        server.thaw()
 
 
 async def late_pong(nc: Client, server: NatsServer) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 
 from store_svc.core import HealthStatus
 from store_svc.devtools.natsserver import NatsServer
@@ -234,7 +235,15 @@ async def test_starting_is_answered_and_not_ready(
     with locked(db_path):  # the schema check waits for the lock: start-up hangs there
         starting = asyncio.create_task(svc.start())
         await until(lambda: svc.control.id is not None)
-        status, reply = await ask(client, "mdp.store.ready")
+        # The micro service has an id before its endpoints are subscribed: until the
+        # server has their subscriptions (start-up step 4 done), nobody responds.
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    status, reply = await ask(client, "mdp.store.ready")
+                    break
+                except NoRespondersError:
+                    await asyncio.sleep(0.01)
         assert reply.headers is not None
         assert reply.headers["Nats-Service-Error-Code"] == "503"
         assert "starting" in reply.headers["Nats-Service-Error"]

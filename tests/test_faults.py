@@ -26,10 +26,12 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from store_svc.devtools.natscluster import NatsCluster
 from store_svc.devtools.natsserver import NatsServer
 from store_svc.devtools.pgserver import PostgresServer
 
-from .conftest import FAULT_REPORT
+from .conftest import FAULT_REPORT, until_async
+from .test_control_plane import gather_replies
 from .test_ingest import locked
 from .test_jetstream import trades
 from .test_shutdown import STORE_SVC
@@ -47,8 +49,10 @@ class Rig:
 
     tmp: Path
     database_url: str
-    nats: NatsServer
+    nats: NatsServer | NatsCluster  # a cluster's url is its seed URLs, comma-separated
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)
+    killed: set[int] = field(default_factory=set)  # the pids the test itself ended
 
     def start_store(self, name: str, **env: str) -> subprocess.Popen[bytes]:
         full = {
@@ -66,7 +70,23 @@ class Rig:
         with open(self.tmp / f"{name}.log", "ab") as log:
             proc = subprocess.Popen([STORE_SVC, "run"], env=full, stderr=log)
         self.procs.append(proc)
+        self.names[proc.pid] = name
         return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """``kill -9`` of a store process, as a fault the test injects."""
+        self.killed.add(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def check_running(self) -> None:
+        """Fail at once, showing its log, when a store process has ended that the test
+        did not end itself (waiting for its share of the work would only time out)."""
+        for proc in self.procs:
+            if proc.poll() is not None and proc.pid not in self.killed:
+                name = self.names[proc.pid]
+                log = (self.tmp / f"{name}.log").read_text(errors="replace")
+                raise AssertionError(f"store {name} exited with code {proc.returncode}:\n{log}")
 
     def stop_all(self) -> None:
         for proc in self.procs:
@@ -130,16 +150,24 @@ def rig_factory(tmp_path: Path) -> Iterator[Callable[[str], Rig]]:
 
 
 async def connect(url: str) -> NATS:
-    """A publisher's connection that rides out a server restart."""
+    """A publisher's connection that rides out a server restart (``url``: one or
+    several, comma-separated)."""
     return await nats.connect(
-        url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=2
+        url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=2
     )
 
 
 @contextlib.asynccontextmanager
-async def publisher(rig: Rig, records: list[dict[str, Any]]) -> AsyncIterator[asyncio.Task[int]]:
-    """Publish ``records`` through JetStream, ``PER_MSG`` per message, each pub-acked;
-    a publish that fails (server down) is retried with the same message id."""
+async def publisher(
+    rig: Rig,
+    records: list[dict[str, Any]],
+    pace: float = 0.004,
+    retries: list[int] | None = None,
+    slow: asyncio.Event | None = None,
+) -> AsyncIterator[asyncio.Task[int]]:
+    """Publish ``records`` through JetStream, ``PER_MSG`` per message, each pub-acked,
+    ``pace`` seconds apart (0.1 s while ``slow`` is set); a publish that fails (server
+    down) is retried with the same message id (each retry is appended to ``retries``)."""
     nc = await connect(rig.nats.url)
     js = nc.jetstream()
 
@@ -152,9 +180,12 @@ async def publisher(rig: Rig, records: list[dict[str, Any]]) -> AsyncIterator[as
                     await js.publish(WRITE, body, timeout=2, headers={"Nats-Msg-Id": f"m{i}"})
                     break
                 except Exception:  # server restarting: retry, deduplicated by message id
+                    if retries is not None:
+                        retries.append(i)
                     await asyncio.sleep(0.1)
             sent += PER_MSG
-            await asyncio.sleep(0.004)  # a steady stream, so faults land mid-stream
+            # A steady stream, so faults land mid-stream.
+            await asyncio.sleep(0.1 if slow is not None and slow.is_set() else pace)
         return sent
 
     task = asyncio.create_task(run())
@@ -176,9 +207,26 @@ async def at_least(rig: Rig, n: int, timeout: float = 60) -> None:
     """Wait until the store holds at least ``n`` rows."""
 
     async def enough() -> bool:
+        rig.check_running()
         return len(await rig.stored()) >= n
 
     await wait_for(enough, timeout)
+
+
+async def committed_per_instance(url: str) -> dict[str, int]:
+    """Rows committed by each store instance, from ``$SRV.STATS`` (every instance
+    answers), keyed by its coordinator id."""
+    nc = await connect(url)
+    try:
+        got = await gather_replies(nc, "$SRV.STATS.market-data-store")
+    finally:
+        await nc.close()
+    return {
+        reply["metadata"]["coordinator_id"]: next(
+            e["data"]["rows_committed"] for e in reply["endpoints"] if e["name"] == "health"
+        )
+        for reply in got
+    }
 
 
 async def verify(
@@ -187,13 +235,17 @@ async def verify(
     records: list[dict[str, Any]],
     published: int,
     expect_redelivery: bool | None = None,
+    extra_messages: int = 0,
 ) -> None:
     """Wait for the store to settle, stop it, then: every record once, none lost, none
-    doubled, every message acked."""
+    doubled, every message acked; and the stream took each message once (retried
+    publishes deduplicated by ``Nats-Msg-Id``: a row count alone would not show a
+    doubled message, since the table's key absorbs it)."""
     want = {(r["symbol"], r["ts"]) for r in records}
     assert published == len(records)
 
     async def complete() -> bool:
+        rig.check_running()
         return len(await rig.stored()) >= len(want)
 
     await wait_for(complete, 90)
@@ -206,12 +258,15 @@ async def verify(
     nc = await connect(rig.nats.url)
     try:
         info = await nc.jetstream().consumer_info("STORE_WRITES", "store")
+        stream = await nc.jetstream().stream_info("STORE_WRITES")
     finally:
         await nc.close()
+    messages = published // PER_MSG + extra_messages
     redelivered = rig.redelivered()
     FAULT_REPORT.append(
         f"{name}: published {published}, stored {len(rows)}, duplicates {duplicates}, "
-        f"lost {lost} (messages redelivered after the fault: {redelivered})"
+        f"lost {lost} (stream messages {stream.state.last_seq} of {messages}; "
+        f"redelivered after the fault: {redelivered})"
     )
     if expect_redelivery:
         assert redelivered > 0, "the fault hit messages taken but not yet acked"
@@ -221,6 +276,7 @@ async def verify(
     assert lost == 0
     assert len(rows) == len(want)
     assert info.num_ack_pending == 0, "every message acked"
+    assert stream.state.last_seq == messages, "each message in the stream once"
 
 
 def _iso(value: str) -> str:
@@ -242,8 +298,7 @@ async def test_kill_9_of_the_service_then_a_restart(
         await at_least(rig, len(records) // 5)
         with locked(tmp_path / "store.db"):  # commits stall: messages are taken, unacked
             await asyncio.sleep(1.0)
-            first.send_signal(signal.SIGKILL)
-            first.wait()
+            rig.kill(first)
         rig.start_store("second")
         published = await asyncio.wait_for(pub, 120)
     await verify(rig, "kill -9 of the service", records, published, expect_redelivery=True)
@@ -289,12 +344,21 @@ async def test_two_instances_one_killed_mid_stream(
     records = trades(MESSAGES * PER_MSG, symbol="TWO")
     doomed = rig.start_store("doomed")
     rig.start_store("survivor")
-    async with publisher(rig, records) as pub:
+
+    async def both_at_work() -> bool:
+        rig.check_running()
+        committed = await committed_per_instance(rig.nats.url)
+        return len(committed) == 2 and all(n > 0 for n in committed.values())
+
+    slow = asyncio.Event()
+    async with publisher(rig, records, slow=slow) as pub:
         await at_least(rig, len(records) // 5)
+        slow.set()  # still at work while both are found sharing the consumer
+        await until_async(both_at_work, timeout=20)  # the slowed publisher has 30 s left
         with locked(tmp_path / "store.db"):  # both hold taken, unacked messages
+            slow.clear()
             await asyncio.sleep(1.0)
-            doomed.send_signal(signal.SIGKILL)
-            doomed.wait()
+            rig.kill(doomed)
         published = await asyncio.wait_for(pub, 120)
     await verify(rig, "two instances, one killed", records, published, expect_redelivery=True)
 
@@ -318,7 +382,7 @@ async def test_a_poison_message_is_terminated_not_redelivered(
             await at_least(rig, len(records) // 5)
             await observer.jetstream().publish(WRITE, b'[{"symbol": "POISON", "ts": ', timeout=5)
             published = await asyncio.wait_for(pub, 120)
-        await verify(rig, "poison message", records, published)
+        await verify(rig, "poison message", records, published, extra_messages=1)
         await asyncio.sleep(3.0)  # longer than the ack wait: a redelivery would show
         assert len(dlq) == 1, "on the DLQ once: terminated, not redelivered"
         assert dlq[0].headers is not None

@@ -6,11 +6,10 @@ import asyncio
 import importlib.util
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -21,34 +20,12 @@ from store_svc.devtools.natsserver import NatsServer
 from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings
 
-from .conftest import until
+from .conftest import checked, until
 from .test_bad_input import barrier, trade
 from .test_ingest import count, locked
 
 OK, SOFT, HARD = BackpressureLevel.ok, BackpressureLevel.soft, BackpressureLevel.hard
 SUBJECT = "mdp.telemetry.feedback"
-
-
-def checked(msg: Msg) -> FeedbackEvent:
-    """Decode a feedback message with Core's model and check it is Core's own JSON."""
-    event = FeedbackEvent.model_validate_json(msg.data)
-    assert msg.data == event.model_dump_json().encode()
-    assert msg.headers == {"Md-Schema-Id": "telemetry.FeedbackEvent", "Md-Schema-Track": "v1"}
-    assert event.source == "store"
-    return event
-
-
-@pytest.fixture
-async def feedback(client: NATS) -> AsyncIterator[list[FeedbackEvent]]:
-    events: list[FeedbackEvent] = []
-
-    async def collect(msg: Msg) -> None:
-        events.append(checked(msg))
-
-    sub = await client.subscribe(SUBJECT, cb=collect)
-    await client.flush()
-    yield events
-    await sub.unsubscribe()
 
 
 def levels(events: list[FeedbackEvent]) -> list[BackpressureLevel]:

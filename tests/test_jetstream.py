@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -288,6 +289,113 @@ async def test_a_deleted_consumer_is_made_again(
         await until(lambda: count(db_path, "trades") == 20, timeout=20)
         info = await js.consumer_info(settings.js_stream, settings.js_durable)
         assert info.config.ack_wait == settings.js_ack_wait_s, "made again with the settings"
+
+
+async def _intake(nc: NATS) -> dict[str, Any]:
+    reply = await nc.request("mdp.store.health", b"", timeout=5)
+    status = HealthStatus.model_validate_json(reply.data)
+    (intake,) = [c for c in status.components if c.name == "intake"]
+    return {"state": intake.state, **intake.details}
+
+
+async def test_a_consumer_deleted_with_js_create_off_is_waited_for(
+    js_settings: Callable[..., Settings],
+    js_client: NATS,
+    db_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Pull requests find no responder (503) until an operator makes the consumer
+    again: health shows it, the error is logged once (not once per check), and the
+    store pulls again by itself."""
+    caplog.set_level(logging.INFO, logger="store_svc.ingest.jetstream")
+    settings = js_settings()
+    js = js_client.jetstream()
+    async with StoreService(settings):
+        pass  # makes the stream and the consumer
+    config = (await js.consumer_info(settings.js_stream, settings.js_durable)).config
+    async with StoreService(js_settings(js_create=False)) as svc:
+        await publish(js, trades(10))
+        await until(lambda: count(db_path, "trades") == 10)
+        await js.delete_consumer(settings.js_stream, settings.js_durable)
+        requests = svc.stats.js_pull_requests
+
+        async def unserved() -> bool:
+            intake = await _intake(js_client)
+            return intake["state"] == "degraded" and "jetstream_unserved_s" in intake
+
+        await until_async(unserved, timeout=10)
+        await until(lambda: svc.stats.js_pull_requests >= requests + 4, timeout=15)
+        assert caplog.text.count("the JetStream consumer is not usable") == 1
+        assert caplog.text.count("find no responder (503)") == 1
+        await js.add_consumer(settings.js_stream, config)
+        await publish(js, trades(10, start=100))
+        await until(lambda: count(db_path, "trades") == 20, timeout=20)
+
+        async def healthy() -> bool:
+            intake = await _intake(js_client)
+            return intake["state"] == "healthy" and "jetstream_unserved_s" not in intake
+
+        await until_async(healthy, timeout=10)
+        assert caplog.text.count("are served again") == 1
+        # Gone a second time: an outage of its own, logged again.
+        await js.delete_consumer(settings.js_stream, settings.js_durable)
+        await until_async(unserved, timeout=10)
+        await until(lambda: caplog.text.count("the JetStream consumer is not usable") == 2)
+        await js.add_consumer(settings.js_stream, config)
+        await publish(js, trades(10, start=200))
+        await until(lambda: count(db_path, "trades") == 30, timeout=20)
+        await until_async(healthy, timeout=10)
+    assert caplog.text.count("are served again") == 2
+
+
+async def test_pull_requests_the_consumer_refuses_are_asked_again_each_second(
+    js_settings: Callable[..., Settings],
+    js_client: NATS,
+    db_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A consumer made by an operator with a request limit below the store's pull
+    size refuses every request (409): asked again each second, not in a tight loop,
+    logged once, shown in health; the store pulls once the limit is raised."""
+    settings = js_settings()
+    js = js_client.jetstream()
+    async with StoreService(settings):
+        pass  # makes the stream and the consumer
+    config = (await js.consumer_info(settings.js_stream, settings.js_durable)).config.as_dict()
+    await js.delete_consumer(settings.js_stream, settings.js_durable)
+
+    async def make(max_batch: int, action: str) -> None:
+        # nats-py's ConsumerConfig has no max_batch: the API request, by hand.
+        body = {"stream_name": settings.js_stream, "action": action}
+        body["config"] = {**config, "max_batch": max_batch}
+        subject = f"$JS.API.CONSUMER.CREATE.{settings.js_stream}.{settings.js_durable}"
+        reply = json.loads((await js_client.request(subject, json.dumps(body).encode(), 5)).data)
+        assert reply["config"].get("max_batch", 0) == max_batch, reply
+
+    await make(1, "create")
+    await publish(js, trades(10))
+    async with StoreService(js_settings(js_create=False)) as svc:
+
+        async def refused() -> bool:
+            intake = await _intake(js_client)
+            return intake["state"] == "degraded" and "MaxRequestBatch" in intake.get(
+                "jetstream_refused", ""
+            )
+
+        await until_async(refused, timeout=10)
+        first = svc.stats.js_pull_requests
+        await asyncio.sleep(3.0)  # the rate of asking is what is measured here
+        assert svc.stats.js_pull_requests - first <= 6, "asked again about once a second"
+        assert caplog.text.count("are refused (409 Exceeded MaxRequestBatch") == 1
+        assert count(db_path, "trades") == 0
+        await make(0, "update")  # no limit
+        await until(lambda: count(db_path, "trades") == 10, timeout=20)
+
+        async def healthy() -> bool:
+            intake = await _intake(js_client)
+            return intake["state"] == "healthy" and "jetstream_refused" not in intake
+
+        await until_async(healthy, timeout=10)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.protocol.parser import Parser
 
-from store_svc.bus.client import OrderedFlushClient, close_client
+from store_svc.bus.client import OrderedFlushClient, close_client, server_info
 from store_svc.bus.receive import ReceiveParser
 from store_svc.devtools.natsserver import NatsServer
 
@@ -234,3 +234,57 @@ async def test_pings_queued_while_disconnected_are_not_sent_after_the_reconnect(
     finally:
         await nc.close()
         server.stop()
+
+
+async def test_the_server_info_read_from_nats_py_is_there(nats_server: NatsServer) -> None:
+    nc = await connect(nats_server.url)
+    try:
+        info = server_info(nc)
+        assert info["server_id"]
+        assert "server_name" in info
+    finally:
+        await nc.close()
+    assert server_info(Client()) == {}
+
+
+#: A status without a description, with a header after it (how nats-server 2.11+
+#: answers a request nobody serves).
+BARE_STATUS = b"NATS/1.0 503\r\nNats-Subject: nobody.here\r\n\r\n"
+
+
+@pytest.mark.logic
+async def test_plain_nats_py_reads_the_header_after_a_bare_status_as_its_description() -> None:
+    plain = await Client()._process_headers(BARE_STATUS)
+    assert plain is not None
+    assert plain["Description"] == "\nNats-Subject: nobody.here"  # the slip mended here
+    ours = await OrderedFlushClient()._process_headers(BARE_STATUS)
+    assert ours == {"Status": "503", "Nats-Subject": "nobody.here"}
+    described = b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 5\r\n\r\n"
+    assert await OrderedFlushClient()._process_headers(described) == {
+        "Status": "408",
+        "Description": "Request Timeout",
+        "Nats-Pending-Messages": "5",
+    }
+    assert list(inspect.signature(Client._process_headers).parameters) == ["self", "headers"]
+
+
+async def test_a_no_responders_status_has_no_description(nats_server: NatsServer) -> None:
+    """Both ways a message arrives (a batched subscription, nats-py's own)."""
+    nc = await connect(nats_server.url)
+    try:
+        _, receiver = await nc.subscribe_batched("answers.batched", "", 10, 1 << 20)
+        plain = await nc.subscribe("answers.plain")
+        await nc.flush()
+        for reply in ("answers.batched", "answers.plain"):
+            await nc.publish("nobody.here", b"?", reply=reply)
+        async with asyncio.timeout(5):
+            await receiver.wait()
+        (batched,) = receiver.take(10)
+        msg = await plain.next_msg(timeout=5)
+        for headers in (batched.headers, msg.headers):
+            assert headers is not None
+            assert headers["Status"] == "503"
+            assert "Description" not in headers
+            assert headers["Nats-Subject"] == "nobody.here"  # nats-server 2.11+ sends it
+    finally:
+        await nc.close()

@@ -19,17 +19,20 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from prometheus_client import generate_latest
 
+from store_svc.bus.client import OrderedFlushClient
 from store_svc.control.health import health_status, readiness
 from store_svc.control.metrics import Metrics
 from store_svc.control.probes import HealthSnapshot
 from store_svc.core import BackpressureLevel, HealthComponent
 from store_svc.errors import SchemaError, SinkError
-from store_svc.ingest.jetstream import pull_size, room_needed
+from store_svc.ingest.decode import PayloadDecoder
+from store_svc.ingest.edge import IntakeParts
+from store_svc.ingest.jetstream import JetStreamIntake, pull_size, room_needed
 from store_svc.ingest.queue import Envelope, RecordQueue
 from store_svc.read.api import QueryApi
 from store_svc.runtime.service import StoreService
-from store_svc.settings import Settings
-from store_svc.state import ConnectionView, Stats, Status
+from store_svc.settings import Settings, load_settings
+from store_svc.state import ConnectionView, RedisOutletView, Stats, Status
 from store_svc.store import sqlite_worker
 from store_svc.store.sqlite import SqliteSink
 from store_svc.store.sqlite_process import reply_error
@@ -37,6 +40,7 @@ from store_svc.store.sqlite_read import SqliteReader
 from store_svc.tasks import TaskSet
 
 from .conftest import until
+from .test_queue_batcher import _Level
 
 
 @dataclass
@@ -76,6 +80,8 @@ class _View:
     level: BackpressureLevel = BackpressureLevel.ok
     loop_lag_ms: float = 0.0
     connections: Sequence[ConnectionView] = (_Conn("ingest"), _Conn("control"))
+    feedback_redis: RedisOutletView | None = None
+    feedback_published: int = 0
 
 
 @pytest.mark.logic
@@ -103,10 +109,19 @@ async def test_metrics_read_only_the_view() -> None:
     view = _View(queue_depth=7, level=BackpressureLevel.hard, sink_ok=False)
     view.stats.committed["trades"] = 5
     view.connections = (_Conn("ingest", faults=2), _Conn("control", connected=False))
-    metrics = Metrics(view, HealthSnapshot(5.0, lambda: readiness(view)))
+    view.feedback_published = 4
+    snapshot = HealthSnapshot(5.0, lambda: readiness(view))
+    metrics = Metrics(view, snapshot)
+    assert 'store_health_state{component="loop"} 2.0' in generate_latest(metrics.registry).decode()
+    snapshot.refresh()  # before the first snapshot: unhealthy, not ready
     metrics.observe_query("latest", 0.01)
     text = generate_latest(metrics.registry).decode()
     for line in (
+        "store_ready 0.0",
+        'store_health_state{component="service"} 2.0',
+        'store_health_state{component="sink"} 2.0',
+        'store_feedback_events_total{outlet="nats"} 4.0',
+        'store_nats_reconnects_total{connection="ingest"} 0.0',
         "store_queue_depth 7.0",
         "store_backpressure_level 2.0",
         "store_sink_up 0.0",
@@ -257,3 +272,28 @@ def test_the_pull_loop_waits_for_exactly_the_room_its_next_request_needs(
     need = room_needed(outstanding, per_msg, batch)
     assert pull_size(need, per_msg, batch) > outstanding
     assert need == 1 or pull_size(need - 1, per_msg, batch) <= outstanding
+
+
+@pytest.mark.logic
+@pytest.mark.parametrize(
+    "description",
+    ["Leadership Change", "Consumer Deleted", "Exceeded MaxRequestBatch of 1"],
+)
+async def test_a_pull_status_never_drops_a_check_still_due(description: str) -> None:
+    """After a check of the consumer went unanswered (an election), the next check is
+    due; a status that arrives meanwhile (here, a 409) must not cancel it, or health
+    would show JetStream unanswered for good while pulls are served (seen in CI)."""
+    settings = load_settings(ingest_mode="jetstream")
+    intake = JetStreamIntake(
+        IntakeParts(
+            OrderedFlushClient(),
+            settings,
+            PayloadDecoder(1 << 20, 5.0),
+            RecordQueue(capacity=1000),
+            Stats(),
+            _Level(),
+        )
+    )
+    intake._recheck_consumer = True  # a check went unanswered
+    intake._on_status({"Status": "409", "Description": description})
+    assert intake._recheck_consumer, "the due check was dropped"

@@ -364,7 +364,13 @@ async def _health_check(server: NatsServer, mode: str, command: str) -> tuple[in
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:
+        # Never leave it behind (a child left running holds the loop's shutdown).
+        proc.kill()
+        _, err = await proc.communicate()
+        raise AssertionError(f"store-svc {command} did not exit in 60 s: {err.decode()}") from None
     assert proc.returncode is not None
     return proc.returncode, err.decode()
 

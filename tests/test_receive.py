@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import os
-import signal
 from typing import Any
 
 import pytest
@@ -329,11 +327,11 @@ async def test_a_drain_cut_short_leaves_no_subscription_behind(nats_server: Nats
     try:
         sub, _ = await nc.subscribe_batched("d.>", "q", 1000, 1 << 20)
         await nc.flush()
-        os.kill(nats_server.proc.pid, signal.SIGSTOP)
+        nats_server.freeze()
         try:
             await drain_subscription(sub, 0.3)  # its round trip cannot come back
         finally:
-            os.kill(nats_server.proc.pid, signal.SIGCONT)
+            nats_server.thaw()
         assert sub._id not in nc._subs
     finally:
         await nc.close()

@@ -212,3 +212,26 @@ async def test_a_drain_out_of_time_counts_what_intake_still_held(
     assert stats.dropped_by_kind["trades"] == stats.dropped_messages
     lines = [r for r in caplog.records if "intake closed during shutdown" in r.getMessage()]
     assert len(lines) == 1, "one line for the whole cut-off, not one per message or group"
+
+
+async def test_a_control_plane_that_never_stops_does_not_hold_up_shutdown(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The micro service's stop waits on the server (its drains); a hung one is cut
+    off within the grace period, and the service still stops."""
+    svc = StoreService(make_settings(shutdown_grace_s=2.0))
+    await svc.start()
+    hung = asyncio.Event()
+
+    async def never() -> None:
+        hung.set()
+        await asyncio.Event().wait()
+
+    svc.control.stop = never  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(svc.stop(), 10)
+    assert hung.is_set()
+    assert svc.status is Status.STOPPED
+    assert loop.time() - started < 5
+    assert any("stopping the control plane took over" in r.getMessage() for r in caplog.records)

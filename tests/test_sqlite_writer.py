@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sqlite3
 from datetime import UTC, datetime
@@ -12,6 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from store_svc.devtools.processes import freeze, thaw
 from store_svc.ingest.decode import PayloadDecoder
 from store_svc.store.codec import key_decimal_text
 from store_svc.store.sqlite import SqliteSink
@@ -72,3 +75,27 @@ async def test_trades_differing_beyond_28_digits_are_two_rows(tmp_path: Path) ->
         await sink.write({"trades": rows})
         stored = sorted(r[2] for r in await sink.rows("trades"))
     assert stored == sorted(prices)
+
+
+async def test_a_frozen_writer_cannot_hold_up_close_and_loses_nothing_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer stuck at shutdown (a stalled disk; here SIGSTOP) is killed after its
+    close timeout; what it had committed is in the WAL and is read at the next open."""
+    monkeypatch.setattr("store_svc.store.sqlite.WRITER_CLOSE_TIMEOUT_S", 0.5)
+    ts = datetime(2024, 1, 2, tzinfo=UTC)
+    rows = [("F", ts, Decimal(i), 1, None, ()) for i in range(1, 101)]
+    sink = SqliteSink(tmp_path / "f.db")
+    await sink.open()
+    await sink.write({"trades": rows})
+    pid = sink.pid
+    assert pid is not None
+    freeze(pid)
+    try:
+        await asyncio.wait_for(sink.close(), 10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            thaw(pid)
+    assert "did not close within 0.5s; killed" in caplog.text
+    async with SqliteSink(tmp_path / "f.db") as again:
+        assert len(await again.rows("trades")) == 100

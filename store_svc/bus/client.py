@@ -54,6 +54,11 @@ included, waited that long for each of its steps. The client's parser
 (checked every 4 KiB; a read is up to 32 KiB), and hands the messages of a
 subscription made with :meth:`OrderedFlushClient.subscribe_batched` to its consumer
 in batches, without a ``Msg`` or a task step per message.
+
+And nats-py 2.16 reads a status without a description that comes with headers
+(``NATS/1.0 503`` then ``Nats-Subject: ...``, as nats-server 2.11+ answers a pull
+request nobody serves) as the description ``"\\nNats-Subject: ..."``: a log line of
+that status broke in two. :meth:`_process_headers` drops that description.
 """
 
 from __future__ import annotations
@@ -79,6 +84,9 @@ from store_svc.bus.receive import Incoming, ReceiveParser, Receiver
 
 log = logging.getLogger(__name__)
 
+#: The header nats-py puts a status line's description under.
+_DESCRIPTION = "Description"
+
 __all__ = ["CommandClient", "OrderedFlushClient", "close_client", "header_bytes", "payload_room"]
 
 
@@ -93,6 +101,16 @@ def header_bytes(headers: dict[str, str] | None) -> int:
 def payload_room(nc: _Client, headers: dict[str, str] | None) -> int:
     """Payload bytes a message with ``headers`` may carry on ``nc``'s connection."""
     return int(nc.max_payload) - header_bytes(headers)
+
+
+def server_info(nc: _Client) -> dict[str, Any]:
+    """The INFO of the server ``nc`` is connected to (its name, cluster, ...).
+
+    nats-py keeps it in a private member (guarded by tests/test_natsclient.py); an
+    empty dict when there is none.
+    """
+    info = getattr(nc, "_server_info", None)
+    return info if isinstance(info, dict) else {}
 
 
 #: How long closing a client may take. nats-py's ``close()`` never returns after a
@@ -264,6 +282,15 @@ class OrderedFlushClient(_Client):
                 future.set_result(True)
             self._pongs_received += 1
             self._pings_outstanding = 0
+
+    async def _process_headers(self, headers: bytes) -> dict[str, str] | None:
+        parsed: dict[str, str] | None = await super()._process_headers(headers)
+        if parsed and parsed.get(_DESCRIPTION, "").startswith("\n"):
+            # A status line without a description ("NATS/1.0 503\r\n") followed by
+            # headers: nats-py reads the header lines as the description (and parses
+            # them as headers too). There is no description.
+            del parsed[_DESCRIPTION]
+        return parsed
 
     async def _send_publish(
         self,

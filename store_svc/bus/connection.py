@@ -46,11 +46,11 @@ from store_svc.bus.auth import (
     permission_refusal,
     redact_url,
 )
-from store_svc.bus.client import OrderedFlushClient, close_client
+from store_svc.bus.client import OrderedFlushClient, close_client, server_info
 from store_svc.core import HealthComponent
 from store_svc.errors import NatsUnavailable
 from store_svc.settings import Settings
-from store_svc.tasks import cancel_and_wait
+from store_svc.tasks import cancel_and_wait, reraise_swallowed_cancel
 
 __all__ = ["NatsConnection"]
 
@@ -181,6 +181,8 @@ class NatsConnection:
                 # Once connected, never give up: a NATS restart must not end the service.
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py takes floats
+                ping_interval=settings.nats_ping_interval_s,  # type: ignore[arg-type]
+                max_outstanding_pings=settings.nats_max_outstanding_pings,
                 connect_timeout=min(5.0, limit),  # type: ignore[arg-type]
                 **options,
             )
@@ -218,12 +220,25 @@ class NatsConnection:
         if nc.is_closed or not nc.is_connected:
             await self.close()
             return
-        try:
-            async with asyncio.timeout(max(0.1, timeout)):
-                await nc.drain()
-        except (TimeoutError, nats.errors.Error) as exc:
-            log.warning("NATS %s drain did not finish (%s); closing", self.role, exc or "timeout")
-            await self.close()
+        # Not under asyncio.timeout: nats-py's drain catches the cancellation of a
+        # timeout and goes on to a flush of its own (10 s) and a close.
+        timeout = max(0.1, timeout)
+        draining = asyncio.ensure_future(nc.drain())
+        done, _ = await asyncio.wait({draining}, timeout=timeout)
+        if done:
+            exc = draining.exception()
+            if exc is None:
+                return
+            if not isinstance(exc, (TimeoutError, nats.errors.Error)):
+                raise exc
+            log.warning("NATS %s drain did not finish (%s); closing", self.role, exc)
+        else:
+            log.warning("NATS %s drain did not finish within %.1fs; closing", self.role, timeout)
+            draining.cancel()  # taken by the drain, which goes on to flush...
+            await asyncio.sleep(0)
+            draining.cancel()  # ...which this ends
+            await cancel_and_wait(draining)
+        await self.close()
 
     async def close(self) -> None:
         """Close at once, without draining; idempotent."""
@@ -237,6 +252,7 @@ class NatsConnection:
         """This connection as a Core ``HealthComponent`` named ``nats-<role>``."""
         nc = self.nc
         connected = self.connected
+        info = server_info(nc)
         state = "healthy" if connected else "unhealthy"
         if connected and self._refusing():
             state = "degraded"  # up, but something it must publish or receive is refused
@@ -248,6 +264,11 @@ class NatsConnection:
                 "server": redact_url(nc.connected_url.geturl()).split("//", 1)[-1]
                 if nc.connected_url
                 else "",
+                # Which node of a cluster, and how many the client knows of (seeds
+                # and the servers the cluster told it about).
+                "server_name": str(info.get("server_name", "")) if connected else "",
+                "cluster": str(info.get("cluster", "")) if connected else "",
+                "known_servers": str(len(nc.servers)),
                 "reconnects": str(nc.stats.get("reconnects", 0)),
                 "disconnects": str(self.disconnects),
                 "server_closed": str(self.server_closed),
@@ -349,6 +370,9 @@ class NatsConnection:
                     self.rtt_ms = None
                 else:
                     self.rtt_ms = (time.perf_counter() - started) * 1000
+                # A stop that cancels this task as its PONG comes in is swallowed by
+                # the flush: without this the probe went on, and the stop with it.
+                reraise_swallowed_cancel()
             await asyncio.sleep(every)
 
     def _lost(self) -> None:

@@ -6,7 +6,9 @@ every change; the common case returns after one comparison), runs the
 change, and the current level on a heartbeat, to a Core ``FeedbackPublisher``
 from a task of its own. Publishing therefore never blocks the queue or the batcher:
 a slow or disconnected NATS only delays telemetry. Undelivered events are kept in a
-short buffer, oldest dropped first, since only the newest state matters.
+short buffer, oldest dropped first, since only the newest state matters. Further
+outlets (Redis) are offered each event as it is made, so they hear it whatever
+becomes of the NATS publish.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import Protocol
 
 from nats.aio.client import Client as NATS
 
@@ -27,13 +30,22 @@ from store_svc.constants import (
 from store_svc.core import BackpressureLevel, FeedbackEvent, FeedbackPublisher
 from store_svc.ingest.backpressure import Marks, Watermarks
 from store_svc.settings import Settings
+from store_svc.tasks import reraise_swallowed_cancel
 
-__all__ = ["FeedbackLoop", "NatsFeedbackPublisher"]
+__all__ = ["FeedbackLoop", "NatsFeedbackPublisher", "Outlet"]
 
 log = logging.getLogger(__name__)
 
 #: Events kept while the publisher is slow or NATS is away (oldest dropped first).
 MAX_PENDING_EVENTS = 64
+
+
+class Outlet(Protocol):
+    """A further destination of feedback events that buffers on its own."""
+
+    def offer(self, event: FeedbackEvent) -> None:
+        """Take ``event`` without blocking (a full buffer drops its oldest)."""
+        ...
 
 
 class NatsFeedbackPublisher:
@@ -96,6 +108,9 @@ class FeedbackLoop:
         self.published = 0
         self.failed = 0
         self._pending: deque[FeedbackEvent] = deque(maxlen=MAX_PENDING_EVENTS)
+        #: Further outlets (Redis): each gets every event as it is made, whatever
+        #: becomes of the publisher's attempts; their ``offer`` must not block.
+        self.outlets: list[Outlet] = []
         self._wake = asyncio.Event()
         self._recheck: asyncio.TimerHandle | None = None
 
@@ -176,7 +191,7 @@ class FeedbackLoop:
             return
         now = time.monotonic()
         for level in wm.update(depth, now):
-            self._pending.append(
+            self._emit(
                 FeedbackEvent(
                     coordinator_id=self.coordinator_id,
                     queue_size=depth,
@@ -206,13 +221,22 @@ class FeedbackLoop:
     async def run(self) -> None:
         """Publish level changes at once and the current level on every heartbeat."""
         while True:
+            reraise_swallowed_cancel()  # a publish can swallow the cancellation
             try:
                 async with asyncio.timeout(self.heartbeat):
                     await self._wake.wait()
             except TimeoutError:
-                self._pending.append(self.event())
+                self._emit(self.event())
             self._wake.clear()
             await self._flush()
+
+    def _emit(self, event: FeedbackEvent) -> None:
+        self._pending.append(event)
+        for outlet in self.outlets:
+            try:
+                outlet.offer(event)
+            except Exception as exc:  # one outlet must never silence another
+                log.warning("a feedback outlet failed: %s", exc)
 
     async def _flush(self) -> None:
         while self._pending and self.publisher is not None:
@@ -226,6 +250,7 @@ class FeedbackLoop:
                 return
             self._pending.popleft()
             self.published += 1
+            reraise_swallowed_cancel()  # the publish may have swallowed it
 
     def settle(self) -> None:
         """Apply the marks without the dwell (at shutdown, so the last word is true)."""
@@ -235,7 +260,7 @@ class FeedbackLoop:
 
     async def announce(self) -> None:
         """Publish the current state now, after any pending events (start-up, shutdown)."""
-        self._pending.append(self.event())
+        self._emit(self.event())
         await self._flush()
 
     def close(self) -> None:

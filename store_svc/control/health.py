@@ -6,24 +6,31 @@ slow reply).
 
 Components and their states:
 
-=================  ================================================================
-``nats-ingest``    the connection of the write traffic: healthy when connected;
-                   degraded while the server refuses a publish (the last 60 s)
-                   or a subscription (permission_denials); unhealthy while
-                   disconnected (counters:
-                   reconnects, disconnects, server_closed, faults)
-``nats-control``   the connection of health, micro, control, reads and telemetry
-``queue``          healthy at ``ok``; degraded at ``soft`` or ``hard``
-``sink``           healthy while commits succeed; unhealthy while they fail (retrying);
-                   ``layout`` (PostgreSQL: ``hypertables`` or ``plain``), ``opening``
-                   (while start-up converts a table, say)
-``intake``         healthy while taking writes; degraded while starting, paused or
-                   draining, or with a warning (a stream that captures the writes)
-``retention``      (with a ``STORE_RETENTION_<KIND>``) healthy while passes succeed;
-                   degraded after a failed one (keeps, passes, removed, last_error)
-``loop``           the event loop: ``lag_ms`` (how late it runs); over HTTP,
-                   unhealthy once it has been stuck for ``STORE_LOOP_STALL_S``
-=================  ================================================================
+==================  ================================================================
+``nats-ingest``     the connection of the write traffic: healthy when connected;
+                    degraded while the server refuses a publish (the last 60 s)
+                    or a subscription (permission_denials); unhealthy while
+                    disconnected (counters:
+                    reconnects, disconnects, server_closed, faults)
+``nats-control``    the connection of health, micro, control, reads and telemetry
+``queue``           healthy at ``ok``; degraded at ``soft`` or ``hard``
+``sink``            healthy while commits succeed; unhealthy while they fail (retrying);
+                    ``layout`` (PostgreSQL: ``hypertables`` or ``plain``), ``opening``
+                    (while start-up converts a table, say)
+``intake``          healthy while taking writes; degraded while starting, paused or
+                    draining, with a warning (a stream that captures the writes),
+                    or while JetStream does not answer the store's checks or serve
+                    its pull requests (``jetstream_unanswered_s``,
+                    ``jetstream_unserved_s``: an election on a cluster;
+                    ``jetstream_refused``: the consumer refuses them)
+``retention``       (with a ``STORE_RETENTION_<KIND>``) healthy while passes succeed;
+                    degraded after a failed one (keeps, passes, removed, last_error)
+``feedback-redis``  (with ``STORE_FEEDBACK_REDIS_URL``) healthy while feedback
+                    reaches Redis; degraded while it cannot (published, buffered,
+                    dropped, failures, last_error); readiness does not depend on it
+``loop``            the event loop: ``lag_ms`` (how late it runs); over HTTP,
+                    unhealthy once it has been stuck for ``STORE_LOOP_STALL_S``
+==================  ================================================================
 
 The overall state is the worst component state (unhealthy > degraded > healthy).
 *Ready* means: running (not starting, paused or draining), both NATS connections up,
@@ -89,11 +96,23 @@ def health_status(svc: ServiceView) -> HealthStatus:
         },
     )
     running = svc.status is Status.RUNNING and not svc.paused
+    # JetStream: stretches of checks unanswered, of pull requests unserved or refused.
+    stalls = {
+        key: f"{loop.time() - since:.1f}"
+        for key, since in (
+            ("jetstream_unanswered_s", stats.js_unanswered_since),
+            ("jetstream_unserved_s", stats.js_unserved_since),
+        )
+        if since is not None
+    }
+    if stats.js_refused:
+        stalls["jetstream_refused"] = stats.js_refused
     intake_c = HealthComponent(
         name="intake",
-        state="healthy" if running and not svc.warnings else "degraded",
+        state="healthy" if running and not svc.warnings and not stalls else "degraded",
         details={
             **({"warning": " | ".join(svc.warnings)[:1000]} if svc.warnings else {}),
+            **stalls,
             "mode": svc.ingest_mode,
             "status": "paused" if svc.paused else svc.status.value,
             "messages": str(stats.messages),
@@ -122,6 +141,8 @@ def health_status(svc: ServiceView) -> HealthStatus:
     ]
     if svc.retention:
         components.append(_retention_component(svc))
+    if svc.feedback_redis is not None:
+        components.append(svc.feedback_redis.component())
     return HealthStatus(
         service=SERVICE_NAME,
         state=_worst([c.state for c in components]),

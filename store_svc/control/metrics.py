@@ -26,11 +26,13 @@ from store_svc.state import ServiceView, Stats
 __all__ = ["Metrics"]
 
 _LEVEL_VALUE = {BackpressureLevel.ok: 0, BackpressureLevel.soft: 1, BackpressureLevel.hard: 2}
+_STATE_VALUE = {"healthy": 0, "degraded": 1, "unhealthy": 2}
 
 
 class _StoreCollector(Collector):
-    def __init__(self, svc: ServiceView) -> None:
+    def __init__(self, svc: ServiceView, snapshot: HealthSnapshot) -> None:
         self._svc = svc
+        self._snapshot = snapshot
 
     def describe(self) -> Iterator[Metric]:
         """Nothing: the registry then does not collect at registration, so metrics
@@ -130,17 +132,100 @@ class _StoreCollector(Collector):
             "Publishes and subscriptions the server refused (Permissions Violation).",
             labels=["connection"],
         )
+        reconnects = CounterMetricFamily(
+            "store_nats_reconnects",
+            "Reconnects of the client, by connection (ingest, control).",
+            labels=["connection"],
+        )
         for conn in svc.connections:
             connected.add_metric([conn.role], 1 if conn.connected else 0)
             faults.add_metric([conn.role], conn.faults)
             disconnects.add_metric([conn.role], conn.disconnects)
             denials.add_metric([conn.role], conn.permission_denials)
+            reconnects.add_metric([conn.role], int(conn.figures().get("reconnects", 0)))
         yield connected
         yield faults
         yield disconnects
         yield denials
+        yield reconnects
+        yield CounterMetricFamily(
+            "store_dlq_publish_failures",
+            "Rejected records that could not be published to the DLQ.",
+            value=stats.dlq_failed,
+        )
+        if svc.ingest_mode == "jetstream":
+            yield from _jetstream_metrics(stats)
         if svc.retention:
             yield from _retention_metrics(stats)
+        yield from _feedback_metrics(svc)
+        yield from self._health_metrics()
+
+    def _health_metrics(self) -> Iterator[Metric]:
+        status, ready = self._snapshot.current()
+        yield GaugeMetricFamily(
+            "store_ready", "1 while the service is ready for writes (as /readyz).", value=int(ready)
+        )
+        states = GaugeMetricFamily(
+            "store_health_state",
+            "Health of each component (HealthStatus.components): 0 healthy, 1 degraded, "
+            "2 unhealthy; component 'service' is the overall state.",
+            labels=["component"],
+        )
+        states.add_metric(["service"], _STATE_VALUE.get(status.state, 2))
+        for component in status.components:
+            states.add_metric([component.name], _STATE_VALUE.get(component.state, 2))
+        yield states
+
+
+def _jetstream_metrics(stats: Stats) -> Iterator[Metric]:
+    messages = CounterMetricFamily(
+        "store_jetstream_messages",
+        "JetStream messages by what became of them: acked (after their commit), "
+        "handed_back (nak while stopping), terminated (on the DLQ), redelivered "
+        "(received more than once), in_progress (held long).",
+        labels=["outcome"],
+    )
+    messages.add_metric(["acked"], stats.js_acked)
+    messages.add_metric(["handed_back"], stats.js_naked)
+    messages.add_metric(["terminated"], stats.js_termed)
+    messages.add_metric(["redelivered"], stats.js_redelivered)
+    messages.add_metric(["in_progress"], stats.js_in_progress)
+    yield messages
+    yield CounterMetricFamily(
+        "store_jetstream_pull_resets",
+        "Pull requests given up as forgotten by the server.",
+        value=stats.js_pull_resets,
+    )
+
+
+def _feedback_metrics(svc: ServiceView) -> Iterator[Metric]:
+    events = CounterMetricFamily(
+        "store_feedback_events",
+        "Feedback events published, by outlet (nats, redis).",
+        labels=["outlet"],
+    )
+    events.add_metric(["nats"], svc.feedback_published)
+    redis = svc.feedback_redis
+    if redis is None:
+        yield events
+        return
+    events.add_metric(["redis"], redis.published)
+    yield events
+    yield CounterMetricFamily(
+        "store_feedback_redis_dropped",
+        "Feedback events dropped from the Redis buffer while Redis was away.",
+        value=redis.dropped,
+    )
+    yield CounterMetricFamily(
+        "store_feedback_redis_failures",
+        "Failed writes of feedback to Redis (each retried).",
+        value=redis.failures,
+    )
+    yield GaugeMetricFamily(
+        "store_feedback_redis_up",
+        "1 while feedback reaches Redis, 0 while it cannot.",
+        value=0 if redis.up is False else 1,
+    )
 
 
 def _retention_metrics(stats: Stats) -> Iterator[Metric]:
@@ -217,7 +302,7 @@ class Metrics:
         # Its collector names nothing up front (see _StoreCollector.describe): such
         # collectors must still answer a scrape filtered by name (?name[]=...).
         self.registry = CollectorRegistry(auto_describe=True, support_collectors_without_names=True)
-        self.registry.register(_StoreCollector(svc))
+        self.registry.register(_StoreCollector(svc, snapshot))
         self.batch_records = Histogram(
             "store_batch_records",
             "Records per committed batch.",

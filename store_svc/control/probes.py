@@ -109,8 +109,21 @@ class HealthSnapshot:
         Returns:
             ``(status code, HealthStatus JSON)``.
         """
+        status, ready = self.current()
+        ok = ready if path == "/readyz" else self._fresh()
+        return (200 if ok else 503), status.model_dump_json().encode()
+
+    def _fresh(self) -> bool:
         state = self._state
-        now = time.monotonic()
+        return state is not None and time.monotonic() - state[0] <= self.stall_s
+
+    def current(self) -> tuple[HealthStatus, bool]:
+        """``(status, ready)`` as of now; safe in any thread.
+
+        Before the first snapshot, or once the snapshot is older than ``stall_s``
+        (the loop is stuck), the status is unhealthy and not ready.
+        """
+        state = self._state
         if state is None:
             status = HealthStatus(
                 service=SERVICE_NAME,
@@ -119,9 +132,9 @@ class HealthSnapshot:
                 version=__version__,
                 ts=time.time(),
             )
-            return 503, status.model_dump_json().encode()
+            return status, False
         at, status, ready = state
-        age = now - at
+        age = time.monotonic() - at
         if age > self.stall_s:
             others = [c for c in status.components if c.name != "loop"]
             status = status.model_copy(
@@ -131,6 +144,5 @@ class HealthSnapshot:
                     "ts": time.time(),
                 }
             )
-            return 503, status.model_dump_json().encode()
-        ok = ready if path == "/readyz" else True
-        return (200 if ok else 503), status.model_dump_json().encode()
+            return status, False
+        return status, ready

@@ -15,8 +15,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Self
+
+from store_svc.devtools.processes import StartStop, freeze, thaw
 
 __all__ = ["NatsServer", "find_nats_server"]
 
@@ -44,7 +45,7 @@ def find_nats_server() -> str:
     return found
 
 
-class NatsServer:
+class NatsServer(StartStop):
     """A ``nats-server`` child process on a random loopback port.
 
     Args:
@@ -128,6 +129,7 @@ class NatsServer:
         if proc.poll() is not None:
             self._join_pump()
             return
+        thaw(proc.pid)  # a frozen server cannot act on SIGTERM
         proc.terminate()
         try:
             proc.wait(timeout)
@@ -141,6 +143,17 @@ class NatsServer:
         if thread is not None:
             thread.join(5.0)
 
+    def freeze(self) -> None:
+        """SIGSTOP the server (it holds its sockets and answers nothing) and wait until
+        it is stopped."""
+        assert self.proc is not None
+        freeze(self.proc.pid)
+
+    def thaw(self) -> None:
+        """SIGCONT the server after :meth:`freeze`."""
+        assert self.proc is not None
+        thaw(self.proc.pid)
+
     def kill(self) -> None:
         """Kill the server at once (SIGKILL), as a crash would."""
         proc, self.proc = self.proc, None
@@ -148,14 +161,3 @@ class NatsServer:
             proc.kill()
             proc.wait()
         self._join_pump()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

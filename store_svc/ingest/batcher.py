@@ -26,7 +26,7 @@ from store_svc.ingest.queue import Envelope, RecordQueue
 from store_svc.kinds import Row
 from store_svc.state import Stats
 from store_svc.store.base import Batch, Prepared, Sink
-from store_svc.tasks import Turns, cancel_and_wait
+from store_svc.tasks import Turns, cancel_and_wait, reraise_swallowed_cancel
 
 __all__ = ["Batcher"]
 
@@ -97,6 +97,9 @@ class Batcher:
                 if ahead is not None and not sink.overlaps_writes:
                     await ahead
                     ahead = None
+                    # Awaiting the commit ahead returns normally if it swallowed the
+                    # cancellation meant for both (its ack's publish can).
+                    reraise_swallowed_cancel()
                 batch = await self._collect(ahead if sink.overlaps_writes else None)
                 if batch is None:
                     break
@@ -110,6 +113,7 @@ class Batcher:
                 if ahead is not None:
                     try:
                         await ahead
+                        reraise_swallowed_cancel()  # as above
                     except BaseException:
                         if prepared is not None:
                             await prepared.abort()
@@ -118,6 +122,7 @@ class Batcher:
             if ahead is not None:
                 await ahead
                 ahead = None
+                reraise_swallowed_cancel()  # as above
         finally:
             if ahead is not None and not ahead.done():
                 await cancel_and_wait(ahead)

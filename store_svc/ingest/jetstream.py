@@ -48,7 +48,7 @@ from store_svc.ingest.intake import TAKE_MOST
 from store_svc.ingest.jetstream_setup import ensure_stream_and_consumer
 from store_svc.ingest.queue import Envelope, QueueClosed
 from store_svc.kinds import Row
-from store_svc.tasks import TaskSet, Turns, cancel_and_wait
+from store_svc.tasks import TaskSet, Turns, cancel_and_wait, reraise_swallowed_cancel
 
 __all__ = ["JetStreamIntake", "delivery_count", "pull_size", "room_needed"]
 
@@ -56,6 +56,15 @@ log = logging.getLogger(__name__)
 
 _encode = msgspec.json.encode
 _NS = 1_000_000_000
+#: Seconds each info request of a check of stream and consumer may take once intake
+#: runs (a pull request found no responder, a consumer gone): short, so pulling
+#: resumes soon after a cluster has elected a new leader; and the pause after a check
+#: that went unanswered.
+RECHECK_TIMEOUT_S = 1.0
+RECHECK_PAUSE_S = 0.5
+#: The first pause before asking again when pull requests find no responder while the
+#: consumer is there (doubled each time, to 1 s).
+UNSERVED_PAUSE_S = 0.05
 # Plain strings: nats-py's Header enum hashes by member name, so it misses dict keys.
 _STATUS = "Status"
 _DESCRIPTION = "Description"
@@ -165,6 +174,12 @@ class JetStreamIntake:
         self._size = MessageSize(1000.0)
         self._last_activity = 0.0
         self._recheck_consumer = False
+        #: Pull requests in a row that found no responder (503; since
+        #: ``stats.js_unserved_since``), and the last "not usable" error logged.
+        self._unserved = 0
+        self._unusable = ""
+        #: A pause the pull loop takes before its next request (a refused request).
+        self._pause_next = 0.0
         #: Set while the pull loop waits for room: each delivery lowers the room the
         #: next request needs, and one after which the queue has that room wakes it.
         self._room_blocked = False
@@ -208,6 +223,7 @@ class JetStreamIntake:
             ConfigError: the stream or consumer is missing and ``js_create`` is off.
         """
         await self._ensure()
+        self._forget_faults()
         self._inbox = self._nc.new_inbox()
         self._sub, receiver = await self._nc.subscribe_batched(
             self._inbox,
@@ -230,8 +246,8 @@ class JetStreamIntake:
             self.subject,
         )
 
-    async def _ensure(self) -> None:
-        await ensure_stream_and_consumer(self._nc, self._settings, self.subject)
+    async def _ensure(self, timeout: float = 5.0) -> None:
+        await ensure_stream_and_consumer(self._nc, self._settings, self.subject, timeout)
 
     async def _pull(self) -> None:
         """Keep pull requests outstanding while intake runs and the level allows."""
@@ -243,8 +259,12 @@ class JetStreamIntake:
         # not in memory (a request for 256 messages of 1,000 records would otherwise
         # bring 256,000 records into a 100,000-record queue).
         soft_records = self._soft_records
+        stats = self._stats
         backoff = 0.0
         while self._pulling:
+            reraise_swallowed_cancel()  # a request or publish can swallow it
+            if self._pause_next:
+                backoff, self._pause_next = max(backoff, self._pause_next), 0.0
             if backoff:
                 await asyncio.sleep(backoff)
                 backoff = 0.0
@@ -257,10 +277,35 @@ class JetStreamIntake:
             if self._recheck_consumer:
                 self._recheck_consumer = False
                 try:
-                    await self._ensure()
-                except (ConfigError, JetStreamUnavailable) as exc:
-                    log.error("the JetStream consumer is not usable: %s", exc)
+                    await self._ensure(RECHECK_TIMEOUT_S)
+                except ConfigError as exc:
+                    self._answered()  # it answered: the stream or consumer is missing
+                    if str(exc) != self._unusable:
+                        self._unusable = str(exc)
+                        log.error("the JetStream consumer is not usable: %s", exc)
                     backoff = 1.0
+                    continue
+                except JetStreamUnavailable as exc:
+                    # Asked again, before any pull: on a cluster this is a leader
+                    # election (4-9 s measured); logged once until JetStream answers.
+                    self._recheck_consumer = True
+                    if stats.js_unanswered_since is None:
+                        stats.js_unanswered_since = loop.time()
+                        log.warning(
+                            "JetStream does not answer for stream %s (%s); asking again until "
+                            "it does (on a cluster, electing a new leader takes seconds)",
+                            self._settings.js_stream,
+                            exc.__cause__ or exc,
+                        )
+                    backoff = RECHECK_PAUSE_S
+                    continue
+                self._answered()
+                self._unusable = ""
+                if self._unserved:
+                    # The consumer is there but its requests found no one: give its
+                    # leader time (a new R3 consumer, an election) before asking again.
+                    backoff = UNSERVED_PAUSE_S * 2 ** min(self._unserved - 1, 5)
+                    backoff = min(backoff, 1.0)
                     continue
             per_msg = self._size.value
             want = pull_size(soft_records - self._queue.depth, per_msg, self._batch)
@@ -325,6 +370,8 @@ class JetStreamIntake:
                     tail = index + 1
                     continue
                 self._last_activity = received
+                if self._unserved or stats.js_refused:
+                    self._served_again()
                 if self._outstanding:
                     self._outstanding -= 1
                 if not self._taking:
@@ -455,6 +502,8 @@ class JetStreamIntake:
         self._last_activity = self._loop.time()
         code = headers.get(_STATUS, "")
         if code == "100":  # idle heartbeat: the request is alive
+            if self._unserved or self._stats.js_refused:
+                self._served_again()
             return
         description = headers.get(_DESCRIPTION, "")
         pending = headers.get("Nats-Pending-Messages")
@@ -462,13 +511,77 @@ class JetStreamIntake:
             self._outstanding = max(0, self._outstanding - int(pending))
         else:
             self._outstanding = 0
-        if code in ("404", "408") and "Consumer" not in description:
-            pass  # the request expired, as requests do
-        else:
+        if code == "503":
+            # No one serves the consumer's pull requests: it is gone, or (a cluster)
+            # has no leader yet, which its info does not show. Checked, then asked
+            # again after a pause that grows while it lasts; logged once.
+            if not self._unserved:
+                self._stats.js_unserved_since = self._loop.time()
+                log.warning(
+                    "pull requests to consumer %s find no responder (503); checking it "
+                    "and asking again",
+                    self._settings.js_durable,
+                )
+            self._unserved += 1
+            self._recheck_consumer = True
+        elif code in ("404", "408") and "Consumer" not in description:
+            if self._unserved or self._stats.js_refused:  # expired, as requests do
+                self._served_again()
+        elif "Leadership Change" in description or "Consumer Deleted" in description:
+            # Once per open request at such an event: asked again at once.
             log.warning("pull request ended: %s %s", code, description)
-            if code == "503" or "Consumer" in description:
-                self._recheck_consumer = True
+            # A check still to be made (one went unanswered) stays due: only it can
+            # end the "JetStream does not answer" stretch.
+            self._recheck_consumer |= "Consumer" in description
+        else:
+            # Refused, as every request will be until an operator changes the consumer
+            # (a request limit below STORE_JS_FETCH_BATCH, a push consumer ...): asked
+            # again each second, logged once per reason, shown in health.
+            reason = f"{code} {description}".strip()[:200]
+            if reason != self._stats.js_refused:
+                self._stats.js_refused = reason
+                log.warning(
+                    "pull requests to consumer %s are refused (%s); asking again each second",
+                    self._settings.js_durable,
+                    reason,
+                )
+            self._pause_next = 1.0
+            self._recheck_consumer |= "Consumer" in description
         self._wake.set()
+
+    def _served_again(self) -> None:
+        """A pull request was served after some found no responder or were refused."""
+        stats = self._stats
+        if self._unserved:
+            since = stats.js_unserved_since
+            log.info(
+                "pull requests to consumer %s are served again (%d found no responder over %.1f s)",
+                self._settings.js_durable,
+                self._unserved,
+                self._loop.time() - (since if since is not None else self._loop.time()),
+            )
+        if stats.js_refused:
+            log.info("pull requests to consumer %s are served again", self._settings.js_durable)
+        self._unserved = 0
+        self._unusable = ""
+        stats.js_unserved_since = None
+        stats.js_refused = ""
+
+    def _answered(self) -> None:
+        """A check of the stream and consumer was answered."""
+        if self._stats.js_unanswered_since is not None:
+            self._stats.js_unanswered_since = None
+            log.info("JetStream answers again (stream %s)", self._settings.js_stream)
+
+    def _forget_faults(self) -> None:
+        """Intake stopped (a pause): no stretch of faults is open any more."""
+        self._recheck_consumer = False
+        self._unserved = 0
+        self._unusable = ""
+        self._pause_next = 0.0
+        self._stats.js_unserved_since = None
+        self._stats.js_unanswered_since = None
+        self._stats.js_refused = ""
 
     def _acker(self, msgs: list[Incoming]) -> Any:
         async def ack() -> None:
@@ -522,6 +635,7 @@ class JetStreamIntake:
         """Tell the server that messages held longer than half the ack wait are in work."""
         ack_wait = self._settings.js_ack_wait_s
         while True:
+            reraise_swallowed_cancel()  # a publish can swallow the cancellation
             await asyncio.sleep(ack_wait / 4)
             now = self._loop.time()
             stale = [h for h in self._held.values() if now - h.touched > ack_wait / 2]
@@ -583,6 +697,7 @@ class JetStreamIntake:
                 if receiver is not None:
                     await self._hand_back_now(receiver.take(receiver.pending_msgs))
         self._outstanding = 0
+        self._forget_faults()
 
     async def close(self) -> None:
         """Hand back (nak) every message still held, and end every background task."""
@@ -613,6 +728,7 @@ class JetStreamIntake:
     async def _hand_back(self, after: float) -> None:
         await asyncio.sleep(after)
         while True:
+            reraise_swallowed_cancel()  # a nak's publish can swallow the cancellation
             held = list(self._held.values())
             for h in held:
                 h.env.withdrawn = True

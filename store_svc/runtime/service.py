@@ -40,8 +40,14 @@ from store_svc.control.health import readiness
 from store_svc.control.metrics import Metrics
 from store_svc.control.micro import ControlPlane
 from store_svc.control.probes import HealthSnapshot
+from store_svc.control.redis_feedback import RedisFeedbackPublisher
 from store_svc.core import BackpressureLevel, ControlAction, FeedbackPublisher
-from store_svc.errors import ConfigError, JetStreamUnavailable, ShutdownTimeout
+from store_svc.errors import (
+    ConfigError,
+    JetStreamUnanswered,
+    JetStreamUnavailable,
+    ShutdownTimeout,
+)
 from store_svc.ingest.batcher import Batcher
 from store_svc.ingest.decode import PayloadDecoder
 from store_svc.ingest.edge import Intake, IntakeParts
@@ -60,6 +66,11 @@ from store_svc.tasks import TaskSet
 __all__ = ["Status", "StoreService"]
 
 log = logging.getLogger(__name__)
+
+#: How long shutdown waits for the last feedback events to reach Redis.
+REDIS_FLUSH_S = 1.0
+#: The pause before asking JetStream again at start-up when it did not answer.
+START_ASK_AGAIN_S = 0.5
 
 
 def _first_error(exc: Exception) -> str:
@@ -108,6 +119,14 @@ class StoreService:
         )
         self.control_nats = NatsConnection("control", settings, on_lost=self._on_connection_lost)
         self.feedback = FeedbackLoop(settings, settings.queue_capacity, feedback_publisher)
+        #: Feedback also onto Core's Redis event bus (``STORE_FEEDBACK_REDIS_URL``).
+        self.redis_feedback: RedisFeedbackPublisher | None = None
+        if settings.feedback_redis_url is not None:
+            self.redis_feedback = RedisFeedbackPublisher(
+                settings.feedback_redis_url.get_secret_value(),
+                settings.feedback_redis_namespace,
+                settings.feedback_redis_maxlen,
+            )
         self.queue = RecordQueue(settings.queue_capacity, on_depth=self.feedback.on_depth)
         #: What health, readiness, metrics and the micro stats read (never the service).
         self.view = _View(self)
@@ -183,6 +202,9 @@ class StoreService:
                 self.feedback.publisher = NatsFeedbackPublisher(
                     control_nc, self.settings.subject("telemetry", "feedback")
                 )
+            if self.redis_feedback is not None:
+                self.feedback.outlets.append(self.redis_feedback)
+                self._tasks.start("feedback-redis", self.redis_feedback.run())
             await self.feedback.announce()
             self._tasks.start("feedback", self.feedback.run())
             self._tasks.start("batcher", self.batcher.run())
@@ -211,19 +233,45 @@ class StoreService:
         )
 
     async def _start_intake(self, intake: Intake) -> None:
-        """Start ``intake``; a JetStream API request the server refused is named as such
-        (it would otherwise read as a server without JetStream)."""
+        """Start ``intake``.
+
+        JetStream that does not answer yet is asked again until
+        ``STORE_NATS_CONNECT_TIMEOUT_S`` has passed: a cluster electing its leader, or
+        another instance creating the same R3 stream at the same moment, can leave a
+        request unanswered for seconds. A JetStream API request the server refused is
+        named as such (it would otherwise read as a server without JetStream).
+        """
         denied = self.ingest_nats.permission_denials
-        try:
-            await intake.start()
-        except JetStreamUnavailable as exc:
-            if self.ingest_nats.permission_denials == denied:
-                raise
-            refused = self.ingest_nats.last_permission_denied
-            raise JetStreamUnavailable(
-                f"the NATS server refused the store's JetStream set-up ({refused}): its "
-                "user lacks a permission listed in docs/operations.md, Least privilege"
-            ) from exc
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + self.settings.nats_connect_timeout_s
+        asked_again = False
+        while True:
+            try:
+                await intake.start()
+            except JetStreamUnavailable as exc:
+                if self.ingest_nats.permission_denials != denied:
+                    refused = self.ingest_nats.last_permission_denied
+                    raise JetStreamUnavailable(
+                        f"the NATS server refused the store's JetStream set-up ({refused}): "
+                        "its user lacks a permission listed in docs/operations.md, Least "
+                        "privilege"
+                    ) from exc
+                if not isinstance(exc, JetStreamUnanswered):
+                    raise
+                if loop.time() + START_ASK_AGAIN_S >= deadline:
+                    raise JetStreamUnanswered(
+                        f"{exc}; asked for {loop.time() - began:.1f} s "
+                        "(STORE_NATS_CONNECT_TIMEOUT_S)"
+                    ) from exc
+                if not asked_again:
+                    asked_again = True
+                    log.warning("%s; asking again until it does", exc)
+                await asyncio.sleep(START_ASK_AGAIN_S)
+            else:
+                if asked_again:
+                    log.info("JetStream answers after %.1f s", loop.time() - began)
+                return
 
     async def _check_no_stream_captures_writes(self) -> None:
         """Core mode: warn when a JetStream stream also captures the write subjects.
@@ -292,13 +340,15 @@ class StoreService:
             await self.ingest_nats.drain(left())
             await self._stop_feedback()
             await self._stop_query(left())
-            await self._stop_control()
+            await self._stop_control(max(1.0, left()))
             await self.control_nats.drain(left())
         finally:
             await self.ingest_nats.close()
             await self.control_nats.close()
             await self.sink.close()
             await self._tasks.close()
+            if self.redis_feedback is not None:
+                await self.redis_feedback.close()
             self.metrics.stop()
             self.status = Status.STOPPED
             self._stopped.set()
@@ -358,11 +408,17 @@ class StoreService:
         logging.getLogger("store_svc").setLevel(new.log_level)
         return "changed: " + ", ".join(changed) if changed else "nothing changed"
 
-    async def _stop_control(self) -> None:
-        with contextlib.suppress(nats.errors.Error):
-            await self.admin.stop()
-        with contextlib.suppress(nats.errors.Error):
-            await self.control.stop()
+    async def _stop_control(self, timeout: float = 5.0) -> None:
+        # Bounded: the micro service drains its subscriptions, which waits on the
+        # server; closing the connection afterwards ends them anyway.
+        try:
+            async with asyncio.timeout(timeout):
+                with contextlib.suppress(nats.errors.Error):
+                    await self.admin.stop()
+                with contextlib.suppress(nats.errors.Error):
+                    await self.control.stop()
+        except TimeoutError:
+            log.warning("stopping the control plane took over %.1fs; closing instead", timeout)
 
     async def _stop_feedback(self) -> None:
         if self._tasks.get("feedback") is None:
@@ -371,6 +427,17 @@ class StoreService:
         self.feedback.close()
         self.feedback.settle()
         await self.feedback.announce()  # the final state, before the connection drains
+        await self._stop_redis_feedback()
+
+    async def _stop_redis_feedback(self) -> None:
+        redis_feedback = self.redis_feedback
+        if redis_feedback is None or self._tasks.get("feedback-redis") is None:
+            return
+        if not await redis_feedback.flush(REDIS_FLUSH_S):
+            log.warning(
+                "%d feedback events did not reach Redis before shutdown", redis_feedback.buffered
+            )
+        await self._tasks.stop("feedback-redis")  # its client is closed at the end of stop()
 
     async def _start_query(self, nc: NATS) -> None:
         if not self.settings.query_enabled:
@@ -395,6 +462,8 @@ class StoreService:
         self.queue.close()
         await self._tasks.close()
         self.feedback.close()
+        if self.redis_feedback is not None:
+            await self.redis_feedback.close()
         if self._intake is not None:
             await self._intake.close()
         await self.ingest_nats.close()
@@ -515,3 +584,11 @@ class _View:
     @property
     def connections(self) -> Sequence[ConnectionView]:
         return (self._svc.ingest_nats, self._svc.control_nats)
+
+    @property
+    def feedback_redis(self) -> RedisFeedbackPublisher | None:
+        return self._svc.redis_feedback
+
+    @property
+    def feedback_published(self) -> int:
+        return self._svc.feedback.published

@@ -20,6 +20,7 @@ four tables become TimescaleDB hypertables is ``STORE_TIMESCALEDB``'s to decide 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -499,14 +500,23 @@ class PostgresSink(Sink):
     async def close(self) -> None:
         """Close the writer connections and the pool; idempotent."""
         writers, self._writers, self._idle = self._writers, set(), []
-        for conn in writers:
+
+        async def close_writer(conn: Any) -> None:
             try:
                 await conn.close(timeout=5)
-            except (*DRIVER_ERRORS, asyncpg.InterfaceError):
+            except (*DRIVER_ERRORS, asyncpg.InterfaceError, TimeoutError):
                 conn.terminate()
+
+        await asyncio.gather(*(close_writer(c) for c in writers))  # at once: 5 s in all
         pool, self._pool = self._pool, None
         if pool is not None:
-            await pool.close()
+            try:
+                # Graceful close waits for every connection to be released: bounded.
+                async with asyncio.timeout(5):
+                    await pool.close()
+            except TimeoutError:
+                log.warning("the PostgreSQL pool did not close within 5 s; terminated")
+                pool.terminate()
 
     def reader(self, concurrency: int) -> Reader:
         """A pool of read-only connections of its own (the writers' are never used).

@@ -35,6 +35,10 @@ __all__ = ["SCHEMA_VERSION", "SqliteSink", "column_plan", "upsert_sql"]
 
 #: Bump with every change of the DDL below; a database with a higher number is refused.
 SCHEMA_VERSION = 1
+#: Seconds the writer process is given to checkpoint and close at shutdown; then it is
+#: killed. Nothing committed is lost that way (it is in the WAL, which the next open
+#: reads), and a writer stuck on a stalled disk cannot hold up the stop for ever.
+WRITER_CLOSE_TIMEOUT_S = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +319,7 @@ class SqliteSink(Sink):
     async def close(self) -> None:
         """Checkpoint, close the file and end the writer process; idempotent."""
         async with self._lock:
-            await self._writer.close()
+            await self._writer.close(WRITER_CLOSE_TIMEOUT_S)
 
     def reader(self, concurrency: int) -> Reader:
         """Reader processes on read-only connections (WAL: they never block the writer).
