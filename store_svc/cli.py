@@ -28,6 +28,7 @@ from store_svc.read.cli import add_query_parser
 from store_svc.runtime.heap import settle_heap
 from store_svc.runtime.watchdog import StopWatchdog
 from store_svc.settings import Settings, load_settings, unknown_environment
+from store_svc.tasks import cancel_and_wait
 
 __all__ = ["main"]
 
@@ -52,12 +53,35 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 _STOP_WATCHDOGS: list[StopWatchdog] = []
 
 
+def _arm_stop_watchdog(settings: Settings) -> None:
+    """Every step of a stop is bounded by the grace period; should one still hang, the
+    watchdog logs where and ends the process (the loop's own teardown too)."""
+    watchdog = StopWatchdog(asyncio.get_running_loop(), settings.shutdown_grace_s + STOP_OVERRUN_S)
+    _STOP_WATCHDOGS.append(watchdog)
+    watchdog.arm()
+
+
 async def _run(settings: Settings) -> int:
     from store_svc.runtime.service import StoreService
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    async with StoreService(settings) as svc:
+    svc = StoreService(settings)
+    # A signal during start-up (waiting for NATS, or for JetStream to answer) stops
+    # it: start() undoes what it began when cancelled.
+    starting = asyncio.create_task(svc.start(), name="start-up")
+    signalled = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("signal received during start-up, stopping")
+        _arm_stop_watchdog(settings)
+        await cancel_and_wait(starting, patience=settings.shutdown_grace_s)
+        if not starting.cancelled() and starting.exception() is None:
+            await svc.stop()  # it started all the same (a cancellation swallowed)
+        return 0
+    signalled.cancel()
+    starting.result()  # a start-up error ends the process here
+    try:
         lost = asyncio.create_task(svc.connection_lost.wait())
         signalled = asyncio.create_task(stop.wait())
         await asyncio.wait({lost, signalled}, return_when=asyncio.FIRST_COMPLETED)
@@ -69,13 +93,9 @@ async def _run(settings: Settings) -> int:
         else:
             log.info("signal received, shutting down")
             code = 0
-        # Every step of the stop is bounded by the grace period; should one still hang,
-        # the watchdog logs where and ends the process (the loop's own teardown too).
-        watchdog = StopWatchdog(
-            asyncio.get_running_loop(), settings.shutdown_grace_s + STOP_OVERRUN_S
-        )
-        _STOP_WATCHDOGS.append(watchdog)
-        watchdog.arm()
+        _arm_stop_watchdog(settings)
+    finally:
+        await svc.stop()
     return code
 
 

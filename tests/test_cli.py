@@ -89,6 +89,26 @@ def test_jetstream_mode_without_jetstream_on_the_server_exits_1(
     assert "asked for" not in out.stderr  # no JetStream at all: not asked again
 
 
+def test_a_jetstream_set_up_the_server_refuses_exits_1_naming_why(tmp_path: Path) -> None:
+    """An answered refusal is said as such, at once: three replicas on a server that
+    is not a cluster (not "is JetStream enabled?", and not asked again)."""
+    with NatsServer(store_dir=tmp_path / "js") as server:
+        out = run(
+            "run",
+            env={
+                "STORE_INGEST_MODE": "jetstream",
+                "STORE_JS_REPLICAS": "3",
+                "STORE_NATS_URL": server.url,
+                "STORE_DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
+            },
+        )
+    assert out.returncode == 1
+    assert "JetStream refused the set-up of stream STORE_WRITES or consumer store" in out.stderr
+    assert "non-clustered" in out.stderr, out.stderr  # the server's own reason
+    assert "JetStream enabled" not in out.stderr
+    assert "asking again" not in out.stderr
+
+
 @pytest.mark.slow
 def test_demo_stores_ticks(tmp_path: Path) -> None:
     out = run(

@@ -201,6 +201,33 @@ async def test_pause_stops_pulling_and_resume_starts_again(
         await until(lambda: count(db_path, "trades") == 30)
 
 
+async def test_a_resume_jetstream_cannot_serve_is_refused_503_and_stays_paused(
+    js_settings: Callable[..., Settings], js_client: NATS
+) -> None:
+    """The consumer deleted while paused (and not to be made again): the resume is
+    answered 503 with a retry hint, intake stays paused, and a later resume works."""
+    from .test_admin import TOKEN, bearer, control
+
+    settings = js_settings(js_create=False, admin_token=TOKEN)
+    js = js_client.jetstream()
+    await js.add_stream(name=settings.js_stream, subjects=["mdp.store.write.>"])
+    config = {"durable_name": settings.js_durable, "ack_policy": "explicit"}
+    await js.add_consumer(settings.js_stream, **config)
+    async with StoreService(settings) as svc:
+        await control(js_client, "pause", bearer())
+        await js.delete_consumer(settings.js_stream, settings.js_durable)
+        result, headers = await control(js_client, "resume", bearer())
+        assert headers["Nats-Service-Error-Code"] == "503"
+        assert "Store-Retry-After-Ms" in headers
+        assert result.status == "error"
+        assert result.detail.startswith("intake is still paused: the JetStream consumer store")
+        assert svc.paused
+        await js.add_consumer(settings.js_stream, **config)
+        result, _ = await control(js_client, "resume", bearer())
+        assert result.status == "ok", result
+        assert not svc.paused
+
+
 def _action(name: str) -> Any:
     from store_svc.core import ControlAction
 

@@ -17,6 +17,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 from prometheus_client import generate_latest
 
 from store_svc.bus.client import OrderedFlushClient
@@ -24,10 +26,11 @@ from store_svc.control.health import health_status, readiness
 from store_svc.control.metrics import Metrics
 from store_svc.control.probes import HealthSnapshot
 from store_svc.core import BackpressureLevel, HealthComponent
-from store_svc.errors import SchemaError, SinkError
+from store_svc.errors import JetStreamUnanswered, JetStreamUnavailable, SchemaError, SinkError
 from store_svc.ingest.decode import PayloadDecoder
 from store_svc.ingest.edge import IntakeParts
 from store_svc.ingest.jetstream import JetStreamIntake, pull_size, room_needed
+from store_svc.ingest.jetstream_setup import ensure_stream_and_consumer
 from store_svc.ingest.queue import Envelope, RecordQueue
 from store_svc.read.api import QueryApi
 from store_svc.runtime.service import StoreService
@@ -297,3 +300,59 @@ async def test_a_pull_status_never_drops_a_check_still_due(description: str) -> 
     intake._recheck_consumer = True  # a check went unanswered
     intake._on_status({"Status": "409", "Description": description})
     assert intake._recheck_consumer, "the due check was dropped"
+
+
+class _JetStreamSays:
+    """A JetStream context whose first request fails with ``exc``."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def jetstream(self, timeout: float) -> _JetStreamSays:
+        return self
+
+    async def stream_info(self, name: str) -> None:
+        raise self.exc
+
+
+@pytest.mark.logic
+@pytest.mark.parametrize(
+    ("exc", "kind", "says"),
+    [
+        (NatsTimeout(), JetStreamUnanswered, "did not answer in time"),
+        (
+            ServiceUnavailableError(code=503, err_code=10008, description="temporarily"),
+            JetStreamUnanswered,
+            "JetStream is not available yet (temporarily, error 10008)",
+        ),
+        (
+            BadRequestError(code=400, err_code=10005, description="no suitable peers"),
+            JetStreamUnanswered,
+            "too few JetStream nodes are up (no suitable peers, error 10005)",
+        ),
+        (ServiceUnavailableError(), JetStreamUnavailable, "JetStream enabled (nats-server -js)"),
+        (
+            ServiceUnavailableError(code=503, err_code=10039, description="not for account"),
+            JetStreamUnavailable,
+            "JetStream enabled (nats-server -js)",
+        ),
+        (
+            BadRequestError(code=400, err_code=10074, description="non-clustered mode"),
+            JetStreamUnavailable,
+            "refused the set-up of stream STORE_WRITES or consumer store: non-clustered",
+        ),
+    ],
+)
+async def test_a_jetstream_set_up_error_says_whether_asking_again_may_help(
+    exc: Exception, kind: type[Exception], says: str
+) -> None:
+    """Only what may pass (no answer, no leader yet, too few nodes yet) is asked
+    again at start-up; no JetStream, or a refusal, stops it at once."""
+    with pytest.raises(JetStreamUnavailable) as got:
+        await ensure_stream_and_consumer(
+            _JetStreamSays(exc),  # type: ignore[arg-type]
+            load_settings(ingest_mode="jetstream"),
+            "mdp.store.write.>",
+        )
+    assert type(got.value) is kind
+    assert says in str(got.value)

@@ -46,14 +46,15 @@ MAX_AUTH_CHARS = 4096
 
 class NotRunning(ValueError):
     """A control action arrived while the service is not running (starting,
-    stopping): not the caller's fault, so it is answered 503 with a retry hint.
+    stopping), or could not be carried out for now (a resume while JetStream does not
+    answer): not the caller's fault, so it is answered 503 with a retry hint.
 
     Attributes:
         status: what the service is doing instead (``starting``, ``draining`` ...).
     """
 
-    def __init__(self, status: str) -> None:
-        super().__init__(f"the service is {status}; retry shortly")
+    def __init__(self, status: str, detail: str | None = None) -> None:
+        super().__init__(detail or f"the service is {status}; retry shortly")
         self.status = status
 
 

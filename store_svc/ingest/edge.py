@@ -121,8 +121,9 @@ class IntakeParts:
 class Intake(Protocol):
     """How the service drives an intake (core or JetStream)."""
 
-    async def start(self) -> None:
-        """Start taking writes (also after a pause)."""
+    async def start(self, timeout: float = 5.0) -> None:
+        """Start taking writes (also after a pause); each request to the server that
+        setting up takes (JetStream's checks) may take ``timeout`` seconds."""
         ...
 
     async def stop(self, timeout: float) -> None:

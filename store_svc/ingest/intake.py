@@ -123,9 +123,10 @@ class CoreIntake:
         receiver = self._receiver
         return receiver.pending_msgs if receiver is not None else 0
 
-    async def start(self) -> None:
+    async def start(self, timeout: float = 5.0) -> None:
         """Subscribe in the queue group (again, after a pause: the messages still held
-        from before it are handled first, in order)."""
+        from before it are handled first, in order). Nothing here waits for the server
+        (``timeout`` is for JetStream's set-up)."""
         settings = self._settings
         self._sub, receiver = await self._nc.subscribe_batched(
             self.subject,

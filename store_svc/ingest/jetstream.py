@@ -215,14 +215,19 @@ class JetStreamIntake:
             self._stats.js_pull_resets += 1
         self._wake.set()
 
-    async def start(self) -> None:
+    async def start(self, timeout: float = 5.0) -> None:
         """Make sure the stream and consumer exist, then start pulling.
 
+        Args:
+            timeout: seconds each request of that check (and creation) may take.
+
         Raises:
-            JetStreamUnavailable: the server has no JetStream, or does not answer.
+            JetStreamUnanswered: JetStream did not answer in time, or is not available
+                yet (asking again may succeed).
+            JetStreamUnavailable: the server has no JetStream, or refused the set-up.
             ConfigError: the stream or consumer is missing and ``js_create`` is off.
         """
-        await self._ensure()
+        await self._ensure(timeout, timeout)
         self._forget_faults()
         self._inbox = self._nc.new_inbox()
         self._sub, receiver = await self._nc.subscribe_batched(
@@ -246,8 +251,10 @@ class JetStreamIntake:
             self.subject,
         )
 
-    async def _ensure(self, timeout: float = 5.0) -> None:
-        await ensure_stream_and_consumer(self._nc, self._settings, self.subject, timeout)
+    async def _ensure(self, check_timeout: float, create_timeout: float = 5.0) -> None:
+        await ensure_stream_and_consumer(
+            self._nc, self._settings, self.subject, check_timeout, create_timeout
+        )
 
     async def _pull(self) -> None:
         """Keep pull requests outstanding while intake runs and the level allows."""

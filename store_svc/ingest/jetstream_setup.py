@@ -8,7 +8,7 @@ import logging
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 from nats.js import api
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from store_svc.errors import ConfigError, JetStreamUnanswered, JetStreamUnavailable
 from store_svc.settings import Settings
@@ -17,13 +17,21 @@ __all__ = ["ensure_stream_and_consumer"]
 
 log = logging.getLogger(__name__)
 
-#: The JetStream API's error code for "JetStream system temporarily unavailable": a
-#: cluster without a meta leader says so (an election, too few nodes up).
-JS_TEMPORARILY_UNAVAILABLE = 10008
+#: The JetStream API's error codes that asking again may cure: "JetStream system
+#: temporarily unavailable" (a cluster without a meta leader: an election, too few
+#: nodes up) and "no suitable peers for placement" (a new leader that does not yet
+#: count every node online, or a node down while an R3 stream is created).
+JS_NOT_YET = {10008: "JetStream is not available yet", 10005: "too few JetStream nodes are up"}
+#: "JetStream not enabled for account", "JetStream not enabled".
+JS_NOT_ENABLED = {10039, 10076}
 
 
 async def ensure_stream_and_consumer(
-    nc: NATS, settings: Settings, subject: str, check_timeout: float = 5.0
+    nc: NATS,
+    settings: Settings,
+    subject: str,
+    check_timeout: float = 5.0,
+    create_timeout: float = 5.0,
 ) -> None:
     """Make sure the stream over ``subject`` and the durable consumer exist.
 
@@ -31,8 +39,9 @@ async def ensure_stream_and_consumer(
         nc: the ingest connection's client.
         settings: the ``js_*`` settings.
         subject: the write subjects' wildcard.
-        check_timeout: seconds the stream and consumer info requests may take
-            (creating either may take 5 s: an R3 creation on a busy cluster is slow).
+        check_timeout: seconds the stream and consumer info requests may take.
+        create_timeout: seconds creating either may take (an R3 creation on a busy
+            cluster is slow).
 
     Raises:
         JetStreamUnanswered: JetStream did not answer in time, or is not available yet
@@ -41,7 +50,7 @@ async def ensure_stream_and_consumer(
         ConfigError: the stream or consumer is missing and ``js_create`` is off.
     """
     s = settings
-    js = nc.jetstream(timeout=5.0)
+    js = nc.jetstream(timeout=create_timeout)
     check = nc.jetstream(timeout=check_timeout)
     try:
         try:
@@ -96,16 +105,22 @@ async def ensure_stream_and_consumer(
         raise
     except TimeoutError as exc:  # nats-py's own TimeoutError is one too
         raise JetStreamUnanswered(
-            f"JetStream did not answer in time ({type(exc).__name__}: {exc}): on a cluster, "
-            "too few nodes may be up to elect a leader"
+            f"JetStream did not answer in time ({type(exc).__name__}: {exc}): a cluster "
+            "electing its leader, or another instance creating the same stream"
         ) from exc
-    except ServiceUnavailableError as exc:
-        if exc.err_code == JS_TEMPORARILY_UNAVAILABLE:
+    except APIError as exc:
+        if exc.err_code in JS_NOT_YET:
             raise JetStreamUnanswered(
-                f"JetStream is not available yet ({exc.description}): on a cluster, a "
-                "leader is not elected yet"
+                f"{JS_NOT_YET[exc.err_code]} ({exc.description}, error {exc.err_code})"
             ) from exc
-        raise JetStreamUnavailable(_no_jetstream(exc)) from exc
+        if isinstance(exc, ServiceUnavailableError) and exc.err_code is None:
+            raise JetStreamUnavailable(_no_jetstream(exc)) from exc  # no responders
+        if exc.err_code in JS_NOT_ENABLED:
+            raise JetStreamUnavailable(_no_jetstream(exc)) from exc
+        raise JetStreamUnavailable(
+            f"JetStream refused the set-up of stream {s.js_stream} or consumer "
+            f"{s.js_durable}: {exc.description} (error {exc.err_code}, code {exc.code})"
+        ) from exc
     except NatsError as exc:
         raise JetStreamUnavailable(_no_jetstream(exc)) from exc
 

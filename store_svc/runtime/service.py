@@ -47,6 +47,7 @@ from store_svc.errors import (
     JetStreamUnanswered,
     JetStreamUnavailable,
     ShutdownTimeout,
+    StoreError,
 )
 from store_svc.ingest.batcher import Batcher
 from store_svc.ingest.decode import PayloadDecoder
@@ -61,7 +62,7 @@ from store_svc.settings import RELOADABLE, Settings, reloaded
 from store_svc.state import ConnectionView, Stats, Status
 from store_svc.store.base import Sink
 from store_svc.store.factory import make_sink
-from store_svc.tasks import TaskSet
+from store_svc.tasks import TaskSet, reraise_swallowed_cancel
 
 __all__ = ["Status", "StoreService"]
 
@@ -69,8 +70,10 @@ log = logging.getLogger(__name__)
 
 #: How long shutdown waits for the last feedback events to reach Redis.
 REDIS_FLUSH_S = 1.0
-#: The pause before asking JetStream again at start-up when it did not answer.
+#: The pause before asking JetStream again at start-up when it did not answer, and
+#: the most each request of that set-up may take.
 START_ASK_AGAIN_S = 0.5
+START_REQUEST_TIMEOUT_S = 5.0
 
 
 def _first_error(exc: Exception) -> str:
@@ -236,19 +239,23 @@ class StoreService:
         """Start ``intake``.
 
         JetStream that does not answer yet is asked again until
-        ``STORE_NATS_CONNECT_TIMEOUT_S`` has passed: a cluster electing its leader, or
-        another instance creating the same R3 stream at the same moment, can leave a
-        request unanswered for seconds. A JetStream API request the server refused is
-        named as such (it would otherwise read as a server without JetStream).
+        ``STORE_NATS_CONNECT_TIMEOUT_S`` has passed (each request cut to fit): a
+        cluster electing its leader, or another instance creating the same R3 stream
+        at the same moment, can leave a request unanswered for seconds. A JetStream API
+        request the server refused is named as such (it would otherwise read as a
+        server without JetStream).
         """
         denied = self.ingest_nats.permission_denials
         loop = asyncio.get_running_loop()
+        budget = self.settings.nats_connect_timeout_s
         began = loop.time()
-        deadline = began + self.settings.nats_connect_timeout_s
+        deadline = began + budget
         asked_again = False
         while True:
+            reraise_swallowed_cancel()  # a request of the set-up can swallow it
+            left = deadline - loop.time()
             try:
-                await intake.start()
+                await intake.start(min(START_REQUEST_TIMEOUT_S, max(1.0, left)))
             except JetStreamUnavailable as exc:
                 if self.ingest_nats.permission_denials != denied:
                     refused = self.ingest_nats.last_permission_denied
@@ -259,15 +266,20 @@ class StoreService:
                     ) from exc
                 if not isinstance(exc, JetStreamUnanswered):
                     raise
-                if loop.time() + START_ASK_AGAIN_S >= deadline:
+                left = deadline - loop.time()
+                if left <= 0:
                     raise JetStreamUnanswered(
-                        f"{exc}; asked for {loop.time() - began:.1f} s "
-                        "(STORE_NATS_CONNECT_TIMEOUT_S)"
+                        f"{exc}; gave up after {loop.time() - began:.1f} s "
+                        f"(STORE_NATS_CONNECT_TIMEOUT_S={budget:g})"
                     ) from exc
                 if not asked_again:
                     asked_again = True
-                    log.warning("%s; asking again until it does", exc)
-                await asyncio.sleep(START_ASK_AGAIN_S)
+                    log.warning(
+                        "%s; asking again for up to %.0f s (STORE_NATS_CONNECT_TIMEOUT_S)",
+                        exc,
+                        left,
+                    )
+                await asyncio.sleep(min(START_ASK_AGAIN_S, left))
             else:
                 if asked_again:
                     log.info("JetStream answers after %.1f s", loop.time() - began)
@@ -388,7 +400,10 @@ class StoreService:
         if action is ControlAction.resume:
             if not self.paused:
                 return "intake was not paused"
-            await intake.start()
+            try:
+                await intake.start()
+            except StoreError as exc:  # JetStream not answering, or refusing the set-up
+                raise NotRunning("paused", f"intake is still paused: {exc}") from exc
             self.paused = False
             self.snapshot.refresh()
             return "intake resumed"
