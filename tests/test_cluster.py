@@ -311,6 +311,43 @@ async def test_a_signal_during_the_start_up_wait_stops_the_store(
     assert "Traceback" not in text, text
 
 
+async def test_a_resume_while_jetstream_has_no_leader_is_answered_503_in_time(
+    rig: Rig, cluster: NatsCluster
+) -> None:
+    """Answered 503 within an operator's `store-svc control` timeout (5 s), intake
+    still paused; a resume once a leader is back takes up the stream. (The node left
+    alone here mostly answers "temporarily unavailable" at once; where it does not
+    answer, each request is cut to 1 s so the reply still comes in time.)"""
+    from .test_admin import TOKEN, bearer, control
+
+    start_store(rig, "admin", url=cluster.urls[0], STORE_ADMIN_TOKEN=TOKEN)
+    nc = await connect(cluster.urls[0])
+    try:
+        await until_async(lambda: responding(nc), timeout=30)
+
+        async def acted(action: str) -> bool:  # 503 while starting (or no leader yet)
+            result, _ = await control(nc, action, bearer())
+            return result.status == "ok"
+
+        await until_async(lambda: acted("pause"), timeout=30)
+        await asyncio.to_thread(without_a_leader, cluster)
+        result, headers = await control(nc, "resume", bearer())  # 5 s, as the CLI's
+        assert headers["Nats-Service-Error-Code"] == "503", result
+        assert "Store-Retry-After-Ms" in headers
+        assert result.detail.startswith("intake is still paused: JetStream"), result
+        for i in (1, 2):
+            await asyncio.to_thread(cluster.start_node, i)
+        await until_async(lambda: acted("resume"), timeout=60)
+    finally:
+        await nc.close()
+    records = trades(RECORDS // 4, symbol="RESUME")
+    async with publisher(rig, records) as pub:
+        published = await asyncio.wait_for(pub, 120)
+    await verify(
+        rig, "cluster: a resume without a JetStream leader, then with one", records, published
+    )
+
+
 async def run_fault(
     rig: Rig,
     name: str,

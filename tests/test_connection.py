@@ -26,6 +26,7 @@ from store_svc.core import HealthStatus
 from store_svc.devtools.natsserver import NatsServer
 from store_svc.runtime.service import StoreService
 from store_svc.settings import Settings, load_settings
+from store_svc.tasks import cancel_and_wait
 
 from .conftest import connected, until
 from .test_bad_input import trade
@@ -249,3 +250,24 @@ async def test_a_slow_consumer_cut_off_by_the_server_is_counted_and_survived(
 @pytest.fixture(autouse=True)
 def _quiet_nats(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
+
+
+async def test_a_start_cancelled_while_nats_is_unreachable_leaves_no_task(
+    tmp_path: Path,
+) -> None:
+    """A signal during start-up cancels it: nats-py's connect, which would go on trying
+    an unreachable server for ever, ends with it."""
+    settings = load_settings(
+        nats_url="nats://127.0.0.1:1",  # nothing listens there: refused at once, retried
+        nats_connect_timeout_s=300,
+        database_url=f"sqlite:///{tmp_path}/x.db",
+    )
+    svc = StoreService(settings)
+    before = asyncio.all_tasks()
+    starting = asyncio.create_task(svc.start())
+    await asyncio.sleep(1.5)  # a few connection attempts
+    assert not starting.done()
+    await cancel_and_wait(starting)
+    assert starting.cancelled()
+    left = asyncio.all_tasks() - before - {starting}
+    assert not left, [task.get_coro() for task in left]

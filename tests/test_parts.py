@@ -18,7 +18,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import BadRequestError, ServiceUnavailableError
+from nats.js.errors import BadRequestError, ServerError, ServiceUnavailableError
 from prometheus_client import generate_latest
 
 from store_svc.bus.client import OrderedFlushClient
@@ -328,7 +328,7 @@ class _JetStreamSays:
         (
             BadRequestError(code=400, err_code=10005, description="no suitable peers"),
             JetStreamUnanswered,
-            "too few JetStream nodes are up (no suitable peers, error 10005)",
+            "no suitable JetStream peers (too few nodes up?) (no suitable peers, error 10005)",
         ),
         (ServiceUnavailableError(), JetStreamUnavailable, "JetStream enabled (nats-server -js)"),
         (
@@ -337,7 +337,7 @@ class _JetStreamSays:
             "JetStream enabled (nats-server -js)",
         ),
         (
-            BadRequestError(code=400, err_code=10074, description="non-clustered mode"),
+            ServerError(code=500, err_code=10074, description="non-clustered mode"),
             JetStreamUnavailable,
             "refused the set-up of stream STORE_WRITES or consumer store: non-clustered",
         ),

@@ -190,6 +190,11 @@ class NatsConnection:
         try:
             waits: set[asyncio.Future[Any]] = {connecting, self._refused}
             await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # Cancelled (a signal during start-up): nats-py's connect would go on
+            # trying servers for ever under a client that is closed.
+            await cancel_and_wait(connecting)
+            raise
         finally:
             refused, self._refused = self._refused, None
         if refused.done():

@@ -21,7 +21,10 @@ log = logging.getLogger(__name__)
 #: temporarily unavailable" (a cluster without a meta leader: an election, too few
 #: nodes up) and "no suitable peers for placement" (a new leader that does not yet
 #: count every node online, or a node down while an R3 stream is created).
-JS_NOT_YET = {10008: "JetStream is not available yet", 10005: "too few JetStream nodes are up"}
+JS_NOT_YET = {
+    10008: "JetStream is not available yet",
+    10005: "no suitable JetStream peers (too few nodes up?)",
+}
 #: "JetStream not enabled for account", "JetStream not enabled".
 JS_NOT_ENABLED = {10039, 10076}
 

@@ -74,6 +74,8 @@ REDIS_FLUSH_S = 1.0
 #: the most each request of that set-up may take.
 START_ASK_AGAIN_S = 0.5
 START_REQUEST_TIMEOUT_S = 5.0
+#: The most each request of JetStream's set-up may take on an admin resume.
+RESUME_REQUEST_TIMEOUT_S = 1.0
 
 
 def _first_error(exc: Exception) -> str:
@@ -401,7 +403,9 @@ class StoreService:
             if not self.paused:
                 return "intake was not paused"
             try:
-                await intake.start()
+                # Short requests: the answer must reach an operator's `store-svc
+                # control` (5 s by default) before it gives up.
+                await intake.start(RESUME_REQUEST_TIMEOUT_S)
             except StoreError as exc:  # JetStream not answering, or refusing the set-up
                 raise NotRunning("paused", f"intake is still paused: {exc}") from exc
             self.paused = False
