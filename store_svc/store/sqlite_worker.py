@@ -67,6 +67,8 @@ ERROR_CODES = frozenset({RETRY, REFUSED, SCHEMA_TOO_NEW, AHEAD_FAILED, INTERNAL}
 #: core-sqlite-1000-trades).
 CHECKPOINT_EVERY = 32
 CHECKPOINT_ROWS = 8_000
+#: The pause before opening again a file another process is setting up.
+OPEN_RETRY_S = 0.02
 
 
 class SchemaTooNew(Exception):
@@ -90,11 +92,29 @@ class Writer:
         self.failed = False
 
     def open(self, arg: dict[str, Any]) -> None:
+        """Open the file (made with its tables if missing) and check its schema.
+
+        Two processes setting up the same file at once (two instances started
+        together) can get "database is locked" at once, without the busy handler
+        waiting: switching to WAL needs the file to itself. That is tried again until
+        the busy timeout has passed (reproduced in ``tests/test_sqlite_writer.py``).
+        """
+        deadline = time.monotonic() + int(arg.get("busy_timeout_ms", 5000)) / 1000
+        while True:
+            try:
+                self._open(arg)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(OPEN_RETRY_S)
+
+    def _open(self, arg: dict[str, Any]) -> None:
         conn = sqlite3.connect(arg["path"], isolation_level=None)
         try:
+            conn.execute(f"PRAGMA busy_timeout={int(arg.get('busy_timeout_ms', 5000))}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={arg['synchronous']}")
-            conn.execute(f"PRAGMA busy_timeout={int(arg.get('busy_timeout_ms', 5000))}")
             conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.executescript("BEGIN IMMEDIATE;" + arg["ddl"])
             found = conn.execute(
