@@ -27,6 +27,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import APIError
 
 from benchmarks.overload import BURN
 from store_svc.devtools.natscluster import NatsCluster
@@ -311,6 +312,16 @@ async def test_a_signal_during_the_start_up_wait_stops_the_store(
     assert "Traceback" not in text, text
 
 
+async def consumer_silent(nc: NATS) -> bool:
+    """Whether the consumer's info goes unanswered or "temporarily unavailable" (the
+    stream's info is answered even then, with no leader)."""
+    try:
+        await nc.jetstream(timeout=1).consumer_info(STREAM, DURABLE)
+    except (NatsTimeout, APIError):
+        return True
+    return False
+
+
 async def test_a_resume_while_jetstream_has_no_leader_is_answered_503_in_time(
     rig: Rig, cluster: NatsCluster
 ) -> None:
@@ -331,6 +342,9 @@ async def test_a_resume_while_jetstream_has_no_leader_is_answered_503_in_time(
 
         await until_async(lambda: acted("pause"), timeout=30)
         await asyncio.to_thread(without_a_leader, cluster)
+        # A consumer leader on the node left answers its info requests until it too
+        # notices the lost quorum (about 10 s here) and steps down, for good.
+        await until_async(lambda: consumer_silent(nc), timeout=60)
         result, headers = await control(nc, "resume", bearer())  # 5 s, as the CLI's
         assert headers["Nats-Service-Error-Code"] == "503", result
         assert "Store-Retry-After-Ms" in headers
