@@ -119,7 +119,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 # Preloaded where installed: the postgresql scenarios then run on plain
                 # tables and the timescaledb ones on hypertables of the same server.
                 pg = PostgresServer(preload=("timescaledb",) if timescale else ())
-                stack.callback(pg.remove)  # also after a failed start: the folder goes
+                stack.callback(pg.close)  # also after a failed start: the folder goes
                 pg.start()
                 progress.log(f"PostgreSQL on {pg.dsn}")
                 info["postgresql"] = pg_version()

@@ -55,7 +55,7 @@ def pg_server() -> Iterator[PostgresServer]:
     """One throwaway PostgreSQL server for the session (machine's initdb/pg_ctl)."""
     server = PostgresServer().start()
     yield server
-    server.remove()
+    server.close()
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ def ts_server() -> Iterator[PostgresServer]:
     """A PostgreSQL server that preloads TimescaleDB."""
     server = PostgresServer(preload=("timescaledb",)).start()
     yield server
-    server.remove()
+    server.close()
 
 
 async def _fresh(server: PostgresServer) -> str:
@@ -291,4 +291,4 @@ async def test_a_database_with_the_extension_on_a_server_without_the_preload() -
                 await PostgresSink(url, timescaledb=mode).open()  # type: ignore[arg-type]
             assert not refused.value.retryable
     finally:
-        server.remove()
+        server.close()

@@ -18,8 +18,9 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import Self
+
+from store_svc.devtools.processes import StartStop
 
 __all__ = ["PostgresServer", "find_pg_bin", "has_extension"]
 
@@ -66,7 +67,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class PostgresServer:
+class PostgresServer(StartStop):
     """A private PostgreSQL server in a temporary folder.
 
     Args:
@@ -160,20 +161,9 @@ class PostgresServer:
         if (self.data / "postmaster.pid").exists():
             self._run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "stop")
 
-    def remove(self) -> None:
-        """Stop the server and delete its folder."""
+    def close(self) -> None:
+        """Stop the server and delete its folder (the end of a ``with`` block)."""
         try:
             self.stop("immediate")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.remove()

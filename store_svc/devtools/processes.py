@@ -1,6 +1,6 @@
 """The servers the tests and benchmarks start (nats-server, a NATS cluster,
-redis-server): used in a ``with`` block, and frozen (SIGSTOP) and thawed as a
-stalled peer would behave.
+redis-server, PostgreSQL): used in a ``with`` block, and frozen (SIGSTOP) and thawed
+as a stalled peer would behave.
 """
 
 from __future__ import annotations
@@ -16,13 +16,17 @@ __all__ = ["StartStop", "freeze", "thaw"]
 
 
 class StartStop:
-    """``with server:`` starts it (``start()`` returns it) and stops it at the end."""
+    """``with server:`` starts it (``start()`` returns it) and ``close()``s it at the
+    end: stops it, and removes what it alone used where a server overrides ``close``."""
 
     def start(self) -> Self:
         raise NotImplementedError
 
     def stop(self) -> None:
         raise NotImplementedError
+
+    def close(self) -> None:
+        self.stop()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -33,7 +37,7 @@ class StartStop:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        self.close()
 
 
 def freeze(pid: int, timeout: float = 5.0) -> None:
