@@ -116,9 +116,8 @@ async def ensure_stream_and_consumer(
             raise JetStreamUnanswered(
                 f"{JS_NOT_YET[exc.err_code]} ({exc.description}, error {exc.err_code})"
             ) from exc
-        if isinstance(exc, ServiceUnavailableError) and exc.err_code is None:
-            raise JetStreamUnavailable(_no_jetstream(exc)) from exc  # no responders
-        if exc.err_code in JS_NOT_ENABLED:
+        no_responders = isinstance(exc, ServiceUnavailableError) and exc.err_code is None
+        if no_responders or exc.err_code in JS_NOT_ENABLED:
             raise JetStreamUnavailable(_no_jetstream(exc)) from exc
         raise JetStreamUnavailable(
             f"JetStream refused the set-up of stream {s.js_stream} or consumer "
